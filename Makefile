@@ -1,0 +1,36 @@
+# Quick start: `make demo` and `make test`. Both create .venv (Python 3.11) when missing and
+# install the project with the exact versions in requirements/ci.txt.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mica-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements/ci.txt kernels/*.pyx
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/ci.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m mica_core.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m "not slow"
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf build $(VENV) kernels/*.c mica_core/_ext*.so .pytest_cache .hypothesis

@@ -1,0 +1,20 @@
+"""Errors raised at mica's input boundary."""
+
+
+class MicaInputError(ValueError):
+    """Invalid input: names the column (or argument), the first offending row and the rule.
+
+    Subclasses :class:`ValueError` so generic handlers keep working.
+    """
+
+    def __init__(self, message, *, column=None, row=None, rule=None):
+        self.column = column
+        self.row = row
+        self.rule = rule
+        parts = []
+        if column is not None:
+            parts.append(f"column {column!r}")
+        if row is not None:
+            parts.append(f"row {row}")
+        prefix = (", ".join(parts) + ": ") if parts else ""
+        super().__init__(prefix + message)

@@ -1,0 +1,447 @@
+"""Arrow tables in, the same rows with ``reward``, ``return`` and ``advantage`` out.
+
+Long form (one row per turn): ``group_id``, ``traj_id``, ``turn`` and one of
+``distance`` + ``initial_distance`` (repeated on every row of a trajectory),
+``state`` + ``initial_state`` (fixed-size or variable lists of axis values), or ``reward``.
+Rows may come in any order; outputs keep the input order.
+
+Nested form (one row per trajectory): ``group_id``, ``distances: list<float>`` and
+``initial_distance`` (or ``rewards: list<float>``); an optional ``traj_id`` names the
+trajectories, else the row number does. Outputs are list columns aligned with ``distances``.
+
+Chunked arrays, sliced list arrays, ``large_list``, dictionary-encoded and string ids work.
+Value columns are read without a copy where Arrow allows (one chunk, no nulls, float64);
+pandas, polars and Hugging Face ``datasets`` objects go through Arrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ._errors import MicaInputError
+from .api import run_plan
+from .estimators import resolve
+from .layout import Ragged, ragged_from_lengths
+from .signals import distance_from_state, turn_index
+
+__all__ = ["compute_advantages", "ragged_from_table", "DEFAULT_COLUMNS", "TableInput",
+           "to_arrow_table"]
+
+DEFAULT_COLUMNS = {
+    "group": "group_id",
+    "traj": "traj_id",
+    "turn": "turn",
+    "distance": "distance",
+    "initial_distance": "initial_distance",
+    "state": "state",
+    "initial_state": "initial_state",
+    "reward": "reward",
+    "distances": "distances",
+    "rewards": "rewards",
+}
+OUTPUT_COLUMNS = ("reward", "return", "advantage")
+SOURCES = ("auto", "distance", "state", "reward")
+
+
+@dataclass
+class TableInput:
+    """A table read into the CSR layout. ``order[k]`` is the input row of sorted row ``k``
+    (``None`` when the input was already in trajectory/turn order)."""
+
+    ragged: Ragged
+    distance: np.ndarray | None
+    initial_distance: np.ndarray | None
+    reward: np.ndarray | None
+    order: np.ndarray | None
+    form: str  # "long" or "nested"
+    n_rows: int
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def to_arrow_table(obj) -> pa.Table:
+    """An Arrow table from a Table, RecordBatch, pandas/polars DataFrame, datasets.Dataset,
+    a mapping of columns, or any object with ``__arrow_c_stream__``."""
+    if isinstance(obj, pa.Table):
+        return obj
+    if isinstance(obj, pa.RecordBatch):
+        return pa.Table.from_batches([obj])
+    mod = type(obj).__module__
+    if mod.startswith("pandas"):
+        return pa.Table.from_pandas(obj, preserve_index=False)
+    if mod.startswith("polars"):
+        return obj.to_arrow()
+    if mod.startswith("datasets"):
+        ds = obj if obj._indices is None else obj.flatten_indices()
+        return ds.data.table
+    if isinstance(obj, Mapping):
+        return pa.table(dict(obj))
+    if hasattr(obj, "__arrow_c_stream__"):
+        return pa.table(obj)
+    raise TypeError(f"expected an Arrow table, RecordBatch, pandas/polars DataFrame or "
+                    f"datasets.Dataset; got {type(obj).__name__}")
+
+
+def _column(table: pa.Table, name: str, role: str):
+    if name not in table.column_names:
+        raise MicaInputError(f"missing (needed as the {role} column; present: "
+                             f"{', '.join(table.column_names) or 'none'})", column=name,
+                             rule="missing column")
+    col = table.column(name)
+    if col.null_count:
+        first = int(pc.index(pc.is_null(col), True).as_py())
+        raise MicaInputError("null value", column=name, row=first, rule="no nulls")
+    if pa.types.is_dictionary(col.type):
+        col = pc.cast(col, col.type.value_type)
+    return col
+
+
+def _numpy(col, name, *, kind="float"):
+    """A 1-D numpy view (a copy only for several chunks or a type change)."""
+    t = col.type
+    if kind == "float":
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+            raise MicaInputError(f"must be numeric; got {t}", column=name, rule="dtype")
+        if pa.types.is_float16(t) or pa.types.is_integer(t):
+            col = pc.cast(col, pa.float64())
+    else:
+        if not pa.types.is_integer(t):
+            raise MicaInputError(f"must be integer; got {t}", column=name, rule="dtype")
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks == 1:
+            col = col.chunk(0)
+        else:
+            col = col.combine_chunks()
+    a = col.to_numpy(zero_copy_only=False)
+    if kind == "int":
+        a = a.astype(np.int64, copy=False)
+    return a
+
+
+def _codes(col) -> tuple[np.ndarray, int]:
+    """int64 codes in order of first appearance, for any id type."""
+    if isinstance(col, pa.ChunkedArray) and col.num_chunks == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    uniques = pc.unique(col)
+    codes = pc.index_in(col, value_set=uniques)
+    if isinstance(codes, pa.ChunkedArray):
+        codes = codes.combine_chunks() if codes.num_chunks != 1 else codes.chunk(0)
+    return codes.to_numpy(zero_copy_only=False).astype(np.int64, copy=False), len(uniques)
+
+
+def _list_parts(col, name):
+    """(offsets int64 [n+1] from 0, flat values Array) of a list column; slices honoured."""
+    t = col.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        raise MicaInputError(f"must be a list column; got {t}", column=name, rule="dtype")
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(arr, pa.ChunkedArray):  # no chunks at all
+        arr = pa.array([], type=t)
+    if pa.types.is_fixed_size_list(t):
+        size = t.list_size
+        offsets = np.arange(len(arr) + 1, dtype=np.int64) * size
+        values = arr.flatten()
+    else:
+        raw = arr.offsets.to_numpy().astype(np.int64)
+        offsets = raw - raw[0]
+        values = arr.flatten()  # the slice of the values this (possibly sliced) array spans
+    if values.null_count:
+        pos = int(pc.index(pc.is_null(values), True).as_py())
+        row = int(np.searchsorted(offsets, pos, side="right") - 1)
+        raise MicaInputError(f"null element at position {pos - offsets[row]} of the list",
+                             column=name, row=row, rule="no nulls")
+    return offsets, values
+
+
+def _state_distance(table, name, n, *, weights, epsilon, kind):
+    col = _column(table, name, "state")
+    offsets, values = _list_parts(col, name)
+    lengths = np.diff(offsets)
+    if n and (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise MicaInputError(f"state has {lengths[row]} axes here but {lengths[0]} on row 0",
+                             column=name, row=row, rule="same number of axes")
+    k = int(lengths[0]) if n else 0
+    v = _numpy(values, name)
+    if n and k == 0:
+        raise MicaInputError("state vectors are empty", column=name, row=0, rule="non-empty")
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        raise MicaInputError("state value is not finite", column=name, row=int(bad[0]) // k,
+                             rule="finite")
+    return distance_from_state(v.reshape(n, k) if n else np.zeros((0, 1)), weights, epsilon, kind)
+
+
+def _finite(a, name, order=None, *, non_negative=False):
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        row = int(bad[0]) if order is None else int(order[bad[0]])
+        raise MicaInputError(f"value {a[bad[0]]} is not finite", column=name, row=row,
+                             rule="finite")
+    if non_negative:
+        bad = np.flatnonzero(a < 0)
+        if bad.size:
+            row = int(bad[0]) if order is None else int(order[bad[0]])
+            raise MicaInputError(f"distance {a[bad[0]]} is negative (distances are >= 0)",
+                                 column=name, row=row, rule="non-negative")
+
+
+def _pick_source(table, cols, source, nested):
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
+    names = table.column_names
+    if nested:
+        options = [("distance", cols["distances"]), ("reward", cols["rewards"])]
+    else:
+        options = [("distance", cols["distance"]), ("state", cols["state"]),
+                   ("reward", cols["reward"])]
+    if source != "auto":
+        return source
+    for kind, col in options:
+        if col in names:
+            return kind
+    wanted = " or ".join(repr(c) for _, c in options)
+    raise MicaInputError(f"no value column: need {wanted} (present: {', '.join(names)})",
+                         column=options[0][1], rule="missing column")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source="auto",
+                      state_weights=None, epsilon=1.0, distance_kind="hinge",
+                      need_initial=True) -> TableInput:
+    """Read a long- or nested-form table into the CSR layout, validating it (design §5, §7)."""
+    table = to_arrow_table(table)
+    cols = dict(DEFAULT_COLUMNS)
+    if columns:
+        unknown = set(columns) - set(cols)
+        if unknown:
+            raise ValueError(f"unknown column roles {sorted(unknown)}; known: {sorted(cols)}")
+        cols.update(columns)
+    nested = (cols["distances"] in table.column_names or cols["rewards"] in table.column_names) \
+        and cols["turn"] not in table.column_names
+    src = _pick_source(table, cols, source, nested)
+    if nested:
+        return _read_nested(table, cols, src, need_initial)
+    return _read_long(table, cols, src, need_initial, state_weights, epsilon, distance_kind)
+
+
+def _read_long(table, cols, src, need_initial, weights, epsilon, kind):
+    n = table.num_rows
+    gcol = _column(table, cols["group"], "group")
+    tcol = _column(table, cols["traj"], "trajectory")
+    turn = _numpy(_column(table, cols["turn"], "turn"), cols["turn"], kind="int")
+    traj, n_traj = _codes(tcol)
+    gcodes, ngroups = _codes(gcol)
+
+    lengths = np.bincount(traj, minlength=n_traj).astype(np.int64)
+    offsets = ragged_from_lengths(lengths)
+    expected = turn_index(offsets)
+    in_order = n == 0 or (bool(np.all(traj[1:] >= traj[:-1])) and np.array_equal(turn, expected))
+    order = None
+    if not in_order:
+        order = np.lexsort((turn, traj))
+        turn_sorted = turn[order]
+        bad = np.flatnonzero(turn_sorted != expected)
+        if bad.size:
+            k = int(bad[0])
+            row = int(order[k])
+            same_prev = k > 0 and traj[order[k - 1]] == traj[row]
+            if turn_sorted[k] < 0:
+                msg, rule = f"turn {turn_sorted[k]} is negative", "turns are 0..T-1"
+            elif same_prev and turn_sorted[k] == turn_sorted[k - 1]:
+                msg, rule = f"turn {turn_sorted[k]} appears twice in its trajectory", \
+                    "no duplicate turns"
+            else:
+                msg, rule = (f"turn {turn_sorted[k]} found where turn {expected[k]} was "
+                             f"expected: a turn is missing (turns are 0..T-1 per trajectory)"), \
+                    "no missing turns"
+            raise MicaInputError(msg, column=cols["turn"], row=row, rule=rule)
+    g_rows = gcodes if order is None else gcodes[order]
+    g_traj = g_rows[offsets[:-1]] if n else np.zeros(0, dtype=np.int64)
+    if n:
+        mismatch = np.flatnonzero(np.repeat(g_traj, lengths) != g_rows)
+        if mismatch.size:
+            k = int(mismatch[0])
+            row = k if order is None else int(order[k])
+            raise MicaInputError("trajectory appears in more than one group (a trajectory "
+                                 "belongs to one group)", column=cols["group"], row=row,
+                                 rule="one group per trajectory")
+    ragged = Ragged(offsets, np.ascontiguousarray(g_traj, dtype=np.int64), ngroups)
+
+    def rows(a):
+        return a if order is None else a[order]
+
+    d = d0 = r = None
+    if src == "reward":
+        r = rows(_numpy(_column(table, cols["reward"], "reward"), cols["reward"]))
+        _finite(r, cols["reward"], order)
+    else:
+        if src == "distance":
+            d = rows(_numpy(_column(table, cols["distance"], "distance"), cols["distance"]))
+            _finite(d, cols["distance"], order, non_negative=True)
+            init_name = cols["initial_distance"]
+        else:
+            d = rows(_state_distance(table, cols["state"], n, weights=weights, epsilon=epsilon,
+                                     kind=kind))
+            init_name = cols["initial_state"]
+        if need_initial or init_name in table.column_names:
+            if src == "distance":
+                init_rows = rows(_numpy(_column(table, init_name, "initial distance"),
+                                        init_name))
+                _finite(init_rows, init_name, order, non_negative=True)
+            else:
+                init_rows = rows(_state_distance(table, init_name, n, weights=weights,
+                                                 epsilon=epsilon, kind=kind))
+            d0 = init_rows[offsets[:-1]] if n else np.zeros(0)
+            differs = np.flatnonzero(np.repeat(d0, lengths) != init_rows)
+            if differs.size:
+                k = int(differs[0])
+                row = k if order is None else int(order[k])
+                raise MicaInputError("differs from the value on the trajectory's other rows "
+                                     "(one initial value per trajectory)", column=init_name,
+                                     row=row, rule="constant within trajectory")
+    return TableInput(ragged, d, d0, r, order, "long", n)
+
+
+def _read_nested(table, cols, src, need_initial):
+    n_traj = table.num_rows
+    gcol = _column(table, cols["group"], "group")
+    gcodes, ngroups = _codes(gcol)
+    if cols["traj"] in table.column_names:
+        tcol = _column(table, cols["traj"], "trajectory")
+        tcodes, n_unique = _codes(tcol)
+        if n_unique != n_traj:
+            seen = np.zeros(n_unique, dtype=bool)
+            for row, c in enumerate(tcodes):
+                if seen[c]:
+                    raise MicaInputError("trajectory id appears on two rows (nested form has "
+                                         "one row per trajectory)", column=cols["traj"],
+                                         row=row, rule="unique trajectory ids")
+                seen[c] = True
+    name = cols["distances"] if src == "distance" else cols["rewards"]
+    offsets, values = _list_parts(_column(table, name, "per-turn values"), name)
+    empty = np.flatnonzero(np.diff(offsets) == 0)
+    if empty.size:
+        raise MicaInputError("trajectory has no turns (empty list)", column=name,
+                             row=int(empty[0]), rule="at least one turn")
+    v = _numpy(values, name)
+    row_of = np.repeat(np.arange(n_traj), np.diff(offsets))
+    bad = np.flatnonzero(~np.isfinite(v))
+    if bad.size:
+        raise MicaInputError(f"value {v[bad[0]]} is not finite", column=name,
+                             row=int(row_of[bad[0]]), rule="finite")
+    ragged = Ragged(offsets, np.ascontiguousarray(gcodes), ngroups)
+    d = d0 = r = None
+    if src == "reward":
+        r = v
+    else:
+        neg = np.flatnonzero(v < 0)
+        if neg.size:
+            raise MicaInputError(f"distance {v[neg[0]]} is negative (distances are >= 0)",
+                                 column=name, row=int(row_of[neg[0]]), rule="non-negative")
+        d = v
+        init_name = cols["initial_distance"]
+        if need_initial or init_name in table.column_names:
+            d0 = _numpy(_column(table, init_name, "initial distance"), init_name)
+            _finite(d0, init_name, non_negative=True)
+    return TableInput(ragged, d, d0, r, None, "nested", n_traj)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _attach(table: pa.Table, arrays: dict) -> pa.Table:
+    for name, arr in arrays.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, arr)
+        else:
+            table = table.append_column(name, arr)
+    return table
+
+
+def _restore(original, table: pa.Table, arrays: dict[str, Any]):
+    """Give the result back in the caller's container type."""
+    mod = type(original).__module__
+    if mod.startswith("pandas"):
+        out = original.copy(deep=False)
+        for name, arr in arrays.items():
+            out[name] = arr.to_pylist() if isinstance(arr, pa.Array) else arr
+        return out
+    if mod.startswith("polars"):
+        import polars as pl
+
+        return original.with_columns([pl.from_arrow(arr).alias(name) if isinstance(arr, pa.Array)
+                                      else pl.Series(name, arr) for name, arr in arrays.items()])
+    if mod.startswith("datasets"):
+        import datasets
+
+        return datasets.Dataset(_attach(table, {k: pa.array(v) if isinstance(v, np.ndarray)
+                                                else v for k, v in arrays.items()}))
+    return _attach(table, {k: pa.array(v) if isinstance(v, np.ndarray) else v
+                           for k, v in arrays.items()})
+
+
+def compute_advantages(table, estimator="mica", columns: Mapping[str, str] | None = None, *,
+                       source="auto", gamma=None, weight=0.5, eps=1e-6, ddof=1,
+                       baseline="mean", scale="std", singleton="zero", backend="auto",
+                       state_weights=None, epsilon=1.0, distance_kind="hinge"):
+    """Per-turn ``reward``, ``return`` and ``advantage`` columns for a trajectory table.
+
+    Args:
+      table: Arrow ``Table``/``RecordBatch``, pandas or polars ``DataFrame``, Hugging Face
+        ``datasets.Dataset``, or a mapping of columns; long or nested form (module docstring).
+      estimator: a registered name or an ``Estimator``.
+      columns: role -> column name overrides; roles are ``group``, ``traj``, ``turn``,
+        ``distance``, ``initial_distance``, ``state``, ``initial_state``, ``reward`` and,
+        for the nested form, ``distances`` and ``rewards``.
+      source: which values to read: ``auto`` (distance, else state, else reward),
+        ``distance``, ``state`` or ``reward``.
+      state_weights, epsilon, distance_kind: the potential for ``state`` input
+        (:func:`mica_core.distance_from_state`).
+      Other options: as :func:`mica_core.estimate`.
+
+    Returns:
+      The input rows in input order with float64 columns ``reward``, ``return`` and
+      ``advantage`` appended (columns of those names are replaced). Same container type as
+      the input for pandas, polars and ``datasets``; an Arrow ``Table`` otherwise. In the
+      nested form the three columns are ``list<double>`` aligned with the input lists.
+    """
+    original = table
+    tab = to_arrow_table(table)
+    plan = resolve(estimator, reward_given=False, gamma=gamma, weight=weight, eps=eps,
+                   ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
+    ti = ragged_from_table(tab, columns, source=source, state_weights=state_weights,
+                           epsilon=epsilon, distance_kind=distance_kind,
+                           need_initial=plan.reward == "idr")
+    if ti.reward is not None:
+        plan = resolve(estimator, reward_given=True, gamma=gamma, weight=weight, eps=eps,
+                       ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
+    results = run_plan(plan, ti.ragged, ti.distance, ti.initial_distance, ti.reward, backend)
+    return _restore(original, tab, _arrange(ti, results))
+
+
+def _arrange(ti: TableInput, results) -> dict:
+    """Results (sorted CSR order) back into input row order / list columns."""
+    out = {}
+    for name, res in zip(OUTPUT_COLUMNS, results):
+        if ti.form == "nested":
+            off = ti.ragged.offsets
+            small = off[-1] < 2**31
+            cls = pa.ListArray if small else pa.LargeListArray
+            out[name] = cls.from_arrays(pa.array(off.astype(np.int32) if small else off),
+                                        pa.array(res, type=pa.float64()))
+        elif ti.order is None:
+            out[name] = res
+        else:
+            back = np.empty_like(res)
+            back[ti.order] = res
+            out[name] = back
+    return out

@@ -1,0 +1,247 @@
+"""Estimator registry: every preset is a weighted sum of normalized components.
+
+A component is ``(weight, signal, scope, baseline, scale)`` (design §4):
+
+- ``signal``: what is normalized.
+    - ``"reward"``: the per-turn reward ``r_t`` (IDR, ADR or given).
+    - ``"return"``: the discounted return ``G_t = sum_{k>=t} gamma^(k-t) r_k``.
+    - ``"outcome"``: the trajectory outcome ``R_i = sum_t r_t``, one value per trajectory;
+      at scopes ``group``/``batch`` each trajectory counts once (GRPO), at scope ``turn``
+      once per turn index it reaches. The result is the same on every turn.
+    - ``"outcome_return"``: the return of a sparse reward that pays ``R_i`` on the last turn,
+      ``gamma^(T-1-t) * R_i`` (REINFORCE++).
+- ``scope``: the bucket the statistics come from, ``"turn"`` (same group, same turn index),
+  ``"group"`` (all turns of the group) or ``"batch"``.
+- ``baseline``: ``"mean"`` or ``"loo"``; ``scale``: ``"std"`` or ``"none"``. ``None`` takes
+  the value passed to :func:`mica_core.estimate` (its defaults ``"mean"`` and ``"std"``).
+- ``weight``: a number, or ``"w"`` / ``"1-w"``, filled in from the ``weight`` option
+  (``mica`` and ``mapo`` use these so ``weight=1`` and ``weight=0`` select one component).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Union
+
+__all__ = [
+    "Component",
+    "Estimator",
+    "register_estimator",
+    "get_estimator",
+    "list_estimators",
+    "unregister_estimator",
+    "SIGNALS",
+    "SCOPES",
+]
+
+SIGNALS = ("reward", "return", "outcome", "outcome_return")
+SCOPES = ("turn", "group", "batch")
+BASELINES = ("mean", "loo")
+SCALES = ("std", "none")
+REWARDS = ("idr", "adr")
+RETURNS = ("discounted", "outcome", "outcome_discounted")
+SINGLETONS = ("zero", "raw")
+
+
+def _choice(name, value, allowed, *, allow_none=False):
+    if value is None and allow_none:
+        return
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One normalized term of an estimator's advantage (see module docstring)."""
+
+    weight: Union[float, str]
+    signal: str
+    scope: str
+    baseline: str | None = None
+    scale: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.weight, str):
+            _choice("weight", self.weight, ("w", "1-w"))
+        else:
+            w = float(self.weight)
+            if w != w or w in (float("inf"), float("-inf")):
+                raise ValueError(f"weight must be finite; got {self.weight!r}")
+            object.__setattr__(self, "weight", w)
+        _choice("signal", self.signal, SIGNALS)
+        _choice("scope", self.scope, SCOPES)
+        _choice("baseline", self.baseline, BASELINES, allow_none=True)
+        _choice("scale", self.scale, SCALES, allow_none=True)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A named advantage estimator.
+
+    Attributes:
+      name: registry key.
+      components: the weighted, normalized terms.
+      reward: ``"idr"`` (``D_{t-1} - D_t``) or ``"adr"`` (``-D_t``) when distances are given;
+        rewards passed directly are used as they are.
+      gamma: default discount.
+      returns: what the ``return`` output holds: ``"discounted"`` (``G_t``), ``"outcome"``
+        (``R_i`` on every turn) or ``"outcome_discounted"`` (``gamma^(T-1-t) R_i``).
+      description: one line for listings.
+    """
+
+    name: str
+    components: tuple[Component, ...]
+    reward: str = "idr"
+    gamma: float = 0.85
+    returns: str = "discounted"
+    description: str = ""
+
+    def __post_init__(self):
+        if not self.components:
+            raise ValueError(f"estimator {self.name!r} needs at least one component")
+        _choice("reward", self.reward, REWARDS)
+        _choice("returns", self.returns, RETURNS)
+        g = float(self.gamma)
+        if not 0.0 <= g <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1]; got {self.gamma!r}")
+        object.__setattr__(self, "gamma", g)
+
+
+@dataclass(frozen=True)
+class ResolvedComponent:
+    weight: float
+    signal: str
+    scope: str
+    baseline: str
+    scale: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An estimator with every option filled in: what the backends execute."""
+
+    reward: str  # "idr", "adr" or "given"
+    gamma: float
+    returns: str
+    components: tuple[ResolvedComponent, ...]
+    eps: float
+    ddof: int
+    singleton: str
+
+
+_REGISTRY: dict[str, Estimator] = {}
+_LOCK = threading.Lock()
+
+
+def _as_component(c) -> Component:
+    if isinstance(c, Component):
+        return c
+    if isinstance(c, dict):
+        return Component(**c)
+    return Component(*c)
+
+
+def register_estimator(name: str, components: Iterable, *, reward: str = "idr",
+                       gamma: float = 0.85, returns: str | None = None,
+                       description: str = "", overwrite: bool = False) -> Estimator:
+    """Register a user estimator built from components.
+
+    ``components`` items are :class:`Component`, tuples ``(weight, signal, scope[, baseline
+    [, scale]])`` or dicts of those fields. ``returns`` defaults to ``"outcome_discounted"``
+    when a component uses ``outcome_return``, else ``"outcome"`` when one uses ``outcome``,
+    else ``"discounted"``.
+
+    Example::
+
+        mc.register_estimator("turn_heavy", [(0.8, "return", "turn"), (0.2, "reward", "group", "loo")])
+        mc.estimate(offsets, group, distance=d, initial_distance=d0, estimator="turn_heavy")
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("estimator name must be a non-empty string")
+    comps = tuple(_as_component(c) for c in components)
+    if returns is None:
+        signals = {c.signal for c in comps}
+        returns = ("outcome_discounted" if "outcome_return" in signals
+                   else "outcome" if "outcome" in signals else "discounted")
+    est = Estimator(name, comps, reward=reward, gamma=gamma, returns=returns,
+                    description=description)
+    with _LOCK:
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"estimator {name!r} is already registered (pass overwrite=True)")
+        _REGISTRY[name] = est
+    return est
+
+
+def unregister_estimator(name: str) -> None:
+    """Remove a user estimator (presets can be removed too; re-import does not restore them)."""
+    with _LOCK:
+        if name not in _REGISTRY:
+            raise KeyError(f"no estimator named {name!r}")
+        del _REGISTRY[name]
+
+
+def get_estimator(name_or_estimator) -> Estimator:
+    if isinstance(name_or_estimator, Estimator):
+        return name_or_estimator
+    try:
+        return _REGISTRY[name_or_estimator]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name_or_estimator!r}; registered: "
+                         f"{', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_estimators() -> list[str]:
+    """Registered estimator names, presets first in their documented order."""
+    return list(_REGISTRY)
+
+
+def resolve(estimator, *, reward_given: bool, gamma=None, weight=0.5, eps=1e-6, ddof=1,
+            baseline="mean", scale="std", singleton="zero") -> Plan:
+    """Fill an estimator's open options from the call's options."""
+    est = get_estimator(estimator)
+    g = est.gamma if gamma is None else float(gamma)
+    if not 0.0 <= g <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1]; got {gamma!r}")
+    w = float(weight)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"weight must be in [0, 1]; got {weight!r}")
+    e = float(eps)
+    if not e >= 0.0 or e == float("inf"):
+        raise ValueError(f"eps must be finite and >= 0; got {eps!r}")
+    if ddof not in (0, 1) or isinstance(ddof, bool):
+        raise ValueError(f"ddof must be 0 or 1; got {ddof!r}")
+    _choice("baseline", baseline, BASELINES)
+    _choice("scale", scale, SCALES)
+    _choice("singleton", singleton, SINGLETONS)
+    comps = []
+    for c in est.components:
+        cw = w if c.weight == "w" else (1.0 - w) if c.weight == "1-w" else c.weight
+        comps.append(ResolvedComponent(cw, c.signal, c.scope, c.baseline or baseline,
+                                       c.scale or scale))
+    return Plan(reward="given" if reward_given else est.reward, gamma=g, returns=est.returns,
+                components=tuple(comps), eps=e, ddof=int(ddof), singleton=singleton)
+
+
+def _presets():
+    C = Component
+    presets = [
+        ("mica", [C("w", "return", "turn"), C("1-w", "reward", "group")], "idr", 0.85,
+         "w * z_turn(G) + (1-w) * z_group(r), IDR"),
+        ("mica_turn", [C(1.0, "return", "turn")], "idr", 0.85, "z_turn(G), IDR"),
+        ("mica_group", [C(1.0, "reward", "group")], "idr", 0.85, "z_group(r), IDR"),
+        ("mica_adr", [C("w", "return", "turn"), C("1-w", "reward", "group")], "adr", 0.85,
+         "mica with ADR rewards r_t = -D_t"),
+        ("mapo", [C("w", "return", "turn"), C("1-w", "return", "batch")], "idr", 0.85,
+         "w * z_turn(G) + (1-w) * z_batch(G)"),
+        ("grpo", [C(1.0, "outcome", "group")], "idr", 1.0,
+         "z of the outcome R_i among the group's trajectories, on every turn"),
+        ("reinforce_pp", [C(1.0, "outcome_return", "batch")], "idr", 1.0,
+         "z_batch over turns of gamma^(T-1-t) R_i"),
+        ("reinforce_pp_idr", [C(1.0, "reward", "batch")], "idr", 0.85, "z_batch(r), IDR"),
+    ]
+    for name, comps, reward, gamma, desc in presets:
+        register_estimator(name, comps, reward=reward, gamma=gamma, description=desc)
+
+
+_presets()
