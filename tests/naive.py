@@ -1,0 +1,135 @@
+"""Slow, obvious references for every quantity mica computes: plain Python loops, float64,
+exact sums (math.fsum). Every backend is tested against these.
+
+Trajectories are plain lists; ``trajs`` is a list of dicts with keys ``group`` (any label),
+and either ``distances`` + ``initial_distance`` or ``rewards``.
+"""
+
+from __future__ import annotations
+
+import math
+
+# name -> (reward kind, default gamma, returns kind, [(weight, signal, scope, baseline, scale)])
+# weight "w" / "1-w" come from the weight option; baseline/scale None come from the options.
+PRESETS = {
+    "mica": ("idr", 0.85, "discounted", [("w", "return", "turn"), ("1-w", "reward", "group")]),
+    "mica_turn": ("idr", 0.85, "discounted", [(1.0, "return", "turn")]),
+    "mica_group": ("idr", 0.85, "discounted", [(1.0, "reward", "group")]),
+    "mica_adr": ("adr", 0.85, "discounted", [("w", "return", "turn"), ("1-w", "reward", "group")]),
+    "mapo": ("idr", 0.85, "discounted", [("w", "return", "turn"), ("1-w", "return", "batch")]),
+    "grpo": ("idr", 1.0, "outcome", [(1.0, "outcome", "group")]),
+    "reinforce_pp": ("idr", 1.0, "outcome_discounted", [(1.0, "outcome_return", "batch")]),
+    "reinforce_pp_idr": ("idr", 0.85, "discounted", [(1.0, "reward", "batch")]),
+}
+
+
+def rewards_of(traj, kind):
+    if "rewards" in traj:
+        return [float(x) for x in traj["rewards"]]
+    d = [float(x) for x in traj["distances"]]
+    if kind == "adr":
+        return [-x for x in d]
+    prev = [float(traj["initial_distance"])] + d[:-1]
+    return [p - x for p, x in zip(prev, d)]
+
+
+def discounted_return(r, t, gamma):
+    """G_t = sum_{k>=t} gamma^(k-t) r_k, term by term."""
+    return math.fsum(gamma ** (k - t) * r[k] for k in range(t, len(r)))
+
+
+def zscore(x, bucket, *, baseline="mean", scale="std", ddof=1, eps=1e-6, singleton="zero"):
+    """z of ``x`` within ``bucket`` (a list that contains x once for itself)."""
+    n = len(bucket)
+    if n == 1:
+        if singleton == "zero":
+            return 0.0
+        return x / (1.0 + eps) if scale == "std" else x
+    mean = math.fsum(bucket) / n
+    if baseline == "mean":
+        b = mean
+    else:
+        b = (math.fsum(bucket) - x) / (n - 1)
+    if scale == "none":
+        return x - b
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in bucket) / (n - ddof))
+    return (x - b) / (std + eps)
+
+
+def naive_estimate(trajs, estimator="mica", *, gamma=None, weight=0.5, eps=1e-6, ddof=1,
+                   baseline="mean", scale="std", singleton="zero", spec=None):
+    """Per trajectory, a list of (reward, return, advantage) per turn."""
+    kind, g_default, returns_kind, comps = spec if spec is not None else PRESETS[estimator]
+    gamma = g_default if gamma is None else gamma
+    if any("rewards" in t for t in trajs):
+        kind = "given"
+    r = [rewards_of(t, kind) for t in trajs]
+    G = [[discounted_return(ri, t, gamma) for t in range(len(ri))] for ri in r]
+    R = [math.fsum(ri) for ri in r]
+    OR = [[gamma ** (len(ri) - 1 - t) * R[i] for t in range(len(ri))] for i, ri in enumerate(r)]
+    groups = [t["group"] for t in trajs]
+
+    def value(signal, i, t):
+        return {"reward": r[i][t], "return": G[i][t], "outcome": R[i],
+                "outcome_return": OR[i][t]}[signal]
+
+    def members(signal, scope, i, t):
+        """Values of the bucket holding (i, t); outcome buckets hold trajectories."""
+        out = []
+        for j in range(len(trajs)):
+            if scope in ("group", "turn") and groups[j] != groups[i]:
+                continue
+            if signal == "outcome" and scope != "turn":
+                out.append(R[j])
+                continue
+            for s in range(len(r[j])):
+                if scope == "turn" and s != t:
+                    continue
+                out.append(value(signal, j, s))
+        return out
+
+    results = []
+    for i in range(len(trajs)):
+        rows = []
+        for t in range(len(r[i])):
+            adv = 0.0
+            for (w, signal, scope, *opts) in comps:
+                w = weight if w == "w" else (1.0 - weight) if w == "1-w" else w
+                b = opts[0] if len(opts) > 0 and opts[0] else baseline
+                s = opts[1] if len(opts) > 1 and opts[1] else scale
+                z = zscore(value(signal, i, t), members(signal, scope, i, t), baseline=b,
+                           scale=s, ddof=ddof, eps=eps, singleton=singleton)
+                adv += w * z
+            ret = {"discounted": G[i][t], "outcome": R[i],
+                   "outcome_discounted": OR[i][t]}[returns_kind]
+            rows.append((r[i][t], ret, adv))
+        results.append(rows)
+    return results
+
+
+def flat(results, k):
+    """Column k (0 reward, 1 return, 2 advantage) of naive_estimate's output, flattened."""
+    return [row[k] for traj in results for row in traj]
+
+
+def distance_from_state(state, weights=None, epsilon=1.0, kind="hinge"):
+    w = weights or [1.0] * len(state)
+    if kind == "hinge":
+        return math.sqrt(math.fsum(wk * max(0.0, -epsilon - sk) ** 2 for wk, sk in zip(w, state)))
+    return math.sqrt(math.fsum(wk * sk * sk for wk, sk in zip(w, state)))
+
+
+def broadcast_to_tokens(turn_advantage, response_mask):
+    """verl layout: row b's k-th run of ones in response_mask gets its k-th turn advantage.
+
+    ``turn_advantage`` is a list (per row) of lists (per turn)."""
+    out = []
+    for adv_row, mask_row in zip(turn_advantage, response_mask):
+        row, k, prev = [], -1, 0
+        for m in mask_row:
+            if m and not prev:
+                k += 1
+            row.append(float(adv_row[k]) if m else 0.0)
+            prev = m
+        out.append(row)
+    return out
