@@ -1,0 +1,216 @@
+"""The ``mica`` command line.
+
+``mica advantages IN OUT`` mirrors :func:`mica_core.compute_advantages`: it reads Parquet,
+Arrow IPC or CSV (by extension), writes Parquet atomically (a temporary file in OUT's folder,
+then a rename) and keeps an existing OUT unless ``--force``. Bad input exits with status 2 and
+one line naming the column, the first offending row and the rule.
+
+``mica env ...`` and the training commands (``train``, ``eval``, ``tiny-model``,
+``warm-start``, ``study``) belong to ``mica_train`` and are loaded only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+ENV_COMMANDS = ("env",)
+TRAIN_COMMANDS = ("train", "eval", "tiny-model", "warm-start", "study")
+READ_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "ipc", ".ipc": "ipc",
+                   ".feather": "ipc", ".arrows": "ipc", ".csv": "csv"}
+PROGRESS_MIN_ROWS = 1_000_000
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mica",
+        description="mica: multi-turn credit assignment (MICA) for RL on language models.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("advantages", help="per-turn reward, return and advantage of a "
+                       "trajectory table (Parquet, Arrow IPC or CSV in; Parquet out)",
+                       description="Compute per-turn reward, return and advantage columns. "
+                       "Rows may come in any order; the output keeps the input order.")
+    a.add_argument("input", metavar="IN", help="trajectory table: .parquet/.pq, "
+                   ".arrow/.ipc/.feather (Arrow IPC) or .csv")
+    a.add_argument("output", metavar="OUT", help="output Parquet file (.parquet or .pq)")
+    a.add_argument("--estimator", default="mica", help="registered estimator (default: mica; "
+                   "see `mica estimators`)")
+    a.add_argument("--gamma", type=float, default=None, help="discount (default: the preset's)")
+    a.add_argument("--weight", type=float, default=0.5, help="w of mica/mica_adr/mapo (0.5)")
+    a.add_argument("--eps", type=float, default=1e-6, help="added to the std (1e-6)")
+    a.add_argument("--ddof", type=int, default=1, choices=(0, 1), help="std degrees of freedom")
+    a.add_argument("--baseline", default="mean", choices=("mean", "loo"))
+    a.add_argument("--scale", default="std", choices=("std", "none"))
+    a.add_argument("--singleton", default="zero", choices=("zero", "raw"),
+                   help="advantage of a bucket of one: 0, or the raw value (verl's GRPO)")
+    a.add_argument("--backend", default="auto",
+                   choices=("auto", "numpy", "cython", "numba", "torch"))
+    a.add_argument("--source", default="auto", choices=("auto", "distance", "state", "reward"),
+                   help="which value columns to read (auto: distance, else state, else reward)")
+    for role, default in (("group", "group_id"), ("traj", "traj_id"), ("turn", "turn"),
+                          ("distance", "distance"), ("initial-distance", "initial_distance"),
+                          ("state", "state"), ("initial-state", "initial_state"),
+                          ("reward", "reward"), ("distances", "distances"),
+                          ("rewards", "rewards")):
+        a.add_argument(f"--{role}-col", default=default, metavar="NAME",
+                       help=f"{role.replace('-', ' ')} column (default: {default})")
+    a.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    a.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
+                   help="progress on stderr (auto: for large inputs on a terminal)")
+
+    sub.add_parser("estimators", help="list the registered estimators")
+    sub.add_parser("env", help="support-state environment: replay, eval (mica_train)",
+                   add_help=False)
+    for name, text in (("train", "train a LoRA policy with mica advantages (mica_train)"),
+                       ("eval", "evaluate a policy on the evaluation scenarios (mica_train)"),
+                       ("tiny-model", "build the tiny offline model and tokenizer (mica_train)"),
+                       ("warm-start", "supervised warm start of a policy (mica_train)"),
+                       ("study", "credit-assignment study over estimators (mica_train)")):
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+class _Progress:
+    """Stage progress on stderr: ``mica: [2/4] validating 12,000,000 rows ... 0.8s``."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.k = enabled, total, 0
+        self.t0 = time.perf_counter()
+
+    def stage(self, text: str):
+        if self.enabled:
+            self.k += 1
+            sys.stderr.write(f"\rmica: [{self.k}/{self.total}] {text:<40} "
+                             f"{time.perf_counter() - self.t0:6.1f}s")
+            sys.stderr.flush()
+
+    def done(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _read_table(path: str):
+    import pyarrow as pa
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = READ_EXTENSIONS.get(ext)
+    if fmt is None:
+        raise CliError(f"{path}: unknown input extension {ext!r} (use "
+                       f"{', '.join(sorted(READ_EXTENSIONS))})")
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        if fmt == "csv":
+            import pyarrow.csv as pcsv
+
+            return pcsv.read_csv(path)
+        with pa.memory_map(path) as src:
+            try:
+                return pa.ipc.open_file(src).read_all()
+            except pa.ArrowInvalid:
+                src.seek(0)
+                return pa.ipc.open_stream(src).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        raise CliError(f"{path}: cannot read as {fmt}: {exc}".splitlines()[0]) from None
+
+
+def write_parquet_atomic(table, path: str, *, force: bool = False):
+    """Write ``table`` to ``path`` through a temporary file and a rename.
+
+    An existing ``path`` is kept unless ``force``; a failed write leaves nothing behind.
+    """
+    import pyarrow.parquet as pq
+
+    if os.path.exists(path) and not force:
+        raise CliError(f"{path} exists; pass --force to overwrite it")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".mica-", suffix=".parquet.tmp", dir=folder)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _advantages(args) -> int:
+    from . import compute_advantages
+
+    out_ext = os.path.splitext(args.output)[1].lower()
+    if out_ext not in (".parquet", ".pq"):
+        raise CliError(f"{args.output}: OUT is written as Parquet; name it .parquet or .pq")
+    if os.path.exists(args.output) and not args.force:
+        raise CliError(f"{args.output} exists; pass --force to overwrite it")
+    columns = {"group": args.group_col, "traj": args.traj_col, "turn": args.turn_col,
+               "distance": args.distance_col, "initial_distance": args.initial_distance_col,
+               "state": args.state_col, "initial_state": args.initial_state_col,
+               "reward": args.reward_col, "distances": args.distances_col,
+               "rewards": args.rewards_col}
+    table = _read_table(args.input)
+    show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()
+                                     and table.num_rows >= PROGRESS_MIN_ROWS)
+    progress = _Progress(show, 3)
+    progress.stage(f"computing {table.num_rows:,} rows")
+    out = compute_advantages(table, args.estimator, columns, source=args.source,
+                             gamma=args.gamma, weight=args.weight, eps=args.eps,
+                             ddof=args.ddof, baseline=args.baseline, scale=args.scale,
+                             singleton=args.singleton, backend=args.backend)
+    progress.stage("writing " + args.output)
+    write_parquet_atomic(out, args.output, force=args.force)
+    progress.stage("done")
+    progress.done()
+    return 0
+
+
+def _estimators() -> int:
+    from .estimators import get_estimator, list_estimators
+
+    for name in list_estimators():
+        est = get_estimator(name)
+        print(f"{name:<18} gamma={est.gamma:<5} {est.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ENV_COMMANDS:
+        from mica_train.env.cli import main as env_main
+
+        return env_main(argv[1:])
+    if argv and argv[0] in TRAIN_COMMANDS:
+        from mica_train.cli import main as train_main
+
+        return train_main(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from ._errors import MicaInputError
+
+    try:
+        if args.command == "advantages":
+            return _advantages(args)
+        return _estimators()
+    except (CliError, MicaInputError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        sys.stderr.write(f"mica: error: {msg}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

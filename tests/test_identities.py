@@ -1,0 +1,72 @@
+"""Identity tests: one estimator reduces to another at a limit."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import mica_core as mc
+from strategies import ragged_batches
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=ragged_batches(allow_empty=False))
+def test_weight_one_and_zero_reduce_mica(batch):
+    _, offsets, groups, dist, init = batch
+    kw = dict(distance=dist, initial_distance=init)
+    mica1 = mc.estimate(offsets, groups, estimator="mica", weight=1.0, **kw)
+    mica0 = mc.estimate(offsets, groups, estimator="mica", weight=0.0, **kw)
+    np.testing.assert_array_equal(mica1.advantage,
+                                  mc.estimate(offsets, groups, estimator="mica_turn", **kw).advantage)
+    np.testing.assert_array_equal(mica0.advantage,
+                                  mc.estimate(offsets, groups, estimator="mica_group", **kw).advantage)
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=ragged_batches(allow_empty=False))
+def test_gamma_zero_returns_equal_rewards(batch):
+    _, offsets, groups, dist, init = batch
+    for name in ("mica", "mica_turn", "mapo", "reinforce_pp_idr"):
+        res = mc.estimate(offsets, groups, distance=dist, initial_distance=init, estimator=name,
+                          gamma=0.0)
+        np.testing.assert_array_equal(res.returns, res.reward)
+
+
+@pytest.mark.parametrize("name", mc.list_estimators())
+def test_one_trajectory_of_one_turn_gives_zero(name):
+    # Every bucket, at every scope, holds one element: nothing to compare with.
+    res = mc.estimate([0, 1], ["only"], distance=[7.0], initial_distance=[10.0], estimator=name)
+    np.testing.assert_array_equal(res.advantage, [0.0])
+
+
+@pytest.mark.parametrize("name", ["mica_turn", "grpo"])
+def test_one_group_of_one_trajectory_gives_zero(name):
+    # Turn buckets and the group's trajectory bucket are singletons.
+    res = mc.estimate([0, 5], ["only"], distance=[9.0, 7.0, 7.5, 3.0, 1.0],
+                      initial_distance=[10.0], estimator=name)
+    np.testing.assert_array_equal(res.advantage, np.zeros(5))
+
+
+def test_one_trajectory_mica_keeps_only_its_group_component():
+    # z_group(r) ranges over the turns of the group, so it survives with one trajectory.
+    kw = dict(distance=[9.0, 7.0, 7.5, 3.0, 1.0], initial_distance=[10.0])
+    mica = mc.estimate([0, 5], ["only"], estimator="mica", weight=0.3, **kw).advantage
+    group = mc.estimate([0, 5], ["only"], estimator="mica_group", **kw).advantage
+    np.testing.assert_allclose(mica, 0.7 * group, atol=1e-15)
+
+
+def test_grpo_is_constant_per_trajectory_and_mica_group_equals_reinforce_pp_idr_in_one_group():
+    offsets = np.array([0, 3, 5, 6])
+    d = np.array([8.0, 8.5, 6.0, 9.0, 7.0, 10.5])
+    init = np.full(3, 10.0)
+    g = mc.estimate(offsets, [0, 0, 0], distance=d, initial_distance=init, estimator="grpo")
+    for lo, hi in zip(offsets[:-1], offsets[1:]):
+        assert np.ptp(g.advantage[lo:hi]) == 0.0
+    a = mc.estimate(offsets, [0, 0, 0], distance=d, initial_distance=init, estimator="mica_group")
+    b = mc.estimate(offsets, [0, 0, 0], distance=d, initial_distance=init,
+                    estimator="reinforce_pp_idr")
+    np.testing.assert_allclose(a.advantage, b.advantage, atol=1e-15)
+
+
+def test_empty_input():
+    res = mc.estimate(np.array([0]), [], distance=np.zeros(0), initial_distance=np.zeros(0))
+    assert res.advantage.shape == (0,) and res.returns.shape == (0,)
