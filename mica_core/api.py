@@ -13,7 +13,7 @@ import numpy as np
 
 from ._errors import MicaInputError
 from .estimators import resolve
-from .layout import Ragged, check_values, make_ragged
+from .layout import ON_MISSING, Ragged, check_values, fill_missing, make_ragged
 
 __all__ = ["estimate", "EstimateResult", "BACKENDS", "run_plan"]
 
@@ -69,17 +69,21 @@ def run_plan(plan, ragged: Ragged, distance, initial_distance, reward, backend="
     return out_reward, out_return, out_adv
 
 
-def _inputs(ragged, distance, initial_distance, reward, plan_reward):
+def _inputs(ragged, distance, initial_distance, reward, plan_reward, on_missing="raise"):
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}; got {on_missing!r}")
+    carry = on_missing == "carry"
     n, n_traj = ragged.n_rows, ragged.n_traj
     if reward is not None:
         if distance is not None or initial_distance is not None:
             raise MicaInputError("pass either reward or distance (+ initial_distance), not both",
                                  column="reward", rule="exclusive inputs")
-        return None, None, check_values(reward, "reward", n)
+        r = check_values(reward, "reward", n, allow_missing=carry)
+        return None, None, fill_missing(r, ragged.offsets) if carry else r
     if distance is None:
         raise MicaInputError("one of distance or reward is required", column="distance",
                              rule="required")
-    d = check_values(distance, "distance", n, allow_negative=False)
+    d = check_values(distance, "distance", n, allow_negative=False, allow_missing=carry)
     d0 = None
     if plan_reward == "idr":
         if initial_distance is None:
@@ -87,12 +91,20 @@ def _inputs(ragged, distance, initial_distance, reward, plan_reward):
                                  column="initial_distance", rule="required")
     if initial_distance is not None:
         d0 = check_values(initial_distance, "initial_distance", n_traj, allow_negative=False)
+    if carry:
+        if d0 is None and n and not np.isfinite(d[ragged.offsets[:-1]]).all():
+            first = int(np.flatnonzero(~np.isfinite(d[ragged.offsets[:-1]]))[0])
+            raise MicaInputError("missing on a first turn and no initial_distance to carry",
+                                 column="distance", row=int(ragged.offsets[first]),
+                                 rule="finite")
+        d = fill_missing(d, ragged.offsets, d0 if d0 is not None else d)
     return d, d0, None
 
 
 def estimate(offsets, group, *, distance=None, initial_distance=None, reward=None,
              estimator="mica", gamma=None, weight=0.5, eps=1e-6, ddof=1, baseline="mean",
-             scale="std", singleton="zero", backend="auto") -> EstimateResult:
+             scale="std", singleton="zero", backend="auto",
+             on_missing="raise") -> EstimateResult:
     """Per-turn rewards, returns and advantages of ragged trajectories.
 
     Args:
@@ -108,6 +120,8 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
       eps, ddof, baseline, scale, singleton: normalization options (design §3).
       backend: ``auto``, ``numpy``, ``cython``, ``numba`` or ``torch``. Torch tensors are
         computed by the torch backend on their device whatever this says.
+      on_missing: ``"raise"`` (NaN and infinities are errors) or ``"carry"``: a missing
+        distance repeats the previous turn's (IDR 0 for that turn), a missing reward is 0.
 
     Returns:
       :class:`EstimateResult` of flat arrays. numpy in, numpy out: float32 when the value
@@ -129,7 +143,7 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
     plan = resolve(estimator, reward_given=reward is not None, gamma=gamma, weight=weight,
                    eps=eps, ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
     ragged = make_ragged(offsets, group)
-    d, d0, r = _inputs(ragged, distance, initial_distance, reward, plan.reward)
+    d, d0, r = _inputs(ragged, distance, initial_distance, reward, plan.reward, on_missing)
     out_dtype = (r if r is not None else d).dtype
     if d0 is not None and d0.dtype == np.float64:
         out_dtype = np.float64

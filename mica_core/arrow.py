@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from ._errors import MicaInputError
 from .api import run_plan
 from .estimators import resolve
-from .layout import Ragged, ragged_from_lengths
+from .layout import ON_MISSING, Ragged, fill_missing, ragged_from_lengths
 from .signals import distance_from_state, turn_index
 
 __all__ = ["compute_advantages", "ragged_from_table", "DEFAULT_COLUMNS", "TableInput",
@@ -88,13 +88,13 @@ def to_arrow_table(obj) -> pa.Table:
                     f"datasets.Dataset; got {type(obj).__name__}")
 
 
-def _column(table: pa.Table, name: str, role: str):
+def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
     if name not in table.column_names:
         raise MicaInputError(f"missing (needed as the {role} column; present: "
                              f"{', '.join(table.column_names) or 'none'})", column=name,
                              rule="missing column")
     col = table.column(name)
-    if col.null_count:
+    if col.null_count and not allow_null:
         first = int(pc.index(pc.is_null(col), True).as_py())
         raise MicaInputError("null value", column=name, row=first, rule="no nulls")
     if pa.types.is_dictionary(col.type):
@@ -178,8 +178,8 @@ def _state_distance(table, name, n, *, weights, epsilon, kind):
     return distance_from_state(v.reshape(n, k) if n else np.zeros((0, 1)), weights, epsilon, kind)
 
 
-def _finite(a, name, order=None, *, non_negative=False):
-    bad = np.flatnonzero(~np.isfinite(a))
+def _finite(a, name, order=None, *, non_negative=False, allow_missing=False):
+    bad = np.flatnonzero(~np.isfinite(a)) if not allow_missing else np.zeros(0, dtype=np.int64)
     if bad.size:
         row = int(bad[0]) if order is None else int(order[bad[0]])
         raise MicaInputError(f"value {a[bad[0]]} is not finite", column=name, row=row,
@@ -216,7 +216,7 @@ def _pick_source(table, cols, source, nested):
 
 def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source="auto",
                       state_weights=None, epsilon=1.0, distance_kind="hinge",
-                      need_initial=True) -> TableInput:
+                      need_initial=True, on_missing="raise") -> TableInput:
     """Read a long- or nested-form table into the CSR layout, validating it (design §5, §7)."""
     table = to_arrow_table(table)
     cols = dict(DEFAULT_COLUMNS)
@@ -227,13 +227,16 @@ def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source
         cols.update(columns)
     nested = (cols["distances"] in table.column_names or cols["rewards"] in table.column_names) \
         and cols["turn"] not in table.column_names
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}; got {on_missing!r}")
     src = _pick_source(table, cols, source, nested)
     if nested:
         return _read_nested(table, cols, src, need_initial)
-    return _read_long(table, cols, src, need_initial, state_weights, epsilon, distance_kind)
+    return _read_long(table, cols, src, need_initial, state_weights, epsilon, distance_kind,
+                      on_missing == "carry")
 
 
-def _read_long(table, cols, src, need_initial, weights, epsilon, kind):
+def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
     n = table.num_rows
     gcol = _column(table, cols["group"], "group")
     tcol = _column(table, cols["traj"], "trajectory")
@@ -281,33 +284,45 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind):
 
     d = d0 = r = None
     if src == "reward":
-        r = rows(_numpy(_column(table, cols["reward"], "reward"), cols["reward"]))
-        _finite(r, cols["reward"], order)
+        r = rows(_numpy(_column(table, cols["reward"], "reward", allow_null=carry),
+                        cols["reward"]))
+        _finite(r, cols["reward"], order, allow_missing=carry)
+        if carry:
+            r = fill_missing(r, offsets)
+        return TableInput(ragged, d, d0, r, order, "long", n)
+    if src == "distance":
+        init_name = cols["initial_distance"]
     else:
+        init_name = cols["initial_state"]
+    if need_initial or init_name in table.column_names:
         if src == "distance":
-            d = rows(_numpy(_column(table, cols["distance"], "distance"), cols["distance"]))
-            _finite(d, cols["distance"], order, non_negative=True)
-            init_name = cols["initial_distance"]
+            init_rows = rows(_numpy(_column(table, init_name, "initial distance"), init_name))
+            _finite(init_rows, init_name, order, non_negative=True)
         else:
-            d = rows(_state_distance(table, cols["state"], n, weights=weights, epsilon=epsilon,
-                                     kind=kind))
-            init_name = cols["initial_state"]
-        if need_initial or init_name in table.column_names:
-            if src == "distance":
-                init_rows = rows(_numpy(_column(table, init_name, "initial distance"),
-                                        init_name))
-                _finite(init_rows, init_name, order, non_negative=True)
-            else:
-                init_rows = rows(_state_distance(table, init_name, n, weights=weights,
-                                                 epsilon=epsilon, kind=kind))
-            d0 = init_rows[offsets[:-1]] if n else np.zeros(0)
-            differs = np.flatnonzero(np.repeat(d0, lengths) != init_rows)
-            if differs.size:
-                k = int(differs[0])
-                row = k if order is None else int(order[k])
-                raise MicaInputError("differs from the value on the trajectory's other rows "
-                                     "(one initial value per trajectory)", column=init_name,
-                                     row=row, rule="constant within trajectory")
+            init_rows = rows(_state_distance(table, init_name, n, weights=weights,
+                                             epsilon=epsilon, kind=kind))
+        d0 = init_rows[offsets[:-1]] if n else np.zeros(0)
+        differs = np.flatnonzero(np.repeat(d0, lengths) != init_rows)
+        if differs.size:
+            k = int(differs[0])
+            row = k if order is None else int(order[k])
+            raise MicaInputError("differs from the value on the trajectory's other rows "
+                                 "(one initial value per trajectory)", column=init_name,
+                                 row=row, rule="constant within trajectory")
+    if src == "distance":
+        d = rows(_numpy(_column(table, cols["distance"], "distance", allow_null=carry),
+                        cols["distance"]))
+        _finite(d, cols["distance"], order, non_negative=True, allow_missing=carry)
+    else:
+        d = rows(_state_distance(table, cols["state"], n, weights=weights, epsilon=epsilon,
+                                 kind=kind))
+    if carry:
+        if d0 is None and n and not np.isfinite(d[offsets[:-1]]).all():
+            k = int(offsets[:-1][~np.isfinite(d[offsets[:-1]])][0])
+            raise MicaInputError("missing on a first turn and no initial value to carry",
+                                 column=cols["distance"], row=k if order is None
+                                 else int(order[k]), rule="finite")
+        d = fill_missing(d, offsets, d0 if d0 is not None else d)
     return TableInput(ragged, d, d0, r, order, "long", n)
 
 
@@ -392,7 +407,8 @@ def _restore(original, table: pa.Table, arrays: dict[str, Any]):
 def compute_advantages(table, estimator="mica", columns: Mapping[str, str] | None = None, *,
                        source="auto", gamma=None, weight=0.5, eps=1e-6, ddof=1,
                        baseline="mean", scale="std", singleton="zero", backend="auto",
-                       state_weights=None, epsilon=1.0, distance_kind="hinge"):
+                       state_weights=None, epsilon=1.0, distance_kind="hinge",
+                       on_missing="raise"):
     """Per-turn ``reward``, ``return`` and ``advantage`` columns for a trajectory table.
 
     Args:
@@ -406,6 +422,8 @@ def compute_advantages(table, estimator="mica", columns: Mapping[str, str] | Non
         ``distance``, ``state`` or ``reward``.
       state_weights, epsilon, distance_kind: the potential for ``state`` input
         (:func:`mica_core.distance_from_state`).
+      on_missing: ``"raise"`` or ``"carry"`` (long form: null/NaN distances repeat the
+        previous turn's, null/NaN rewards become 0), as in :func:`mica_core.estimate`.
       Other options: as :func:`mica_core.estimate`.
 
     Returns:
@@ -420,7 +438,7 @@ def compute_advantages(table, estimator="mica", columns: Mapping[str, str] | Non
                    ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
     ti = ragged_from_table(tab, columns, source=source, state_weights=state_weights,
                            epsilon=epsilon, distance_kind=distance_kind,
-                           need_initial=plan.reward == "idr")
+                           need_initial=plan.reward == "idr", on_missing=on_missing)
     if ti.reward is not None:
         plan = resolve(estimator, reward_given=True, gamma=gamma, weight=weight, eps=eps,
                        ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                           ("rewards", "rewards")):
         a.add_argument(f"--{role}-col", default=default, metavar="NAME",
                        help=f"{role.replace('-', ' ')} column (default: {default})")
+    a.add_argument("--on-missing", default="raise", choices=("raise", "carry"),
+                   help="NaN/null values: error (raise), or carry the previous distance "
+                   "forward / use reward 0 (carry)")
     a.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     a.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress on stderr (auto: for large inputs on a terminal)")
@@ -168,7 +171,8 @@ def _advantages(args) -> int:
     out = compute_advantages(table, args.estimator, columns, source=args.source,
                              gamma=args.gamma, weight=args.weight, eps=args.eps,
                              ddof=args.ddof, baseline=args.baseline, scale=args.scale,
-                             singleton=args.singleton, backend=args.backend)
+                             singleton=args.singleton, backend=args.backend,
+                             on_missing=args.on_missing)
     progress.stage("writing " + args.output)
     write_parquet_atomic(out, args.output, force=args.force)
     progress.stage("done")

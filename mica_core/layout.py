@@ -14,7 +14,8 @@ import numpy as np
 
 from ._errors import MicaInputError
 
-__all__ = ["Ragged", "factorize", "ragged_from_lengths", "check_values"]
+__all__ = ["Ragged", "factorize", "ragged_from_lengths", "check_values", "fill_missing",
+           "ON_MISSING"]
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,10 @@ def make_ragged(offsets, group) -> Ragged:
     return Ragged(o, np.ascontiguousarray(codes), ngroups)
 
 
-def check_values(x, name, n, *, allow_negative=True, dtype=None):
-    """Validate a flat per-row (or per-trajectory) float array; returns it as float32/float64."""
+def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
+    """Validate a flat per-row (or per-trajectory) float array; returns it as float32/float64.
+
+    ``allow_missing`` lets NaN and infinities through (to be filled by ``fill_missing``)."""
     a = np.asarray(x)
     if a.ndim != 1 or len(a) != n:
         raise MicaInputError(f"needs shape ({n},); got {a.shape}", column=name, rule="length")
@@ -127,14 +130,37 @@ def check_values(x, name, n, *, allow_negative=True, dtype=None):
         raise MicaInputError(f"must be numeric; got dtype {a.dtype}", column=name, rule="dtype")
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(a))
+    bad = np.flatnonzero(~np.isfinite(a)) if not allow_missing else np.zeros(0, dtype=np.int64)
     if bad.size:
         v = a[bad[0]]
         raise MicaInputError(f"value {v} is not finite (NaN and infinities are rejected)",
                              column=name, row=int(bad[0]), rule="finite")
     if not allow_negative:
-        bad = np.flatnonzero(a < 0)
+        bad = np.flatnonzero(a < 0)  # NaN compares False: left to fill_missing
         if bad.size:
             raise MicaInputError(f"distance {a[bad[0]]} is negative (distances are >= 0)",
                                  column=name, row=int(bad[0]), rule="non-negative")
     return np.ascontiguousarray(a)
+
+
+ON_MISSING = ("raise", "carry")
+
+
+def fill_missing(values, offsets, initial=None):
+    """Replace NaN/inf/null per-turn values (``on_missing="carry"``).
+
+    A missing distance carries the previous turn's distance forward (the initial distance on
+    turn 0), so the turn earns an IDR of 0; a missing reward (``initial=None``) becomes 0.
+    Returns a new array when anything was replaced; the input is never modified.
+    """
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size == 0:
+        return values
+    out = np.array(values, dtype=values.dtype, copy=True)
+    if initial is None:
+        out[bad] = 0.0
+        return out
+    trajs = np.searchsorted(offsets, bad, side="right") - 1
+    for row, i in zip(bad.tolist(), trajs.tolist()):  # in row order, so fills chain forward
+        out[row] = initial[i] if row == offsets[i] else out[row - 1]
+    return out

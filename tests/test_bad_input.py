@@ -1,0 +1,157 @@
+"""The bad-input catalogue of design §7: each case raises MicaInputError naming the column,
+the first offending row and the rule."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import mica_core as mc
+from mica_core import MicaInputError
+
+
+def long_rows():
+    return [
+        {"group_id": "a", "traj_id": 0, "turn": 0, "distance": 5.0, "initial_distance": 6.0},
+        {"group_id": "a", "traj_id": 0, "turn": 1, "distance": 4.0, "initial_distance": 6.0},
+        {"group_id": "a", "traj_id": 1, "turn": 0, "distance": 7.0, "initial_distance": 6.0},
+        {"group_id": "b", "traj_id": 2, "turn": 0, "distance": 2.0, "initial_distance": 3.0},
+        {"group_id": "b", "traj_id": 2, "turn": 1, "distance": 1.0, "initial_distance": 3.0},
+    ]
+
+
+def table_with(changes):
+    rows = long_rows()
+    for (row, col), value in changes.items():
+        rows[row][col] = value
+    return pa.Table.from_pylist(rows)
+
+
+def expect(call, column, row, rule_fragment):
+    with pytest.raises(MicaInputError) as info:
+        call()
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.column == column and err.row == row, str(err)
+    assert rule_fragment in (err.rule or ""), err.rule
+    assert f"column {column!r}" in str(err)
+    if row is not None:
+        assert f"row {row}" in str(err)
+
+
+def test_missing_column():
+    t = pa.Table.from_pylist(long_rows()).drop_columns(["turn"])
+    expect(lambda: mc.compute_advantages(t), "turn", None, "missing column")
+    t = pa.Table.from_pylist(long_rows()).drop_columns(["initial_distance"])
+    expect(lambda: mc.compute_advantages(t), "initial_distance", None, "missing column")
+
+
+def test_no_value_column():
+    t = pa.Table.from_pylist(long_rows()).drop_columns(["distance"])
+    expect(lambda: mc.compute_advantages(t), "distance", None, "missing column")
+
+
+def test_wrong_dtype():
+    t = pa.Table.from_pylist(long_rows())
+    t = t.set_column(3, "distance", pa.array(["5", "4", "7", "2", "1"]))
+    expect(lambda: mc.compute_advantages(t), "distance", None, "dtype")
+    t = pa.Table.from_pylist(long_rows())
+    t = t.set_column(2, "turn", pa.array([0.0, 1.0, 0.0, 0.0, 1.0]))
+    expect(lambda: mc.compute_advantages(t), "turn", None, "dtype")
+
+
+def test_nulls():
+    expect(lambda: mc.compute_advantages(table_with({(3, "distance"): None})), "distance", 3,
+           "no nulls")
+    expect(lambda: mc.compute_advantages(table_with({(1, "group_id"): None})), "group_id", 1,
+           "no nulls")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite(value):
+    expect(lambda: mc.compute_advantages(table_with({(4, "distance"): value})), "distance",
+           4, "finite")
+    expect(lambda: mc.estimate([0, 2], [0], distance=[1.0, value], initial_distance=[2.0]),
+           "distance", 1, "finite")
+
+
+def test_on_missing_carry_fills_and_never_mutates():
+    d = np.array([5.0, np.nan, 3.0, np.nan])
+    res = mc.estimate([0, 2, 4], [0, 0], distance=d, initial_distance=[6.0, np.float64(4.0)],
+                      on_missing="carry")
+    np.testing.assert_array_equal(res.reward, [1.0, 0.0, 1.0, 0.0])
+    assert np.isnan(d[1])  # input untouched
+    t = table_with({(1, "distance"): None, (3, "distance"): float("nan")})
+    out = mc.compute_advantages(t, on_missing="carry")
+    np.testing.assert_array_equal(out["reward"].to_numpy(), [1.0, 0.0, -1.0, 0.0, 2.0])
+
+
+def test_trajectory_split_across_groups():
+    expect(lambda: mc.compute_advantages(table_with({(1, "group_id"): "b"})), "group_id", 1,
+           "one group per trajectory")
+
+
+def test_duplicate_and_missing_turns():
+    expect(lambda: mc.compute_advantages(table_with({(1, "turn"): 0})), "turn", 1,
+           "no duplicate turns")
+    expect(lambda: mc.compute_advantages(table_with({(4, "turn"): 2})), "turn", 4,
+           "no missing turns")
+    expect(lambda: mc.compute_advantages(table_with({(2, "turn"): -1})), "turn", 2,
+           "turns are 0..T-1")
+
+
+def test_negative_distances():
+    expect(lambda: mc.compute_advantages(table_with({(2, "distance"): -0.5})), "distance", 2,
+           "non-negative")
+    expect(lambda: mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[-2.0]),
+           "initial_distance", 0, "non-negative")
+
+
+def test_initial_distance_must_be_constant_per_trajectory():
+    expect(lambda: mc.compute_advantages(table_with({(1, "initial_distance"): 9.0})),
+           "initial_distance", 1, "constant within trajectory")
+
+
+def test_array_shapes_and_required_inputs():
+    expect(lambda: mc.estimate([0, 2], [0], distance=[1.0], initial_distance=[2.0]),
+           "distance", None, "length")
+    expect(lambda: mc.estimate([0, 2], [0, 1], distance=[1.0, 2.0], initial_distance=[2.0]),
+           "group", None, "length")
+    expect(lambda: mc.estimate([0, 2], [0], distance=[1.0, 2.0]), "initial_distance", None,
+           "required")
+    expect(lambda: mc.estimate([0, 2], [0]), "distance", None, "required")
+    expect(lambda: mc.estimate([0, 2, 2], [0, 0], distance=[1.0, 2.0],
+                               initial_distance=[2.0, 2.0]), "offsets", 2,
+           "strictly increasing")
+    expect(lambda: mc.estimate([1, 2], [0], distance=[1.0], initial_distance=[2.0]),
+           "offsets", 0, "start at 0")
+    expect(lambda: mc.estimate([0, 1], [0], reward=[1.0], distance=[1.0]), "reward", None,
+           "exclusive")
+
+
+def test_nested_form_errors():
+    t = pa.table({"group_id": ["a", "a"], "distances": [[1.0, 2.0], []],
+                  "initial_distance": [3.0, 3.0]})
+    expect(lambda: mc.compute_advantages(t), "distances", 1, "at least one turn")
+    t = pa.table({"group_id": ["a", "a"], "distances": [[1.0, None], [2.0]],
+                  "initial_distance": [3.0, 3.0]})
+    expect(lambda: mc.compute_advantages(t), "distances", 0, "no nulls")
+    t = pa.table({"group_id": ["a", "a"], "traj_id": [7, 7], "distances": [[1.0], [2.0]],
+                  "initial_distance": [3.0, 3.0]})
+    expect(lambda: mc.compute_advantages(t), "traj_id", 1, "unique trajectory ids")
+
+
+def test_empty_table_gives_empty_output():
+    t = pa.Table.from_pylist(long_rows()).slice(0, 0)
+    out = mc.compute_advantages(t)
+    assert out.num_rows == 0 and "advantage" in out.column_names
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="ddof"):
+        mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], ddof=2)
+    with pytest.raises(ValueError, match="baseline"):
+        mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], baseline="median")
+    with pytest.raises(ValueError, match="weight"):
+        mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], weight=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], backend="jax")
