@@ -1,0 +1,136 @@
+"""EMPA's rubrics: the 9-indicator initial rubric and the 6-indicator progress rubric.
+
+Keys follow EMPA (arXiv 2603.00552) so that a judge's JSON loads as it is.
+
+Initial rubric (one level ``0..3`` per indicator, three indicators per axis)::
+
+    value(indicator) = -2 * weight(indicator) * level      (level 0 -> 0)
+    s0[axis]         = sum of its three indicator values
+
+so weight x1 gives -2/-4/-6, x1.5 gives -3/-6/-9 and x2 gives -4/-8/-12 for levels 1/2/3.
+Default weights: ``X.1`` x2, ``X.2`` x1.5, ``X.3`` x1 on every axis (``INDICATOR_WEIGHTS``);
+an axis therefore lies in ``[-27, 0]``.
+
+Progress rubric (one judgement per turn)::
+
+    X.Prog in {0, 1, 2}   ->  0 / +1 / +3           on every axis
+    C.Neg  in {0, -1, -2} ->  0 / -2 / -4
+    A.Neg, P.Neg          ->  0 / -2 / -5
+    increment[axis] = value(X.Prog) + value(X.Neg)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from mica_core._errors import MicaInputError
+
+__all__ = [
+    "AXES",
+    "INITIAL_KEYS",
+    "PROGRESS_KEYS",
+    "INDICATOR_WEIGHTS",
+    "PROGRESS_VALUES",
+    "SETBACK_VALUES",
+    "parse_initial_rubric",
+    "parse_progress_rubric",
+    "initial_state",
+    "progress_increment",
+]
+
+AXES = ("C", "A", "P")
+"""Axis order of every state vector: cognitive, affective, proactive."""
+
+INITIAL_KEYS = tuple(f"{axis}.{i}" for axis in AXES for i in (1, 2, 3))
+PROGRESS_KEYS = tuple(f"{axis}.{kind}" for axis in AXES for kind in ("Prog", "Neg"))
+
+INDICATOR_WEIGHTS = {f"{axis}.{i}": w for axis in AXES for i, w in zip((1, 2, 3), (2.0, 1.5, 1.0))}
+"""Default weight of each initial indicator (x2, x1.5, x1 for indicators 1, 2, 3)."""
+
+_ALLOWED_WEIGHTS = (1.0, 1.5, 2.0)
+
+PROGRESS_VALUES = {0: 0, 1: 1, 2: 3}
+"""``X.Prog`` level -> state change, the same on every axis."""
+
+SETBACK_VALUES = {
+    "C": {0: 0, -1: -2, -2: -4},
+    "A": {0: 0, -1: -2, -2: -5},
+    "P": {0: 0, -1: -2, -2: -5},
+}
+"""``X.Neg`` level -> state change, per axis."""
+
+
+def _as_level(value, key, allowed, where):
+    """An integer level from a JSON value; bools, strings and fractions are rejected."""
+    if isinstance(value, bool):
+        raise MicaInputError(f"{where}{key} must be an integer in {allowed}, got {value!r}",
+                             column=key, rule="integer level")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise MicaInputError(f"{where}{key} must be an integer in {allowed}, got {value!r}",
+                             column=key, rule="integer level")
+    if value not in allowed:
+        raise MicaInputError(f"{where}{key} = {value} is out of range {allowed}",
+                             column=key, rule="level range")
+    return value
+
+
+def _parse(obj, keys, allowed_for, where):
+    if not isinstance(obj, Mapping):
+        raise MicaInputError(f"{where}rubric must be a JSON object, got {type(obj).__name__}",
+                             rule="object")
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise MicaInputError(f"{where}rubric is missing keys {missing} (expected {list(keys)})",
+                             column=missing[0], rule="missing key")
+    return {k: _as_level(obj[k], k, allowed_for(k), where) for k in keys}
+
+
+def parse_initial_rubric(obj, *, where=""):
+    """Validate an initial rubric ``{"C.1": level, ..., "P.3": level}`` (levels ``0..3``).
+
+    Extra keys (a judge's ``"reason"``) are ignored. Raises ``MicaInputError`` naming the key.
+    Returns a new dict with exactly ``INITIAL_KEYS``.
+    """
+    return _parse(obj, INITIAL_KEYS, lambda k: (0, 1, 2, 3), where)
+
+
+def parse_progress_rubric(obj, *, where=""):
+    """Validate a progress rubric: ``X.Prog`` in ``{0, 1, 2}``, ``X.Neg`` in ``{0, -1, -2}``.
+
+    Extra keys are ignored. Raises ``MicaInputError`` naming the key.
+    """
+    return _parse(obj, PROGRESS_KEYS,
+                  lambda k: (0, 1, 2) if k.endswith("Prog") else (0, -1, -2), where)
+
+
+def initial_state(rubric, weights=None):
+    """Initial support state ``s0`` (tuple of 3 ints, order ``AXES``) from an initial rubric.
+
+    ``s0[axis] = sum_i -2 * weight(axis.i) * level(axis.i)``.
+
+    Args:
+      rubric: mapping with the keys ``INITIAL_KEYS`` (levels ``0..3``).
+      weights: optional mapping indicator -> weight in ``{1, 1.5, 2}``; defaults to
+        ``INDICATOR_WEIGHTS``.
+    """
+    levels = parse_initial_rubric(rubric)
+    w = dict(INDICATOR_WEIGHTS)
+    if weights is not None:
+        for k, v in weights.items():
+            if k not in w or float(v) not in _ALLOWED_WEIGHTS:
+                raise MicaInputError(f"indicator weight {k!r}={v!r}: keys are {list(INITIAL_KEYS)}, "
+                                     f"weights one of {_ALLOWED_WEIGHTS}", column=k, rule="weight")
+            w[k] = float(v)
+    # -2 * w * level is an integer for w in {1, 1.5, 2} only when 2w*level is: always true.
+    return tuple(int(round(sum(-2.0 * w[f"{a}.{i}"] * levels[f"{a}.{i}"] for i in (1, 2, 3))))
+                 for a in AXES)
+
+
+def progress_increment(rubric):
+    """State increment (tuple of 3 ints, order ``AXES``) from a progress rubric."""
+    levels = parse_progress_rubric(rubric)
+    return tuple(PROGRESS_VALUES[levels[f"{a}.Prog"]] + SETBACK_VALUES[a][levels[f"{a}.Neg"]]
+                 for a in AXES)
