@@ -17,4 +17,5 @@ class MicaInputError(ValueError):
         if row is not None:
             parts.append(f"row {row}")
         prefix = (", ".join(parts) + ": ") if parts else ""
-        super().__init__(prefix + message)
+        suffix = f" (rule: {rule})" if rule else ""
+        super().__init__(prefix + message + suffix)

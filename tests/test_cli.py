@@ -1,0 +1,126 @@
+"""The `mica` console script, run as a user runs it: a subprocess on real files."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+import mica_core as mc
+
+
+def mica_cmd():
+    exe = shutil.which("mica", path=os.path.dirname(sys.executable))
+    return [exe] if exe else [sys.executable, "-m", "mica_core.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run(mica_cmd() + list(args), capture_output=True, text=True, **kw)
+
+
+def sample(shuffle=True):
+    from mica_core.demo import sample_rollouts
+
+    t = sample_rollouts(n_groups=3, rollouts=4, max_turns=6, seed=1)
+    if shuffle:
+        t = t.take(np.random.default_rng(0).permutation(t.num_rows))
+    return t
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("mica", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("not running inside the project's virtual environment")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "advantages" in out.stdout
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "csv"])
+def test_advantages_matches_python_api(tmp_path, fmt):
+    table = sample()
+    src = tmp_path / f"in.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(table, src)
+    elif fmt == "arrow":
+        with pa.OSFile(str(src), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table)
+    else:
+        pcsv.write_csv(table, src)
+    out = tmp_path / "out.parquet"
+    res = run("advantages", str(src), str(out), "--estimator", "mapo", "--gamma", "0.9",
+              "--baseline", "loo")
+    assert res.returncode == 0, res.stderr
+    got = pq.read_table(out)
+    want = mc.compute_advantages(table, "mapo", gamma=0.9, baseline="loo")
+    assert got["traj_id"].to_pylist() == table["traj_id"].to_pylist()
+    np.testing.assert_allclose(got["advantage"].to_numpy(), want["advantage"].to_numpy(),
+                               atol=1e-12)
+
+
+def test_column_flags(tmp_path):
+    t = sample().rename_columns(["uid", "ep", "step", "d", "d0"])
+    pq.write_table(t, tmp_path / "in.parquet")
+    res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"),
+              "--group-col", "uid", "--traj-col", "ep", "--turn-col", "step",
+              "--distance-col", "d", "--initial-distance-col", "d0")
+    assert res.returncode == 0, res.stderr
+    assert pq.read_table(tmp_path / "o.parquet").column_names[-3:] == ["reward", "return",
+                                                                         "advantage"]
+
+
+def test_existing_output_kept_unless_force(tmp_path):
+    pq.write_table(sample(), tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"precious")
+    res = run("advantages", str(tmp_path / "in.parquet"), str(out))
+    assert res.returncode == 2 and "--force" in res.stderr
+    assert out.read_bytes() == b"precious"
+    res = run("advantages", str(tmp_path / "in.parquet"), str(out), "--force")
+    assert res.returncode == 0 and pq.read_table(out).num_rows == sample().num_rows
+
+
+def test_bad_input_exit_2_one_line_and_no_output(tmp_path):
+    t = sample(shuffle=False)
+    turns = t["turn"].to_numpy().copy()
+    turns[5] = turns[4]  # a duplicate turn
+    t = t.set_column(2, "turn", pa.array(turns))
+    pq.write_table(t, tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    res = run("advantages", str(tmp_path / "in.parquet"), str(out))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "column 'turn'" in lines[0] and "row 5" in lines[0]
+    assert "duplicate" in lines[0]
+    assert not out.exists() and os.listdir(tmp_path) == ["in.parquet"]
+
+
+def test_bad_paths_and_extensions(tmp_path):
+    res = run("advantages", str(tmp_path / "missing.parquet"), str(tmp_path / "o.parquet"))
+    assert res.returncode == 2 and "no such file" in res.stderr
+    pq.write_table(sample(), tmp_path / "in.parquet")
+    res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "o.csv"))
+    assert res.returncode == 2 and ".parquet" in res.stderr
+    (tmp_path / "in.txt").write_text("x")
+    res = run("advantages", str(tmp_path / "in.txt"), str(tmp_path / "o.parquet"))
+    assert res.returncode == 2 and "extension" in res.stderr
+
+
+def test_estimators_listing():
+    res = run("estimators")
+    assert res.returncode == 0
+    names = [line.split()[0] for line in res.stdout.splitlines()]
+    assert names[:8] == mc.list_estimators()[:8]
+
+
+def test_progress_goes_to_stderr_when_asked(tmp_path):
+    pq.write_table(sample(), tmp_path / "in.parquet")
+    res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"),
+              "--progress", "on")
+    assert res.returncode == 0 and "[3/3]" in res.stderr and res.stdout == ""
+    res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "o2.parquet"))
+    assert res.stderr == ""  # not a terminal: quiet
