@@ -134,6 +134,10 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
     if any(_is_torch(x) for x in (offsets, distance, initial_distance, reward)):
         from . import _backend_torch
 
+        if on_missing != "raise":
+            raise ValueError("on_missing='carry' is for numpy and Arrow input; fill missing "
+                             "values of torch tensors before calling estimate")
+
         return _backend_torch.estimate(
             offsets, group, distance=distance, initial_distance=initial_distance,
             reward=reward, estimator=estimator, gamma=gamma, weight=weight, eps=eps,

@@ -124,3 +124,10 @@ def test_progress_goes_to_stderr_when_asked(tmp_path):
     assert res.returncode == 0 and "[3/3]" in res.stderr and res.stdout == ""
     res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "o2.parquet"))
     assert res.stderr == ""  # not a terminal: quiet
+
+
+def test_env_commands_route_to_mica_train():
+    res = run("env", "--help")
+    assert res.returncode == 0 and "replay" in res.stdout
+    res = run("env", "eval", "--policy", "nonsense")
+    assert res.returncode == 2
