@@ -34,6 +34,7 @@ __all__ = [
     "PROGRESS_VALUES",
     "SETBACK_VALUES",
     "parse_initial_rubric",
+    "input_error",
     "parse_progress_rubric",
     "initial_state",
     "progress_increment",
@@ -50,6 +51,14 @@ INDICATOR_WEIGHTS = {f"{axis}.{i}": w for axis in AXES for i, w in zip((1, 2, 3)
 
 _ALLOWED_WEIGHTS = (1.0, 1.5, 2.0)
 
+
+def input_error(message, *, column=None, row=None, rule=None):
+    """A ``MicaInputError`` whose text starts with ``message`` (which already names the file,
+    line and key) and whose ``column`` / ``row`` / ``rule`` attributes are still set."""
+    err = MicaInputError(message, rule=rule)
+    err.column, err.row = column, row
+    return err
+
 PROGRESS_VALUES = {0: 0, 1: 1, 2: 3}
 """``X.Prog`` level -> state change, the same on every axis."""
 
@@ -64,26 +73,26 @@ SETBACK_VALUES = {
 def _as_level(value, key, allowed, where):
     """An integer level from a JSON value; bools, strings and fractions are rejected."""
     if isinstance(value, bool):
-        raise MicaInputError(f"{where}{key} must be an integer in {allowed}, got {value!r}",
+        raise input_error(f"{where}{key} must be an integer in {allowed}, got {value!r}",
                              column=key, rule="integer level")
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):
-        raise MicaInputError(f"{where}{key} must be an integer in {allowed}, got {value!r}",
+        raise input_error(f"{where}{key} must be an integer in {allowed}, got {value!r}",
                              column=key, rule="integer level")
     if value not in allowed:
-        raise MicaInputError(f"{where}{key} = {value} is out of range {allowed}",
+        raise input_error(f"{where}{key} = {value} is out of range {allowed}",
                              column=key, rule="level range")
     return value
 
 
 def _parse(obj, keys, allowed_for, where):
     if not isinstance(obj, Mapping):
-        raise MicaInputError(f"{where}rubric must be a JSON object, got {type(obj).__name__}",
+        raise input_error(f"{where}rubric must be a JSON object, got {type(obj).__name__}",
                              rule="object")
     missing = [k for k in keys if k not in obj]
     if missing:
-        raise MicaInputError(f"{where}rubric is missing keys {missing} (expected {list(keys)})",
+        raise input_error(f"{where}rubric is missing keys {missing} (expected {list(keys)})",
                              column=missing[0], rule="missing key")
     return {k: _as_level(obj[k], k, allowed_for(k), where) for k in keys}
 
@@ -121,7 +130,7 @@ def initial_state(rubric, weights=None):
     if weights is not None:
         for k, v in weights.items():
             if k not in w or float(v) not in _ALLOWED_WEIGHTS:
-                raise MicaInputError(f"indicator weight {k!r}={v!r}: keys are {list(INITIAL_KEYS)}, "
+                raise input_error(f"indicator weight {k!r}={v!r}: keys are {list(INITIAL_KEYS)}, "
                                      f"weights one of {_ALLOWED_WEIGHTS}", column=k, rule="weight")
             w[k] = float(v)
     # -2 * w * level is an integer for w in {1, 1.5, 2} only when 2w*level is: always true.

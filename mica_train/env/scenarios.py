@@ -22,9 +22,7 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from mica_core._errors import MicaInputError
-
-from .rubric import AXES, INITIAL_KEYS, initial_state, parse_initial_rubric
+from .rubric import AXES, INITIAL_KEYS, initial_state, input_error, parse_initial_rubric
 
 __all__ = [
     "DIFFICULTIES",
@@ -110,32 +108,32 @@ class Scenario:
     def from_dict(cls, obj, *, where=""):
         """Build and validate a card; raises ``MicaInputError`` naming the field."""
         if not isinstance(obj, dict):
-            raise MicaInputError(f"{where}a scenario must be a JSON object, got "
+            raise input_error(f"{where}a scenario must be a JSON object, got "
                                  f"{type(obj).__name__}", rule="object")
         missing = [k for k in _CARD_KEYS if k not in obj]
         if missing:
-            raise MicaInputError(f"{where}scenario is missing {missing}", column=missing[0],
+            raise input_error(f"{where}scenario is missing {missing}", column=missing[0],
                                  rule="missing key")
         for k in ("id", "topic"):
             if not isinstance(obj[k], str) or not obj[k].strip():
-                raise MicaInputError(f"{where}{k!r} must be a non-empty string", column=k,
+                raise input_error(f"{where}{k!r} must be a non-empty string", column=k,
                                      rule="string")
         rubric = parse_initial_rubric(obj["rubric"], where=f"{where}rubric: ")
         if obj["dominant"] not in AXES:
-            raise MicaInputError(f"{where}'dominant' must be one of {AXES}, got "
+            raise input_error(f"{where}'dominant' must be one of {AXES}, got "
                                  f"{obj['dominant']!r}", column="dominant", rule="choice")
         if obj["difficulty"] not in DIFFICULTIES:
-            raise MicaInputError(f"{where}'difficulty' must be one of {DIFFICULTIES}, got "
+            raise input_error(f"{where}'difficulty' must be one of {DIFFICULTIES}, got "
                                  f"{obj['difficulty']!r}", column="difficulty", rule="choice")
         needs = obj["needs"]
         if (not isinstance(needs, dict) or set(needs) != set(AXES)
                 or not all(isinstance(v, str) and v.strip() for v in needs.values())):
-            raise MicaInputError(f"{where}'needs' must map each of {AXES} to a non-empty "
+            raise input_error(f"{where}'needs' must map each of {AXES} to a non-empty "
                                  f"string", column="needs", rule="needs")
         state = initial_state(rubric)
         d = state[AXES.index(obj["dominant"])]
         if d > min(state):
-            raise MicaInputError(f"{where}'dominant' is {obj['dominant']!r} but the rubric gives "
+            raise input_error(f"{where}'dominant' is {obj['dominant']!r} but the rubric gives "
                                  f"the state {dict(zip(AXES, state))}: the dominant axis must "
                                  f"have the deepest deficit", column="dominant",
                                  rule="dominant axis")
@@ -176,17 +174,17 @@ def _signature(rubric):
 def generate_scenarios(n, seed=0, *, dominant=None, difficulty=None, prefix="train"):
     """``n`` training persona cards, reproducible from ``seed``.
 
-    Dominant axes cycle ``C, A, P`` and difficulties ``easy, medium, hard`` (so any ``n``
-    is close to balanced) unless fixed by ``dominant`` / ``difficulty``. Cards whose rubric
+    Card ``i`` has dominant axis ``"CAP"[i % 3]`` and difficulty
+    ``("easy", "medium", "hard")[(i // 3) % 3]``, so every 9 cards hold each pair once, unless fixed by ``dominant`` / ``difficulty``. Cards whose rubric
     equals an evaluation card's are skipped. Ids are ``f"{prefix}-{seed}-{i}"``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise MicaInputError(f"n must be an integer >= 0, got {n!r}", column="n", rule="range")
+        raise input_error(f"n must be an integer >= 0, got {n!r}", column="n", rule="range")
     if dominant is not None and dominant not in AXES:
-        raise MicaInputError(f"dominant must be one of {AXES}", column="dominant",
+        raise input_error(f"dominant must be one of {AXES}", column="dominant",
                              rule="choice")
     if difficulty is not None and difficulty not in DIFFICULTIES:
-        raise MicaInputError(f"difficulty must be one of {DIFFICULTIES}", column="difficulty",
+        raise input_error(f"difficulty must be one of {DIFFICULTIES}", column="difficulty",
                              rule="choice")
     rng = random.Random(f"mica-train-scenarios-{seed}")
     held_out = _held_out_signatures()
@@ -254,13 +252,13 @@ def load_scenarios(path):
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise MicaInputError(f"{where}not valid JSON ({e.msg})", rule="json") from None
+                raise input_error(f"{where}not valid JSON ({e.msg})", rule="json") from None
             card = Scenario.from_dict(obj, where=where)
             if card.id in seen:
-                raise MicaInputError(f"{where}duplicate scenario id {card.id!r}",
+                raise input_error(f"{where}duplicate scenario id {card.id!r}",
                                      rule="unique id")
             seen.add(card.id)
             out.append(card)
     if not out:
-        raise MicaInputError(f"{path}: no scenarios in the file", rule="empty")
+        raise input_error(f"{path}: no scenarios in the file", rule="empty")
     return out
