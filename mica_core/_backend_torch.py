@@ -45,6 +45,8 @@ the tests as a second reference.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -428,7 +430,11 @@ def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return
     max_turns = int(lengths.max()) if lengths.size else 1
 
     def t64(a):
-        return None if a is None else torch.from_numpy(np.asarray(a, dtype=np.float64))
+        if a is None:
+            return None
+        with warnings.catch_warnings():  # read-only arrays (from Arrow): never written to
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.asarray(a, dtype=np.float64))
 
     r, ret, adv = compute(plan, offsets, group, ragged.ngroups, max_turns, t64(distance),
                           t64(initial_distance), t64(reward),
@@ -479,8 +485,9 @@ def _out_dtype(values, initial_distance):
 
 
 def _offsets_tensor(offsets, device):
-    """Offsets as int64 on ``device``; host offsets are checked on the host (no device sync)."""
-    if _is_tensor(offsets) and offsets.device.type != "cpu":
+    """Offsets as int64 on ``device``. Tensors (any device) are checked later with the other
+    device-side checks; host data (lists, numpy) is checked here, on the host."""
+    if _is_tensor(offsets):
         o = offsets
         if o.ndim != 1 or o.shape[0] == 0:
             raise MicaInputError(f"must be a 1-D array of length n_traj + 1 >= 1; got shape "
@@ -491,17 +498,17 @@ def _offsets_tensor(offsets, device):
         return o.to(device=device, dtype=torch.int64), None
     from .layout import check_offsets
 
-    host = check_offsets(offsets.numpy() if _is_tensor(offsets) else offsets)
+    host = check_offsets(offsets)
     return torch.from_numpy(host).to(device), host
 
 
 def _group_tensor(group, n_traj, device, ngroups):
     """Group codes int64 on ``device`` and their count.
 
-    Device tensors: codes as given when ``ngroups`` is passed (checked later with the other
+    Tensors (any device): codes as given when ``ngroups`` is passed (checked later with the other
     device checks), else ``torch.unique`` (one sync). Anything else: factorized on the host.
     """
-    if _is_tensor(group) and group.device.type != "cpu":
+    if _is_tensor(group):
         if group.ndim != 1 or group.shape[0] != n_traj:
             raise MicaInputError(f"needs one label per trajectory ({n_traj}); got shape "
                                  f"{tuple(group.shape)}", column="group", rule="length")
@@ -519,7 +526,7 @@ def _group_tensor(group, n_traj, device, ngroups):
         return codes.to(device=device, dtype=torch.int64), int(uniq.shape[0]), False
     from .layout import make_ragged
 
-    g = group.numpy() if _is_tensor(group) else group
+    g = group
     if ngroups is not None:
         g = np.asarray(g)
         if g.ndim != 1 or len(g) != n_traj:
@@ -621,9 +628,15 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
                              rule="codes in range")
 
     lengths = o[1:] - o[:-1]
-    if max_turns is None and host_offsets is not None:
+    if host_offsets is not None:
         diffs = np.diff(host_offsets)
-        max_turns = int(diffs.max()) if diffs.size else 1
+        longest = int(diffs.max()) if diffs.size else 1
+        if max_turns is None:
+            max_turns = longest
+        elif validate and longest > int(max_turns):
+            i = int(np.flatnonzero(diffs > int(max_turns))[0])
+            _raise(f"trajectory {i} has {int(diffs[i])} turns, more than max_turns="
+                   f"{int(max_turns)}", "offsets", i + 1, "max_turns")
     checks = []
     if validate:
         checks = _value_checks(v, vname, d0, reward is None)
