@@ -1,36 +1,41 @@
 """The embedded (offline) user simulator and judge: the default, no network.
 
-User. Each message is ``opener + primary need [+ "Also, " + secondary need]``. The opener's
-intensity follows the affective deficit ``-A`` (high: ``-A >= 13``, medium: ``>= 6``, low:
-otherwise). The primary need is the most pressing one (deepest axis out of the zone ``>= -1``;
-ties go to the scenario's dominant axis, then ``C, A, P``), except with probability
-``need_noise`` (0.15) where another unmet need is named first. With probability
-``secondary_prob`` (0.4) a second unmet need follows. The need sentences are the scenario
-card's ``needs``. When every axis is in the zone the user says the conversation helps.
+User. Each message is ``opener + primary need [+ "Also, " + secondary need]``, built from the
+scenario card's ``needs`` sentences. The opener's intensity follows the affective deficit
+``-A``: high for ``-A >= 13``, medium for ``-A >= 6``, low otherwise. The user names the needs
+of the axes still below ``satisfied`` (+1); the primary one is the most pressing (the lowest
+axis; ties go to the dominant axis, then ``C, A, P``), except with probability ``need_noise``
+(0.15) where another unmet need is named first; with probability ``secondary_prob`` (0.4) a
+second unmet need follows. With every axis at +1 or more the user says the talk helped.
 
-Judge. It fills EMPA's progress rubric from the acts the reply shows (``acts.detect_acts``)
-and hidden pacing-and-leading dynamics. Per act, a level ``0..2`` (``X.Prog``), computed in
-this order:
+Judge. It fills EMPA's progress rubric from the acts the reply shows (``acts.detect_acts``),
+the needs the user named in the message the reply answers, and hidden pacing-and-leading
+state (rapport 0..3, a pending setback, per-act streaks). Per act, a level ``0..2`` for its
+axis (``X.Prog``), computed in this order:
 
 1. base: ``validate`` lands at 1 while rapport is 0 and at 2 after; ``reframe`` / ``plan``
    land at 1 while rapport < 2 and at 2 from rapport 2 on;
 2. premature leading: ``reframe`` / ``plan`` while the affective deficit ``-A`` exceeds the
-   tolerance ``6 + 5 * rapport`` are capped at 1, cost one rapport point, and the user's
+   tolerance ``6 + 5 * rapport`` are capped at 1 and cost one rapport point, and the user's
    hurt surfaces on the *next* turn as ``A.Neg = -1`` (a delayed setback);
-3. dilution: a reply showing ``k`` acts loses ``k - 1`` levels on each;
-4. repetition: an act used on each of the ``r`` previous turns loses 1 level when
+3. responsiveness: an act on a need the user did not name loses 1 level and one rapport
+   point (``validate`` is always welcome while ``A < 0``);
+4. dilution: a reply showing ``k`` acts loses ``k - 1`` levels on each;
+5. repetition: an act used on each of the ``r`` previous turns loses 1 level when
    ``r >= 3`` and 2 levels when ``r >= 5``;
-5. miss: with probability ``miss_prob`` (0.1) the act does not land as well (one level less);
-6. saturation: no progress on an axis already at ``>= +1``, at most level 1 at ``>= -1``.
+6. miss: with probability ``miss_prob`` (0.1) the act lands one level lower;
+7. saturation: no progress on an axis already at ``>= +1``, at most level 1 at ``>= -1``.
 
-A ``validate`` that still has level >= 1 after steps 3-5 adds one rapport point (max 3).
-A reply showing no act gets ``A.Neg = -1`` (the user feels unheard). Setbacks on the same
-axis add up (capped at -2) and are not given on an axis at or below ``floor`` (-30).
+A ``validate`` still at level >= 1 after steps 3-6 adds one rapport point; rapport changes
+apply after the turn. A reply showing no act gets ``A.Neg = -1`` (the user feels unheard).
+Setbacks on one axis add up (at most -2) and none is given on an axis at or below ``floor``
+(-30), which bounds how far a bad policy can drive the state.
 
-Why this matters for credit assignment: at the start the greedy choice is advice on the
-dominant axis (+1 there now, versus +1 on A for a first validation), but it blocks rapport and
-brings a setback a turn later; two validations first make every later reframe or plan worth
-+3. The best sequence (pace, then lead, vary the acts) is not the sequence of best replies.
+Why this matters for credit assignment: on the first turn the greedy reply is advice on the
+dominant axis (+1 there now, against +1 on A for a first validation), but it blocks rapport
+and brings a setback a turn later; two validations first make every later on-topic reframe
+or plan worth +3. The best sequence (pace, then lead, follow the user, vary the acts) is not
+the sequence of locally best replies.
 """
 
 from __future__ import annotations
