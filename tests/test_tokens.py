@@ -1,0 +1,198 @@
+"""mica_core.tokens against naive.broadcast_to_tokens and plain loops, numpy and torch."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mica_core as mc
+from mica_core.tokens import TurnSpans, broadcast_to_tokens, turn_rewards_from_tokens, turn_spans
+from naive import broadcast_to_tokens as naive_broadcast
+
+try:
+    import torch
+except ImportError:  # the numpy half of this file runs without torch
+    torch = None
+
+KINDS = ["numpy"] + (["torch"] if torch is not None else [])
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
+cuda_only = pytest.mark.skipif(torch is None or not torch.cuda.is_available(),
+                               reason="needs a CUDA device")
+
+
+def as_kind(x, kind, dtype=None):
+    if kind == "numpy":
+        return np.asarray(x, dtype=dtype)
+    return torch.as_tensor(np.asarray(x, dtype=dtype))
+
+
+def to_numpy(x):
+    return x.cpu().numpy() if torch is not None and isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def spans_loop(mask):
+    """(row, start, end) of every run of ones, row-major: the obvious loop."""
+    out = []
+    for b, row in enumerate(mask):
+        t = 0
+        while t < len(row):
+            if row[t]:
+                s = t
+                while t < len(row) and row[t]:
+                    t += 1
+                out.append((b, s, t))
+            else:
+                t += 1
+    return out
+
+
+masks = st.integers(1, 6).flatmap(lambda B: st.integers(1, 14).flatmap(
+    lambda L: st.lists(st.lists(st.integers(0, 1), min_size=L, max_size=L), min_size=B,
+                       max_size=B)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(mask=masks, kind=st.sampled_from(KINDS), mask_dtype=st.sampled_from(
+    [bool, np.int64, np.float32]), seed=st.integers(0, 2**16))
+def test_broadcast_matches_naive(mask, kind, mask_dtype, seed):
+    runs = spans_loop(mask)
+    per_row = [sum(1 for r in runs if r[0] == b) for b in range(len(mask))]
+    rng = np.random.default_rng(seed)
+    adv_rows = [list(rng.normal(size=k)) for k in per_row]
+    want = np.array(naive_broadcast([row + [0.0] for row in adv_rows], mask))
+    m = as_kind(mask, kind, mask_dtype)
+    flat = np.array([x for row in adv_rows for x in row], dtype=np.float64)
+    got = broadcast_to_tokens(as_kind(flat, kind), m)
+    np.testing.assert_array_equal(to_numpy(got), want)
+    K = max(per_row) + 2
+    padded = np.full((len(mask), K), 99.0)
+    for b, row in enumerate(adv_rows):
+        padded[b, :len(row)] = row
+    got = broadcast_to_tokens(as_kind(padded, kind), m)
+    np.testing.assert_array_equal(to_numpy(got), want)
+    offsets = np.concatenate([[0], np.cumsum(per_row)])
+    got = mc.broadcast_to_tokens(as_kind(flat, kind), m, offsets=offsets)
+    np.testing.assert_array_equal(to_numpy(got), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=masks, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16))
+def test_spans_and_turn_rewards_match_loops(mask, kind, seed):
+    runs = spans_loop(mask)
+    s = turn_spans(as_kind(mask, kind))
+    assert isinstance(s, TurnSpans)
+    assert [tuple(map(int, x)) for x in zip(to_numpy(s.row), to_numpy(s.start),
+                                              to_numpy(s.end))] == runs
+    per_row = [sum(1 for r in runs if r[0] == b) for b in range(len(mask))]
+    np.testing.assert_array_equal(to_numpy(s.offsets), np.concatenate([[0], np.cumsum(per_row)]))
+    rng = np.random.default_rng(seed)
+    rewards = np.zeros((len(mask), len(mask[0])))
+    want = rng.normal(size=len(runs))
+    want[::3] = 0.0  # a turn whose reward is exactly 0 is still a turn
+    for (b, _, e), v in zip(runs, want):
+        rewards[b, e - 1] = v
+    got, spans = turn_rewards_from_tokens(as_kind(rewards, kind), as_kind(mask, kind))
+    np.testing.assert_array_equal(to_numpy(got), want)
+    np.testing.assert_array_equal(to_numpy(spans.last), [e - 1 for _, _, e in runs])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_turn_layout_is_scalar_times_mask(kind):
+    mask = [[1, 0, 1, 1], [0, 1, 1, 0]]  # gaps inside a turn are allowed in this layout
+    got = broadcast_to_tokens(as_kind([2.0, -1.0], kind), as_kind(mask, kind), layout="turn")
+    np.testing.assert_array_equal(to_numpy(got), [[2, 0, 2, 2], [0, -1, -1, 0]])
+    got = broadcast_to_tokens(as_kind([[2.0], [-1.0]], kind), as_kind(mask, kind),
+                              layout="turn")
+    np.testing.assert_array_equal(to_numpy(got), [[2, 0, 2, 2], [0, -1, -1, 0]])
+    with pytest.raises(mc.MicaInputError, match="one value per row"):
+        broadcast_to_tokens(as_kind([1.0, 2.0, 3.0], kind), as_kind(mask, kind), layout="turn")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reward_off_a_span_end_names_the_row(kind):
+    mask = [[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0]]
+    r = np.zeros((3, 4))
+    r[0, 1] = 1.0
+    r[1, 3] = 0.5  # outside any span
+    with pytest.raises(mc.MicaInputError, match="outside any assistant span") as info:
+        turn_rewards_from_tokens(as_kind(r, kind), as_kind(mask, kind))
+    assert (info.value.column, info.value.row) == ("token_level_rewards", 1)
+    r[1, 3] = 0.0
+    r[2, 0] = 0.0
+    r[1, 1] = 2.0  # inside a span, not on its last token
+    with pytest.raises(mc.MicaInputError, match="not on its last token") as info:
+        turn_rewards_from_tokens(as_kind(r, kind), as_kind(mask, kind))
+    assert info.value.row == 1
+    r[1, 1] = 0.0
+    r[2, 2] = float("nan")
+    with pytest.raises(mc.MicaInputError, match="not finite") as info:
+        turn_rewards_from_tokens(as_kind(r, kind), as_kind(mask, kind))
+    assert info.value.row == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_span_without_a_reward_needs_reward_mask(kind):
+    mask = [[1, 1, 0, 1], [0, 1, 1, 0]]
+    r = np.zeros((2, 4))
+    r[0, 1] = 1.0
+    r[1, 2] = -1.0
+    wrote = np.zeros((2, 4), dtype=bool)
+    wrote[0, 1] = wrote[1, 2] = True  # row 0's second turn (token 3) got no reward
+    with pytest.raises(mc.MicaInputError, match="has no reward") as info:
+        turn_rewards_from_tokens(as_kind(r, kind), as_kind(mask, kind),
+                                 reward_mask=as_kind(wrote, kind))
+    assert (info.value.column, info.value.row) == ("reward_mask", 0)
+    # without the mask, the 0 on token 3 is a reward of 0
+    got, _ = turn_rewards_from_tokens(as_kind(r, kind), as_kind(mask, kind))
+    np.testing.assert_array_equal(to_numpy(got), [1.0, 0.0, -1.0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_turn_counts_that_do_not_match_are_named(kind):
+    mask = as_kind([[1, 0, 1], [1, 1, 0]], kind)
+    with pytest.raises(mc.MicaInputError, match="3 assistant spans"):
+        broadcast_to_tokens(as_kind([1.0, 2.0], kind), mask)
+    with pytest.raises(mc.MicaInputError, match="2 assistant spans") as info:
+        broadcast_to_tokens(as_kind([[1.0], [2.0]], kind), mask)
+    assert info.value.row == 0
+    with pytest.raises(mc.MicaInputError, match="offsets give") as info:
+        broadcast_to_tokens(as_kind([1.0, 2.0, 3.0], kind), mask, offsets=[0, 1, 3])
+    assert info.value.row == 0
+    with pytest.raises(mc.MicaInputError, match="2-D"):
+        broadcast_to_tokens(as_kind([1.0], kind), as_kind([1, 0], kind))
+
+
+@needs_torch
+def test_estimate_then_broadcast_in_verl_layout():
+    """Spans' offsets are estimate's trajectory offsets: the round trip keeps turn order."""
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0], [0, 1, 1, 0, 1, 0]])
+    r = torch.zeros(3, 6)
+    r[0, 1], r[0, 4], r[1, 0], r[2, 2], r[2, 4] = 1.0, 2.0, 0.5, -1.0, 3.0
+    reward, spans = turn_rewards_from_tokens(r, mask)
+    res = mc.estimate(spans.offsets, ["a", "a", "a"], reward=reward, estimator="mica_turn",
+                      gamma=0.5)
+    tok = mc.broadcast_to_tokens(res.returns, mask)
+    # returns: row 0 [1 + 0.5*2, 2], row 1 [0.5], row 2 [-1 + 0.5*3, 3]
+    want = [[2, 2, 0, 2, 2, 0], [0.5, 0, 0, 0, 0, 0], [0, 0.5, 0.5, 0, 3, 0]]
+    np.testing.assert_allclose(tok.numpy(), want)
+    assert tok.dtype == torch.float32
+
+
+@cuda_only
+def test_cuda_broadcast_without_validation_is_sync_free():
+    dev = torch.device("cuda")
+    mask = (torch.rand(64, 256, device=dev) > 0.4)
+    n = int(turn_spans(mask).row.shape[0])  # finding spans syncs; broadcasting does not
+    adv = torch.randn(n, device=dev, dtype=torch.float32)
+    padded = torch.randn(64, 256, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        a = broadcast_to_tokens(adv, mask, validate=False)
+        b = broadcast_to_tokens(padded, mask, validate=False)
+        c = broadcast_to_tokens(adv[:64], mask, layout="turn")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = broadcast_to_tokens(adv.cpu(), mask.cpu())
+    torch.testing.assert_close(a.cpu(), want)
+    assert b.device.type == c.device.type == "cuda"
