@@ -138,7 +138,7 @@ def _scenarios(args):
     return 0
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run ``mica env`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:

@@ -53,7 +53,8 @@ class EnvConfig:
     on_judge_failure: str = _f("mean", "a judge turn that fails after retries: 'mean' applies "
                                        "the trajectory's mean valid increment (rounded), 'drop' "
                                        "leaves the state unchanged and does not score the turn")
-    dynamics: EmbeddedDynamics = _f(None, "constants of the embedded simulator (None: defaults)")
+    dynamics: EmbeddedDynamics | None = _f(None, "constants of the embedded simulator (None: "
+                                                 "defaults; a dict of EmbeddedDynamics fields)")
     # LLM endpoint (OpenAI-compatible chat completions)
     base_url: str | None = _f(None, "endpoint base URL, e.g. http://127.0.0.1:8000/v1 "
                                     "(default: $MICA_LLM_BASE_URL)")
@@ -89,6 +90,11 @@ class EnvConfig:
             self.axis_weights = w
         if self.dynamics is None:
             self.dynamics = EmbeddedDynamics()
+        elif isinstance(self.dynamics, dict):  # from a YAML or JSON config
+            self.dynamics = EmbeddedDynamics(**self.dynamics)
+        elif not isinstance(self.dynamics, EmbeddedDynamics):
+            raise MicaInputError("dynamics must be an EmbeddedDynamics or a dict of its fields",
+                                 column="dynamics", rule="type")
         for name in ("timeout", "backoff", "backoff_max"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:

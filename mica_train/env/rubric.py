@@ -74,26 +74,26 @@ def _as_level(value, key, allowed, where):
     """An integer level from a JSON value; bools, strings and fractions are rejected."""
     if isinstance(value, bool):
         raise input_error(f"{where}{key} must be an integer in {allowed}, got {value!r}",
-                             column=key, rule="integer level")
+                          column=key, rule="integer level")
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):
         raise input_error(f"{where}{key} must be an integer in {allowed}, got {value!r}",
-                             column=key, rule="integer level")
+                          column=key, rule="integer level")
     if value not in allowed:
         raise input_error(f"{where}{key} = {value} is out of range {allowed}",
-                             column=key, rule="level range")
+                          column=key, rule="level range")
     return value
 
 
 def _parse(obj, keys, allowed_for, where):
     if not isinstance(obj, Mapping):
         raise input_error(f"{where}rubric must be a JSON object, got {type(obj).__name__}",
-                             rule="object")
+                          rule="object")
     missing = [k for k in keys if k not in obj]
     if missing:
         raise input_error(f"{where}rubric is missing keys {missing} (expected {list(keys)})",
-                             column=missing[0], rule="missing key")
+                          column=missing[0], rule="missing key")
     return {k: _as_level(obj[k], k, allowed_for(k), where) for k in keys}
 
 
@@ -131,7 +131,7 @@ def initial_state(rubric, weights=None):
         for k, v in weights.items():
             if k not in w or float(v) not in _ALLOWED_WEIGHTS:
                 raise input_error(f"indicator weight {k!r}={v!r}: keys are {list(INITIAL_KEYS)}, "
-                                     f"weights one of {_ALLOWED_WEIGHTS}", column=k, rule="weight")
+                                  f"weights one of {_ALLOWED_WEIGHTS}", column=k, rule="weight")
             w[k] = float(v)
     # -2 * w * level is an integer for w in {1, 1.5, 2} only when 2w*level is: always true.
     return tuple(int(round(sum(-2.0 * w[f"{a}.{i}"] * levels[f"{a}.{i}"] for i in (1, 2, 3))))

@@ -109,34 +109,34 @@ class Scenario:
         """Build and validate a card; raises ``MicaInputError`` naming the field."""
         if not isinstance(obj, dict):
             raise input_error(f"{where}a scenario must be a JSON object, got "
-                                 f"{type(obj).__name__}", rule="object")
+                              f"{type(obj).__name__}", rule="object")
         missing = [k for k in _CARD_KEYS if k not in obj]
         if missing:
             raise input_error(f"{where}scenario is missing {missing}", column=missing[0],
-                                 rule="missing key")
+                              rule="missing key")
         for k in ("id", "topic"):
             if not isinstance(obj[k], str) or not obj[k].strip():
                 raise input_error(f"{where}{k!r} must be a non-empty string", column=k,
-                                     rule="string")
+                                  rule="string")
         rubric = parse_initial_rubric(obj["rubric"], where=f"{where}rubric: ")
         if obj["dominant"] not in AXES:
             raise input_error(f"{where}'dominant' must be one of {AXES}, got "
-                                 f"{obj['dominant']!r}", column="dominant", rule="choice")
+                              f"{obj['dominant']!r}", column="dominant", rule="choice")
         if obj["difficulty"] not in DIFFICULTIES:
             raise input_error(f"{where}'difficulty' must be one of {DIFFICULTIES}, got "
-                                 f"{obj['difficulty']!r}", column="difficulty", rule="choice")
+                              f"{obj['difficulty']!r}", column="difficulty", rule="choice")
         needs = obj["needs"]
         if (not isinstance(needs, dict) or set(needs) != set(AXES)
                 or not all(isinstance(v, str) and v.strip() for v in needs.values())):
             raise input_error(f"{where}'needs' must map each of {AXES} to a non-empty "
-                                 f"string", column="needs", rule="needs")
+                              f"string", column="needs", rule="needs")
         state = initial_state(rubric)
         d = state[AXES.index(obj["dominant"])]
         if d > min(state):
             raise input_error(f"{where}'dominant' is {obj['dominant']!r} but the rubric gives "
-                                 f"the state {dict(zip(AXES, state))}: the dominant axis must "
-                                 f"have the deepest deficit", column="dominant",
-                                 rule="dominant axis")
+                              f"the state {dict(zip(AXES, state))}: the dominant axis must "
+                              f"have the deepest deficit", column="dominant",
+                              rule="dominant axis")
         return cls(id=obj["id"], rubric=rubric, dominant=obj["dominant"],
                    difficulty=obj["difficulty"], topic=obj["topic"],
                    needs={a: needs[a] for a in AXES})
@@ -175,17 +175,18 @@ def generate_scenarios(n, seed=0, *, dominant=None, difficulty=None, prefix="tra
     """``n`` training persona cards, reproducible from ``seed``.
 
     Card ``i`` has dominant axis ``"CAP"[i % 3]`` and difficulty
-    ``("easy", "medium", "hard")[(i // 3) % 3]``, so every 9 cards hold each pair once, unless fixed by ``dominant`` / ``difficulty``. Cards whose rubric
-    equals an evaluation card's are skipped. Ids are ``f"{prefix}-{seed}-{i}"``.
+    ``("easy", "medium", "hard")[(i // 3) % 3]`` unless fixed by ``dominant`` /
+    ``difficulty``, so every 9 cards hold each pair once. Cards whose rubric equals an
+    evaluation card's are skipped. Ids are ``f"{prefix}-{seed}-{i}"``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise input_error(f"n must be an integer >= 0, got {n!r}", column="n", rule="range")
     if dominant is not None and dominant not in AXES:
         raise input_error(f"dominant must be one of {AXES}", column="dominant",
-                             rule="choice")
+                          rule="choice")
     if difficulty is not None and difficulty not in DIFFICULTIES:
         raise input_error(f"difficulty must be one of {DIFFICULTIES}", column="difficulty",
-                             rule="choice")
+                          rule="choice")
     rng = random.Random(f"mica-train-scenarios-{seed}")
     held_out = _held_out_signatures()
     out = []
@@ -256,7 +257,7 @@ def load_scenarios(path):
             card = Scenario.from_dict(obj, where=where)
             if card.id in seen:
                 raise input_error(f"{where}duplicate scenario id {card.id!r}",
-                                     rule="unique id")
+                                  rule="unique id")
             seen.add(card.id)
             out.append(card)
     if not out:

@@ -240,6 +240,9 @@ def test_env_config_validation_and_help():
         with pytest.raises(MicaInputError):
             EnvConfig(**kwargs)
     assert make_env(EnvConfig(), max_turns=20).config.max_turns == 20
+    assert EnvConfig(dynamics={"miss_prob": 0.0}).dynamics == EmbeddedDynamics(miss_prob=0.0)
+    with pytest.raises(TypeError):
+        EnvConfig(dynamics={"no_such_constant": 1})
 
 
 def test_aggregate_metrics():
