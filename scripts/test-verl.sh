@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-VENV=.venv-verl
+VENV="${MICA_VERL_VENV:-.venv-verl}"  # override to keep several environments
 PY="$VENV/bin/python"
 STAMP="$VENV/.mica-verl-installed"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -29,7 +29,7 @@ if [[ "$want" != "$have" ]]; then
     # mica itself, editable, compiled against this environment's numpy.
     "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     echo "$want" > "$STAMP"
-    echo "test-verl: .venv-verl installed in $(( $(date +%s) - start )) s"
+    echo "test-verl: $VENV installed in $(( $(date +%s) - start )) s"
 fi
 
 "$PY" -c "import verl, torch, mica_core; print('test-verl: verl', verl.__version__, '| torch', torch.__version__)"
