@@ -106,7 +106,7 @@ def main(argv=None):
     dst.copy_(src)
     copy_s, _ = timer(lambda: dst.copy_(src), max(args.repeats, 10))
     copy_bw = 2 * src.numel() * 4 / copy_s
-    del src, dst
+    src = dst = None  # free the buffers before the timed calls
 
     base = dict(offsets=b["offsets"], group=b["group"], distance=b["distance"],
                 initial_distance=b["initial_distance"])

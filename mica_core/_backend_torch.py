@@ -54,17 +54,17 @@ from ._errors import MicaInputError
 from .estimators import resolve
 
 __all__ = [
-    "estimate",
-    "run",
-    "compute",
-    "ragged_row_trajectory",
-    "ragged_turn_index",
-    "ragged_incremental_distance_reward",
-    "ragged_discounted_returns",
-    "ragged_outcome",
-    "ragged_outcome_returns",
     "bucket_sum",
     "bucket_zscore",
+    "compute",
+    "estimate",
+    "ragged_discounted_returns",
+    "ragged_incremental_distance_reward",
+    "ragged_outcome",
+    "ragged_outcome_returns",
+    "ragged_row_trajectory",
+    "ragged_turn_index",
+    "run",
     "scope_labels",
 ]
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._errors import MicaInputError
 
-__all__ = ["TurnSpans", "turn_spans", "turn_rewards_from_tokens", "broadcast_to_tokens"]
+__all__ = ["TurnSpans", "broadcast_to_tokens", "turn_rewards_from_tokens", "turn_spans"]
 
 
 def _is_torch(x) -> bool:

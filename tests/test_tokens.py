@@ -4,10 +4,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from naive import broadcast_to_tokens as naive_broadcast
 
 import mica_core as mc
-from mica_core.tokens import TurnSpans, broadcast_to_tokens, turn_rewards_from_tokens, turn_spans
-from naive import broadcast_to_tokens as naive_broadcast
+from mica_core.tokens import (
+    TurnSpans,
+    broadcast_to_tokens,
+    turn_rewards_from_tokens,
+    turn_spans,
+)
 
 try:
     import torch

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-import mica_core as mc  # noqa: E402
-from mica_core import _backend_torch as tb  # noqa: E402
-from naive import PRESETS, flat, naive_estimate  # noqa: E402
-from strategies import options, ragged_batches  # noqa: E402
+from naive import PRESETS, flat, naive_estimate
+from strategies import options, ragged_batches
+
+import mica_core as mc
+from mica_core import _backend_torch as tb
 
 PRESET_NAMES = sorted(PRESETS)
 CUDA = torch.cuda.is_available()
@@ -86,7 +87,7 @@ def test_torch_float64_matches_naive(batch, name, opts, mode):
 @given(batch=ragged_batches(rewards=True), name=st.sampled_from(PRESET_NAMES), opts=options,
        mode=st.sampled_from(MODES))
 def test_torch_given_rewards_match_naive(batch, name, opts, mode):
-    trajs, offsets, groups, dist, _ = batch
+    trajs, offsets, groups, _, _ = batch
     if opts.get("eps", 1e-6) == 0.0:
         opts = dict(opts, scale="none")
     rew = np.array([x for tr in trajs for x in tr["rewards"]], dtype=np.float64)

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-import mica_core as mc  # noqa: E402
-from mica_core.integrations import verl as mv  # noqa: E402
-from naive import PRESETS, broadcast_to_tokens as naive_broadcast, naive_estimate  # noqa: E402
+from naive import PRESETS, naive_estimate
+from naive import broadcast_to_tokens as naive_broadcast
+
+import mica_core as mc
+from mica_core.integrations import verl as mv
 
 
 @st.composite

@@ -10,8 +10,10 @@ import pytest
 torch = pytest.importorskip("torch")
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
-from mica_core.integrations import verl as mv  # noqa: E402
-from naive import PRESETS, broadcast_to_tokens as naive_broadcast, naive_estimate  # noqa: E402
+from naive import PRESETS, naive_estimate
+from naive import broadcast_to_tokens as naive_broadcast
+
+from mica_core.integrations import verl as mv
 
 
 def _batch(seed=0, B=12, L=24, dtype=torch.float32):

@@ -45,23 +45,23 @@ from __future__ import annotations
 import functools
 
 from .._errors import MicaInputError
-from ..estimators import get_estimator, list_estimators
+from ..estimators import get_estimator
 
 __all__ = [
-    "verl_name",
-    "verl_estimator",
-    "options_from_config",
-    "register_with_verl",
-    "compute_mica_advantage",
-    "compute_mica_turn_advantage",
-    "compute_mica_group_advantage",
-    "compute_mica_adr_advantage",
-    "compute_mapo_advantage",
-    "compute_grpo_advantage",
-    "compute_reinforce_pp_advantage",
-    "compute_reinforce_pp_idr_advantage",
     "PRESETS",
     "REGISTERED",
+    "compute_grpo_advantage",
+    "compute_mapo_advantage",
+    "compute_mica_adr_advantage",
+    "compute_mica_advantage",
+    "compute_mica_group_advantage",
+    "compute_mica_turn_advantage",
+    "compute_reinforce_pp_advantage",
+    "compute_reinforce_pp_idr_advantage",
+    "options_from_config",
+    "register_with_verl",
+    "verl_estimator",
+    "verl_name",
 ]
 
 PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
@@ -86,7 +86,7 @@ def _get(config, key):
     if callable(getter):
         try:
             return getter(key)
-        except Exception:  # a struct-mode config that refuses unknown keys
+        except (AttributeError, KeyError):  # a struct-mode config refusing unknown keys
             return None
     return getattr(config, key, None)
 
@@ -156,7 +156,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
     return advantages, returns
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def verl_estimator(estimator: str):
     """A function with verl's estimator signature computing ``estimator`` (cached, so
     registering twice registers the same object)."""
