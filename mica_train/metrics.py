@@ -1,0 +1,111 @@
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step), TensorBoard scalars and PNG
+learning curves.
+
+``metrics.jsonl`` is rewritten atomically after every step, so after a kill it holds exactly
+the steps that completed; on resume the records after the checkpoint's step are dropped
+(those steps run again) and TensorBoard purges them too (``purge_step``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import atomic_path, atomic_write_text
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_learning_curves", "CURVES"]
+
+# (metric key, panel title) of the learning-curve figure.
+CURVES = (
+    ("pass_rate", "pass rate (training rollouts)"),
+    ("mean_final_distance", "mean final distance"),
+    ("reward_mean", "mean turn reward (IDR)"),
+    ("advantage_std", "advantage std"),
+    ("clip_frac", "clip fraction"),
+    ("kl", "KL to base (k3)"),
+    ("entropy", "entropy (nats/token)"),
+    ("eval_pass_rate", "pass rate (evaluation set)"),
+)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class MetricsLogger:
+    """Writes metrics of ``run_dir``; only the main process should own one."""
+
+    def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        self._flush()
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _flush(self) -> None:
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        atomic_write_text(self.path, text)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._flush()
+        if self.tb is not None:
+            step = int(record["step"])
+            for k, v in record.items():
+                if k != "step" and _finite(v):
+                    self.tb.add_scalar(k.replace("time_", "time/", 1) if k.startswith("time_") else k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def plot_learning_curves(records: Sequence[dict[str, Any]], out_png: str | Path, title: str = "") -> Path | None:
+    """One panel per metric in :data:`CURVES` that the records contain; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for key, label in CURVES:
+        pts = [(r["step"], r[key]) for r in records if _finite(r.get(key))]
+        if pts:
+            panels.append((label, pts))
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (label, pts) in zip(axes.flat, panels):
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, lw=1.2)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out_png

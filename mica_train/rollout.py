@@ -1,0 +1,117 @@
+"""Rollouts: episodes of the policy against the environment, run in lockstep so that every
+turn of every live episode is one batched ``generate`` call, and the trajectory table.
+
+The trajectory table (Arrow, long form, one row per turn) is what ``mica_core`` reads::
+
+    group_id int64, traj_id int64, turn int32, distance float64, initial_distance float64,
+    prompt_ids list<int32>, response_ids list<int32>, reply string
+
+``prompt_ids`` is exactly what the policy was conditioned on and ``response_ids`` exactly what
+it sampled (the reply span, end-of-turn token included); the text sent to the environment is
+``reply``. The turn's advantage applies to every token of ``response_ids`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["Turn", "EpisodeRecord", "run_episodes", "trajectory_table", "derive_seed"]
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (``SeedSequence`` mixing; stable across runs)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class Turn:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reply: str
+    distance: float
+
+
+@dataclass
+class EpisodeRecord:
+    group: int
+    traj: int
+    initial_distance: float
+    turns: list[Turn] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def run_episodes(
+    policy,
+    env,
+    scenarios: Sequence[Any],
+    seeds: Sequence[int],
+    groups: Sequence[int],
+    trajs: Sequence[int],
+    rollout_cfg,
+    temperature: float | None = None,
+) -> list[EpisodeRecord]:
+    """Play one episode per ``(scenario, seed)`` to its end; all live episodes advance together."""
+    from .policy import encode_prompts, generate_replies, prompt_messages
+
+    tok = policy.tokenizer
+    temp = rollout_cfg.temperature if temperature is None else temperature
+    episodes = [env.reset(sc, seed=int(s)) for sc, s in zip(scenarios, seeds)]
+    records = [
+        EpisodeRecord(group=int(g), traj=int(t), initial_distance=float(ep.initial_distance))
+        for g, t, ep in zip(groups, trajs, episodes)
+    ]
+    live = [i for i, ep in enumerate(episodes) if not ep.done]
+    while live:
+        convs = [
+            prompt_messages(episodes[i].messages, rollout_cfg.context_messages, rollout_cfg.system_prompt)
+            for i in live
+        ]
+        prompts = encode_prompts(tok, convs, rollout_cfg.max_prompt_tokens)
+        replies = generate_replies(
+            policy,
+            prompts,
+            temperature=temp,
+            top_p=rollout_cfg.top_p,
+            max_new_tokens=rollout_cfg.max_new_tokens,
+            batch_size=rollout_cfg.batch_size,
+        )
+        for i, p, r in zip(live, prompts, replies):
+            text = tok.decode(r, skip_special_tokens=True).strip()
+            result = episodes[i].step(text)
+            records[i].turns.append(Turn(prompt_ids=p, response_ids=r, reply=text, distance=float(result.distance)))
+        live = [i for i in live if not episodes[i].done]
+    for rec, ep in zip(records, episodes):
+        rec.metrics = dict(ep.metrics())
+    return records
+
+
+def trajectory_table(records: Sequence[EpisodeRecord]):
+    """The long-form Arrow table of ``records`` (module docstring), rows in trajectory-turn order."""
+    import pyarrow as pa
+
+    group, traj, turn, dist, init, prompts, responses, replies = [], [], [], [], [], [], [], []
+    for rec in records:
+        for t, tr in enumerate(rec.turns):
+            group.append(rec.group)
+            traj.append(rec.traj)
+            turn.append(t)
+            dist.append(tr.distance)
+            init.append(rec.initial_distance)
+            prompts.append(tr.prompt_ids)
+            responses.append(tr.response_ids)
+            replies.append(tr.reply)
+    return pa.table(
+        {
+            "group_id": pa.array(group, pa.int64()),
+            "traj_id": pa.array(traj, pa.int64()),
+            "turn": pa.array(turn, pa.int32()),
+            "distance": pa.array(dist, pa.float64()),
+            "initial_distance": pa.array(init, pa.float64()),
+            "prompt_ids": pa.array(prompts, pa.list_(pa.int32())),
+            "response_ids": pa.array(responses, pa.list_(pa.int32())),
+            "reply": pa.array(replies, pa.string()),
+        }
+    )

@@ -1,0 +1,486 @@
+"""The training loop: rollouts -> mica_core advantages -> PPO-clip updates, with checkpoints.
+
+One step (one rollout batch)::
+
+    rollout    scenarios_per_step groups x group_size episodes, each turn one batched generate
+    advantage  mica_core.compute_advantages on the trajectory table (one row per turn)
+    update     old (and reference) log-probs, then epochs x minibatches AdamW updates of the
+               token-mean PPO-clip loss, gradients clipped; the schedule advances per update
+
+Everything random in step ``k`` is seeded from ``(seed, k)``: scenario choice, environment
+seeds, sampling, minibatch order. With the optimizer, scheduler and weights restored from the
+checkpoint of step ``k``, a resumed run computes step ``k + 1`` exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import TrainConfig, config_to_dict
+from .rollout import derive_seed
+
+__all__ = ["Trainer", "warmup_cosine", "make_env_config", "training_scenarios", "evaluate", "StepTimes"]
+
+
+def warmup_cosine(total: int, warmup: int, min_ratio: float):
+    """LR multiplier: linear warm-up over ``warmup`` updates, then cosine decay to ``min_ratio``."""
+
+    def factor(i: int) -> float:
+        if warmup > 0 and i < warmup:
+            return (i + 1) / warmup
+        span = max(1, total - warmup)
+        progress = min(1.0, (i - warmup) / span)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_env_config(env_settings, max_turns: int | None = None):
+    from .env import EnvConfig
+
+    kwargs = dict(
+        simulator=env_settings.simulator,
+        success=env_settings.success,
+        max_turns=max_turns or env_settings.max_turns,
+        min_turns=env_settings.min_turns,
+    )
+    kwargs.update(env_settings.extra)
+    return EnvConfig(**kwargs)
+
+
+def training_scenarios(data_cfg) -> list:
+    from .env import generate_scenarios, load_scenarios
+
+    if data_cfg.scenarios_file:
+        return list(load_scenarios(data_cfg.scenarios_file))
+    return list(generate_scenarios(data_cfg.train_scenarios, seed=data_cfg.scenario_seed))
+
+
+def seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None) -> dict[str, Any]:
+    """Pass rate and the other aggregate metrics on the evaluation scenarios (default: the fixed
+    evaluation set). The torch RNG is forked, so evaluating does not change the training run."""
+    import torch
+
+    from .distributed import DistInfo, all_gather_objects
+    from .env import aggregate_metrics, eval_scenarios, make_env
+    from .rollout import run_episodes
+
+    dist = dist or DistInfo()
+    scenarios = list(eval_scenarios() if scenarios is None else scenarios)
+    env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
+    jobs = [(i, k) for i in range(len(scenarios)) for k in range(cfg.eval.episodes_per_scenario)]
+    mine = jobs[dist.rank::dist.world_size]
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(cfg.eval.seed, dist.rank))
+        records = run_episodes(
+            policy,
+            env,
+            [scenarios[i] for i, _ in mine],
+            [derive_seed(cfg.eval.seed, i, k) for i, k in mine],
+            [i for i, _ in mine],
+            list(range(len(mine))),
+            cfg.rollout,
+            temperature=cfg.eval.temperature,
+        )
+    metrics = [m for part in all_gather_objects(dist, [r.metrics for r in records]) for m in part]
+    return dict(aggregate_metrics(metrics))
+
+
+@dataclass
+class StepTimes:
+    rollout: float = 0.0
+    advantage: float = 0.0
+    update: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.rollout + self.advantage + self.update
+
+
+class Trainer:
+    """``Trainer(cfg).train()`` runs (or resumes) the run in ``cfg.run_dir``."""
+
+    def __init__(self, cfg: TrainConfig):
+        import torch
+
+        from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng_state
+        from .distributed import init_distributed
+        from .env import make_env
+        from .policy import load_policy
+
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.dist = init_distributed()
+        self.run_dir = Path(cfg.run_dir)
+        self._validate()
+        seed_all(derive_seed(cfg.seed, 0, self.dist.rank))
+        ckpt = latest_checkpoint(self.run_dir)
+        self.resumed_from = ckpt
+        self.policy = load_policy(
+            cfg.model,
+            cfg.lora,
+            weights_dir=None if ckpt is None else ckpt / "weights",
+            need_reference=cfg.loss.kl_coef > 0,
+        )
+        self.env = make_env(make_env_config(cfg.env))
+        self.scenarios = training_scenarios(cfg.data)
+        params = self.policy.trainable_parameters()
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
+        )
+        total_updates = cfg.steps * cfg.optim.epochs * cfg.optim.minibatches
+        warmup = int(round(cfg.optim.warmup_ratio * total_updates))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(total_updates, warmup, cfg.optim.min_lr_ratio)
+        )
+        self.step = 0
+        self.elapsed = 0.0
+        if ckpt is not None:
+            state = load_checkpoint_state(ckpt)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            restore_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+            self.step = int(state["step"])
+            self.elapsed = float(state.get("elapsed_seconds", 0.0))
+        self.logger = None
+        if self.dist.is_main:
+            from .atomic import atomic_write_json
+            from .metrics import MetricsLogger
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg))
+            self.logger = MetricsLogger(self.run_dir, resume_step=self.step, tensorboard=cfg.tensorboard)
+
+    def _validate(self) -> None:
+        import mica_core as mc
+
+        cfg = self.cfg
+        if cfg.advantage.estimator not in mc.list_estimators():
+            raise ValueError(
+                f"advantage.estimator {cfg.advantage.estimator!r} is not registered; "
+                f"known: {mc.list_estimators()}"
+            )
+        if cfg.data.group_size < 2:
+            raise ValueError("data.group_size must be >= 2: group baselines need several rollouts")
+        if cfg.data.scenarios_per_step < self.dist.world_size:
+            raise ValueError("data.scenarios_per_step must be >= the number of processes")
+        for name in ("steps", "optim.epochs", "optim.minibatches"):
+            obj = cfg
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            if obj < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    # ------------------------------------------------------------------ rollout
+    def _scenario_index(self, step: int, group: int) -> int:
+        """Scenarios are drawn without replacement, a fresh permutation of the pool per pass."""
+        n = len(self.scenarios)
+        k = (step - 1) * self.cfg.data.scenarios_per_step + group
+        perm = np.random.default_rng(derive_seed(self.cfg.seed, 7, k // n)).permutation(n)
+        return int(perm[k % n])
+
+    def rollout(self, step: int):
+        from .rollout import run_episodes
+
+        cfg = self.cfg
+        G = cfg.data.group_size
+        groups = list(range(cfg.data.scenarios_per_step))[self.dist.rank::self.dist.world_size]
+        scen, seeds, grp, traj = [], [], [], []
+        for g in groups:
+            sc = self.scenarios[self._scenario_index(step, g)]
+            for k in range(G):
+                scen.append(sc)
+                seeds.append(derive_seed(cfg.seed, step, g, k))
+                grp.append(g)
+                traj.append(g * G + k)
+        return run_episodes(self.policy, self.env, scen, seeds, grp, traj, cfg.rollout)
+
+    # ---------------------------------------------------------------- advantage
+    def advantages(self, table):
+        """Turn advantages of this process's rows, and the mica_core output table (reward,
+        return, advantage) of the whole batch: the turns of every process are gathered first,
+        so batch-scope estimators see the whole batch."""
+        import mica_core as mc
+        import pyarrow as pa
+
+        from .distributed import all_gather_objects
+
+        local = table.select(["group_id", "traj_id", "turn", "distance", "initial_distance"])
+        start = 0
+        full = local
+        if self.dist.enabled:
+            parts = all_gather_objects(self.dist, local.to_pydict())
+            full = pa.concat_tables([pa.table(p, schema=local.schema) for p in parts])
+            start = sum(len(p["turn"]) for p in parts[: self.dist.rank])
+        out = mc.compute_advantages(full, estimator=self.cfg.advantage.estimator, **self.cfg.advantage.options)
+        adv = out.column("advantage").to_numpy()[start:start + local.num_rows]
+        return adv, out
+
+    # ------------------------------------------------------------------- update
+    def _micro_slices(self, idx: np.ndarray) -> list[np.ndarray]:
+        size = self.cfg.optim.micro_batch_rows
+        if size <= 0 or len(idx) <= size:
+            return [idx]
+        return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+    def _batch(self, prompts, responses, idx):
+        from .policy import collate_turns
+
+        return collate_turns([prompts[i] for i in idx], [responses[i] for i in idx], self.policy.tokenizer.pad_token_id, self.policy.device)
+
+    def _pad_rows(self, rows, idx, width):
+        import torch
+
+        out = torch.zeros((len(idx), width), dtype=torch.float32, device=self.policy.device)
+        for j, i in enumerate(idx):
+            out[j, : rows[i].shape[0]] = rows[i]
+        return out
+
+    def _score(self, model, prompts, responses, with_entropy: bool):
+        """Per-row log-probs (and entropies) under ``model``, no gradient."""
+        import torch
+
+        from .policy import response_logprobs
+
+        logps, ents = [], []
+        idx = np.arange(len(prompts))
+        with torch.no_grad():
+            for sl in self._micro_slices(idx):
+                batch = self._batch(prompts, responses, sl)
+                lp, ent = response_logprobs(model, batch, self.cfg.rollout.temperature, with_entropy=with_entropy)
+                for j, i in enumerate(sl):
+                    n = len(responses[i])
+                    logps.append(lp[j, :n].float())
+                    if with_entropy:
+                        ents.append(ent[j, :n].float())
+        return logps, ents
+
+    def update(self, table, advantage: np.ndarray, step: int) -> dict[str, float]:
+        import mica_core as mc
+        import torch
+
+        from .distributed import all_reduce_grads, all_reduce_sum
+        from .loss import policy_loss
+        from .policy import response_logprobs
+
+        cfg = self.cfg
+        lc = cfg.loss
+        prompts = table.column("prompt_ids").to_pylist()
+        responses = table.column("response_ids").to_pylist()
+        model = self.policy.model
+        t0 = time.perf_counter()
+        old_logp, old_ent = self._score(model, prompts, responses, with_entropy=True)
+        ref_logp = None
+        if self.policy.has_reference:
+            with self.policy.reference_model() as ref:
+                ref_logp, _ = self._score(ref, prompts, responses, with_entropy=False)
+        t_score = time.perf_counter() - t0
+
+        n = len(prompts)
+        sums = dict(loss=0.0, pg_loss=0.0, clip_frac=0.0, dual_clip_frac=0.0, ppo_kl=0.0, kl=0.0, entropy=0.0)
+        grad_norm = 0.0
+        n_updates = 0
+        for epoch in range(cfg.optim.epochs):
+            order = np.random.default_rng(derive_seed(cfg.seed, step, epoch, 11, self.dist.rank)).permutation(n)
+            for mb in np.array_split(order, cfg.optim.minibatches):
+                local_tokens = float(sum(len(responses[i]) for i in mb))
+                (n_tokens,) = all_reduce_sum(self.dist, [local_tokens], self.policy.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                mb_stats = dict.fromkeys(sums, 0.0)
+                for sl in self._micro_slices(mb) if len(mb) else []:
+                    batch = self._batch(prompts, responses, sl)
+                    R = batch.response_width
+                    logp, ent = response_logprobs(model, batch, cfg.rollout.temperature, with_entropy=lc.entropy_coef > 0)
+                    mask = batch.response_mask
+                    adv_rows = torch.as_tensor(advantage[sl], dtype=torch.float32, device=mask.device)
+                    adv_tok = mc.broadcast_to_tokens(adv_rows, mask, layout="turn")
+                    terms = policy_loss(
+                        logp,
+                        self._pad_rows(old_logp, sl, R),
+                        adv_tok.to(logp.dtype),
+                        mask,
+                        eps_low=lc.eps_low,
+                        eps_high=lc.eps_high,
+                        dual_clip=lc.dual_clip,
+                        ref_logp=None if ref_logp is None else self._pad_rows(ref_logp, sl, R),
+                        kl_coef=lc.kl_coef,
+                        entropy=ent,
+                        entropy_coef=lc.entropy_coef,
+                        n_tokens=max(n_tokens, 1.0),
+                    )
+                    terms.loss.backward()
+                    mb_stats["loss"] += float(terms.loss.detach())
+                    for key in ("pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl"):
+                        mb_stats[key] += float(getattr(terms, key))
+                    if terms.kl is not None:
+                        mb_stats["kl"] += float(terms.kl)
+                    if terms.entropy is not None:
+                        mb_stats["entropy"] += float(terms.entropy)
+                all_reduce_grads(self.dist, self.params)
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                if cfg.optim.max_grad_norm > 0:
+                    gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+                else:
+                    gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params))
+                self.optimizer.step()
+                self.scheduler.step()
+                keys = list(mb_stats)
+                reduced = all_reduce_sum(self.dist, [mb_stats[k] for k in keys], self.policy.device)
+                for k, v in zip(keys, reduced):
+                    sums[k] += v
+                grad_norm += float(gn)
+                n_updates += 1
+        stats = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        stats["grad_norm"] = grad_norm / max(n_updates, 1)
+        if ref_logp is None:
+            stats.pop("kl")
+        if lc.entropy_coef <= 0:
+            # Entropy of the sampling policy, measured on the old log-prob pass.
+            tok_ent = torch.cat(old_ent) if old_ent else torch.zeros(0)
+            ent_sum, ent_n = all_reduce_sum(self.dist, [float(tok_ent.sum()), float(tok_ent.numel())], self.policy.device)
+            stats["entropy"] = ent_sum / max(ent_n, 1.0)
+        stats["lr"] = float(self.scheduler.get_last_lr()[0])
+        stats["time_logprob"] = t_score
+        return stats
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, step: int) -> dict[str, Any]:
+        import torch
+
+        from .distributed import all_gather_objects
+        from .rollout import trajectory_table
+
+        cfg = self.cfg
+        torch.manual_seed(derive_seed(cfg.seed, step, 3, self.dist.rank))
+        times = StepTimes()
+
+        t0 = time.perf_counter()
+        records = self.rollout(step)
+        table = trajectory_table(records)
+        times.rollout = time.perf_counter() - t0
+
+        if 0 < cfg.stop_after <= self._steps_this_process:
+            # Test hook: die abruptly in the middle of a step, as an external kill would.
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        t0 = time.perf_counter()
+        adv, batch_table = self.advantages(table)
+        times.advantage = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = self.update(table, adv, step)
+        times.update = time.perf_counter() - t0
+
+        from .env import aggregate_metrics
+
+        ep_metrics = [m for part in all_gather_objects(self.dist, [r.metrics for r in records]) for m in part]
+        agg = aggregate_metrics(ep_metrics)
+        all_adv = batch_table.column("advantage").to_numpy()
+        reward = batch_table.column("reward").to_numpy()
+        resp_len = np.array([len(r) for r in table.column("response_ids").to_pylist()], dtype=float)
+        rec = {
+            "step": step,
+            "pass_rate": float(agg["pass_rate"]),
+            "mean_final_distance": float(agg["mean_final_distance"]),
+            "mean_turns": float(agg.get("mean_turns", float("nan"))),
+            "episodes": int(agg.get("n", len(ep_metrics))),
+            "turns": int(len(all_adv)),
+            "reward_mean": float(np.mean(reward)) if len(reward) else float("nan"),
+            "advantage_mean": float(np.mean(all_adv)) if len(all_adv) else float("nan"),
+            "advantage_std": float(np.std(all_adv)) if len(all_adv) else float("nan"),
+            "advantage_min": float(np.min(all_adv)) if len(all_adv) else float("nan"),
+            "advantage_max": float(np.max(all_adv)) if len(all_adv) else float("nan"),
+            "response_tokens_mean": float(resp_len.mean()) if len(resp_len) else float("nan"),
+            **stats,
+            "time_rollout": times.rollout,
+            "time_advantage": times.advantage,
+            "time_update": times.update,
+            "time_step": times.total,
+        }
+        return rec
+
+    # --------------------------------------------------------------------- loop
+    def save(self) -> None:
+        from .checkpoint import capture_rng_state, save_checkpoint
+        from .distributed import all_gather_objects, barrier
+
+        rng_states = all_gather_objects(self.dist, capture_rng_state())
+        if self.dist.is_main:
+            state = {
+                "config": config_to_dict(self.cfg),
+                "world_size": self.dist.world_size,
+                "elapsed_seconds": self.elapsed,
+                "sampler": {"scheme": "permutation per pass, seeded by (seed, pass)", "next_step": self.step + 1},
+            }
+            save_checkpoint(
+                self.run_dir, self.step, self.policy, self.optimizer, self.scheduler, state, rng_states,
+                keep=self.cfg.keep_checkpoints,
+            )
+        barrier(self.dist)
+
+    def train(self) -> dict[str, Any]:
+        """Run steps ``self.step + 1 .. cfg.steps``; returns the last metrics record (or {})."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self._steps_this_process = 0
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="mica train",
+            disable=not (cfg.progress and self.dist.is_main),
+            dynamic_ncols=True,
+        )
+        last: dict[str, Any] = {}
+        try:
+            while self.step < cfg.steps:
+                step = self.step + 1
+                t_start = time.perf_counter()
+                rec = self.train_step(step)
+                if cfg.eval.every > 0 and step % cfg.eval.every == 0:
+                    ev = evaluate(self.policy, cfg, dist=self.dist)
+                    rec["eval_pass_rate"] = float(ev["pass_rate"])
+                    rec["eval_mean_final_distance"] = float(ev["mean_final_distance"])
+                self.step = step
+                self.elapsed += time.perf_counter() - t_start
+                rec["elapsed_seconds"] = self.elapsed
+                if self.logger is not None:
+                    self.logger.log(rec)
+                if step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                    self.save()
+                self._steps_this_process += 1
+                last = rec
+                bar.update(1)
+                bar.set_postfix(pass_rate=f"{rec['pass_rate']:.2f}", dist=f"{rec['mean_final_distance']:.2f}")
+        finally:
+            bar.close()
+        if self.logger is not None:
+            if cfg.plot:
+                from .metrics import plot_learning_curves
+
+                plot_learning_curves(self.logger.records, self.run_dir / "learning_curves.png", title=str(self.run_dir))
+            self.logger.close()
+        return last
+
