@@ -166,7 +166,8 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (YAML already typed it); int -> float is allowed."""
+    """Check ``value`` against the annotation ``tp`` (YAML already typed it); ints and numeric
+    strings are accepted for floats."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -192,6 +193,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ValueError(f"{where}: {value!r} does not match {tp}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads 3e-4 (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if tp is str and value is None:
         return ""
     if tp is bool and not isinstance(value, bool):
