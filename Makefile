@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-main test-verl test-fast bench clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,15 @@ $(STAMP): pyproject.toml setup.py requirements/ci.txt kernels/*.pyx
 demo: $(STAMP)
 	$(PY) -m mica_core.demo
 
-test: $(STAMP)
+# The whole suite: the main environment, then the verl integration in its own environment
+# (.venv-verl: verl pins transformers < 5.11).
+test: test-main test-verl
+
+test-main: $(STAMP)
 	$(PY) -m pytest -q
+
+test-verl:
+	bash scripts/test-verl.sh
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow"

@@ -104,7 +104,7 @@ def _inputs(ragged, distance, initial_distance, reward, plan_reward, on_missing=
 def estimate(offsets, group, *, distance=None, initial_distance=None, reward=None,
              estimator="mica", gamma=None, weight=0.5, eps=1e-6, ddof=1, baseline="mean",
              scale="std", singleton="zero", backend="auto",
-             on_missing="raise") -> EstimateResult:
+             on_missing="raise", **torch_options) -> EstimateResult:
     """Per-turn rewards, returns and advantages of ragged trajectories.
 
     Args:
@@ -122,6 +122,8 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
         computed by the torch backend on their device whatever this says.
       on_missing: ``"raise"`` (NaN and infinities are errors) or ``"carry"``: a missing
         distance repeats the previous turn's (IDR 0 for that turn), a missing reward is 0.
+      **torch_options: for torch tensors only: ``ngroups``, ``max_turns``, ``validate``,
+        ``deterministic`` (the sync-free CUDA path; see docs/torch.md).
 
     Returns:
       :class:`EstimateResult` of flat arrays. numpy in, numpy out: float32 when the value
@@ -141,7 +143,9 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
         return _backend_torch.estimate(
             offsets, group, distance=distance, initial_distance=initial_distance,
             reward=reward, estimator=estimator, gamma=gamma, weight=weight, eps=eps,
-            ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
+            ddof=ddof, baseline=baseline, scale=scale, singleton=singleton, **torch_options)
+    if torch_options:
+        raise TypeError(f"options {sorted(torch_options)} apply to torch tensors only")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     plan = resolve(estimator, reward_given=reward is not None, gamma=gamma, weight=weight,
