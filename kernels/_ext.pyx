@@ -1,182 +1,759 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled CPU kernels of mica_core (built ahead of time into ``mica_core._ext``).
+# distutils: extra_compile_args = -fno-math-errno
+"""Fused CPU kernels of mica_core (built ahead of time into ``mica_core._ext``).
 
-Two conventions, visible in the names: ``ragged_*`` scan trajectories given ``offsets``
-(trajectory ``i`` owns rows ``offsets[i]:offsets[i+1]``); ``bucket_*`` reduce over
-``labels`` with ``nbuckets``. Every kernel reads ``const`` memoryviews, runs without the GIL,
-writes into caller-allocated ``out`` arrays and trusts its input (validation happens once, in
-``mica_core.layout``). The numpy versions in ``mica_core.signals`` and
-``mica_core.normalize`` define the semantics; these match them to 1e-12.
+One pass per rollout group computes the rewards, the returns, the bucket statistics of
+every ``turn`` and ``group`` component and the mixed advantage; a group's rows are touched
+while they sit in cache, and nothing per turn is allocated beyond the outputs. Components
+with scope ``batch`` need batch-wide statistics: the group pass leaves per-group partial
+moments, ``bucket_batch_moments`` merges them in group order, and
+``fused_batch_advantages`` adds their terms in a second pass over the rows.
+
+Conventions (``mica_core.layout``): trajectory ``i`` owns rows ``offsets[i]:offsets[i+1]``;
+``group`` holds codes ``0 .. ngroups-1``. Groups are processed as *segments*: lists of
+trajectories in ``seg_start[s]:seg_start[s+1]`` of ``order`` (or of ``0 .. n_traj-1`` when
+``order`` is empty, the fast path for groups whose rollouts are adjacent). Kernels read
+``const`` memoryviews, run without the GIL, write into caller-allocated outputs and trust
+their input (validation happens once, at the boundary). ``mica_core._numba`` mirrors these
+kernels with the same names and argument order.
+
+Numerics (``mica_core.normalize``): every bucket uses the corrected two-pass scheme in float64
+whatever the input dtype, ``mean0 = sum(x)/n``, ``c = sum(x - mean0)``,
+``m2 = sum((x - mean0)^2) - c^2/n`` and ``z = ((x - mean0) - c/n) * mult`` with
+``mult = [n/(n-1) for loo] / (std + eps)``. Batch buckets merge the groups' local two-pass
+moments about the batch ``mean0`` exactly (``sum (x - M)^2 = m2_g + 2 (m_g - M) c_g +
+n_g (m_g - M)^2``), so no sum ever rides on a large offset. Sums run in row order within a
+group and in group order across groups: the result does not depend on how groups are spread
+over threads.
 """
 
 from libc.math cimport sqrt
-
-import numpy as np
+from libc.stdlib cimport free, malloc
 
 ctypedef long long i64
 
+ctypedef fused values_t:
+    float
+    double
 
-def ragged_incremental_distance_reward(const i64[::1] offsets, const double[::1] distance,
-                                       const double[::1] initial_distance, double[::1] out):
-    """IDR ``out[t] = D_{t-1} - D_t`` with ``D_{-1} = initial_distance[i]``."""
-    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
-    cdef double prev
-    with nogil:
-        for i in range(n_traj):
-            prev = initial_distance[i]
-            for k in range(offsets[i], offsets[i + 1]):
-                out[k] = prev - distance[k]
-                prev = distance[k]
+ctypedef fused initial_t:
+    float
+    double
 
+# Plan encoding, shared with mica_core._backend_cython.encode_plan and mica_core._numba.
+cdef enum:
+    SIG_REWARD = 0
+    SIG_RETURN = 1
+    SIG_OUTCOME = 2
+    SIG_OUTCOME_RETURN = 3
 
-def ragged_absolute_distance_reward(const double[::1] distance, double[::1] out):
-    """ADR ``out[t] = -D_t``."""
-    cdef Py_ssize_t k
-    with nogil:
-        for k in range(distance.shape[0]):
-            out[k] = -distance[k]
+cdef enum:
+    SCOPE_TURN = 0
+    SCOPE_GROUP = 1
+    SCOPE_BATCH = 2
 
+cdef enum:
+    REWARD_IDR = 0
+    REWARD_ADR = 1
+    REWARD_GIVEN = 2
 
-def ragged_discounted_returns(const i64[::1] offsets, const double[::1] reward, double gamma,
-                              double[::1] out):
-    """``G_t = r_t + gamma G_{t+1}``, ``G_{T-1} = r_{T-1}`` (reverse recursion)."""
-    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
-    cdef double acc
-    with nogil:
-        for i in range(n_traj):
-            acc = 0.0
-            for k in range(offsets[i + 1] - 1, offsets[i] - 1, -1):
-                acc = reward[k] + gamma * acc
-                out[k] = acc
+cdef enum:
+    RETURNS_DISCOUNTED = 0
+    RETURNS_OUTCOME = 1
+    RETURNS_OUTCOME_DISCOUNTED = 2
 
-
-def ragged_outcome(const i64[::1] offsets, const double[::1] reward, double[::1] out):
-    """``R_i = sum_t r_t`` per trajectory (sequential sum, like ``np.bincount``)."""
-    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
-    cdef double acc
-    with nogil:
-        for i in range(n_traj):
-            acc = 0.0
-            for k in range(offsets[i], offsets[i + 1]):
-                acc = acc + reward[k]
-            out[i] = acc
+# Columns of ``spec`` (int64 [ncomp, 4]) and slots of the per-bucket parameters.
+cdef enum:
+    SPEC_SIGNAL = 0
+    SPEC_SCOPE = 1
+    SPEC_LOO = 2
+    SPEC_STD = 3
+    SPEC_WIDTH = 4
 
 
-def ragged_outcome_returns(const i64[::1] offsets, const double[::1] outcome, double gamma,
-                           double[::1] out):
-    """``gamma^(T-1-t) R_i`` per row, by the reverse recursion."""
-    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
-    cdef double acc
-    with nogil:
-        for i in range(n_traj):
-            acc = outcome[i]
-            for k in range(offsets[i + 1] - 1, offsets[i] - 1, -1):
-                out[k] = acc
-                acc = gamma * acc
+def ragged_group_segments(const i64[::1] offsets, const i64[::1] group, Py_ssize_t ngroups,
+                          i64[::1] order, i64[::1] seg_start):
+    """Segments of trajectories, one per group, and the longest trajectory.
 
+    When every group's trajectories are adjacent (``ngroups`` runs of equal codes), writes the
+    run boundaries to ``seg_start`` [ngroups + 1] and leaves ``order`` alone. Otherwise a
+    stable counting sort by group code writes ``order`` [n_traj] (trajectory indices, group
+    after group, input order within a group) and ``seg_start`` (segment ``g`` is group ``g``).
 
-def ragged_broadcast(const i64[::1] offsets, const double[::1] per_traj, double[::1] out):
-    """``out[row] = per_traj[traj(row)]``."""
-    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
-    with nogil:
-        for i in range(n_traj):
-            for k in range(offsets[i], offsets[i + 1]):
-                out[k] = per_traj[i]
-
-
-def ragged_turn_labels(const i64[::1] offsets, const i64[::1] group, Py_ssize_t ngroups,
-                       i64[::1] out):
-    """Bucket id per row for scope ``turn`` (one bucket per group and turn index).
-
-    Group ``g`` owns ids ``base[g] .. base[g] + L_g - 1``, ``L_g`` its longest trajectory.
-    Returns the number of buckets.
+    Returns ``(contiguous, max_len)``.
     """
-    cdef Py_ssize_t i, k, g, n_traj = offsets.shape[0] - 1
-    cdef i64 total = 0, length
-    cdef i64[::1] base = np.zeros(max(ngroups, 1), dtype=np.int64)
-    cdef i64[::1] longest = np.zeros(max(ngroups, 1), dtype=np.int64)
+    cdef Py_ssize_t i, g, n_traj = offsets.shape[0] - 1
+    cdef i64 runs = 0, max_len = 0, length, pos, nxt
+    cdef bint contiguous
     with nogil:
-        for g in range(ngroups):
-            longest[g] = 0
         for i in range(n_traj):
             length = offsets[i + 1] - offsets[i]
-            if length > longest[group[i]]:
-                longest[group[i]] = length
-        for g in range(ngroups):
-            base[g] = total
-            total += longest[g]
-        for i in range(n_traj):
-            for k in range(offsets[i], offsets[i + 1]):
-                out[k] = base[group[i]] + (k - offsets[i])
-    return total
+            if length > max_len:
+                max_len = length
+            if i == 0 or group[i] != group[i - 1]:
+                if runs < ngroups:
+                    seg_start[runs] = i
+                runs += 1
+        contiguous = runs == ngroups
+        if contiguous:
+            seg_start[ngroups] = n_traj
+        else:
+            for g in range(ngroups + 1):
+                seg_start[g] = 0
+            for i in range(n_traj):
+                seg_start[group[i] + 1] += 1
+            for g in range(ngroups):
+                seg_start[g + 1] += seg_start[g]
+            # seg_start[g] is now the next free slot of group g; shift back afterwards.
+            for i in range(n_traj):
+                g = group[i]
+                order[seg_start[g]] = i
+                seg_start[g] += 1
+            pos = 0
+            for g in range(ngroups):
+                nxt = seg_start[g]
+                seg_start[g] = pos
+                pos = nxt
+            seg_start[ngroups] = n_traj
+    return bool(contiguous), max_len
 
 
-def ragged_group_labels(const i64[::1] offsets, const i64[::1] group, i64[::1] out):
-    """Bucket id per row for scope ``group``: the trajectory's group code."""
-    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
-    with nogil:
-        for i in range(n_traj):
-            for k in range(offsets[i], offsets[i + 1]):
-                out[k] = group[i]
+cdef inline void _bucket_params(double n, double mean0, double c, double m2sum, bint loo,
+                                bint scale_std, int ddof, double eps, bint singleton_raw,
+                                double* mean_out, double* shift_out,
+                                double* mult_out) noexcept nogil:
+    """``(mean0, shift, mult)`` with ``z = ((x - mean0) - shift) * mult`` for one bucket.
 
-
-def bucket_moments(const i64[::1] labels, const double[::1] values, double[::1] count,
-                   double[::1] mean0, double[::1] c, double[::1] m2):
-    """Corrected two-pass moments per bucket (see ``mica_core.normalize``).
-
-    ``count``, ``mean0``, ``c``, ``m2`` have length ``nbuckets``; they are overwritten.
+    ``c`` and ``m2sum`` are ``sum(x - mean0)`` and ``sum((x - mean0)^2)``. A singleton gives
+    0 (``mult = 0``, and ``x - mean0`` is exactly 0) or, with ``singleton_raw``, ``x`` scaled
+    as if mean 0 and std 1.
     """
-    cdef Py_ssize_t k, b, n = values.shape[0], nb = count.shape[0]
+    cdef double m2, f
+    if n > 1.0:
+        m2 = m2sum - c * c / n
+        if m2 < 0.0:
+            m2 = 0.0
+        f = n / (n - 1.0) if loo else 1.0
+        if scale_std:
+            f = f / (sqrt(m2 / (n - ddof)) + eps)
+        mean_out[0] = mean0
+        shift_out[0] = c / n
+        mult_out[0] = f
+    else:
+        shift_out[0] = 0.0
+        if singleton_raw:
+            mean_out[0] = 0.0
+            mult_out[0] = 1.0 / (1.0 + eps) if scale_std else 1.0
+        else:
+            mean_out[0] = mean0
+            mult_out[0] = 0.0
+
+
+cdef inline void _turn_bucket_params(i64 glen, const double* cnt, const double* inv,
+                                     double* mean0, double* c, double* m2sum, bint loo,
+                                     bint scale_std, double eps,
+                                     bint singleton_raw) noexcept nogil:
+    """:func:`_bucket_params` over the ``glen`` turn buckets of a group, in place (``c``
+    becomes the shift, ``m2sum`` the multiplier).
+
+    A turn bucket holds at most one value per trajectory, so its ``1/n``, ``1/(n - ddof)``
+    and ``n/(n - 1)`` come from a table, laid out per turn in ``inv`` as four runs of length
+    ``glen``: ``1/n``, ``1/(n - ddof)``, ``n/(n - 1)``, ``1``. One division and one square
+    root per bucket and no branches in the loops, so they vectorize.
+    """
+    cdef i64 t
+    cdef double n, cc, m0, shift, m2, f
+    cdef const double* inv_dof = inv + glen
+    cdef const double* factor = inv + 2 * glen if loo else inv + 3 * glen
+    cdef double single_mult = (1.0 / (1.0 + eps) if scale_std else 1.0) if singleton_raw else 0.0
+    # A singleton keeps its mean (x - mean = 0 exactly), or takes mean 0 under "raw".
+    cdef double keep_mean_above = 1.0 if singleton_raw else 0.0
+    # (A singleton's sum of deviations is exactly 0, so its shift needs no select.)
+    if scale_std:
+        for t in range(glen):
+            n = cnt[t]
+            cc = c[t]
+            m0 = mean0[t]
+            shift = cc * inv[t]
+            m2 = m2sum[t] - cc * shift
+            m2 = m2 if m2 > 0.0 else 0.0
+            f = factor[t] / (sqrt(m2 * inv_dof[t]) + eps)
+            c[t] = shift
+            m2sum[t] = f if n > 1.0 else single_mult
+            mean0[t] = m0 if n > keep_mean_above else 0.0
+    else:
+        for t in range(glen):
+            n = cnt[t]
+            m0 = mean0[t]
+            f = factor[t]
+            c[t] = c[t] * inv[t]
+            m2sum[t] = f if n > 1.0 else single_mult
+            mean0[t] = m0 if n > keep_mean_above else 0.0
+
+
+cdef void _count_table(i64 max_count, int ddof, double* table) noexcept nogil:
+    """``table[3n : 3n + 3] = (1/n, 1/(n - ddof), n/(n - 1))`` for ``n = 2 .. max_count``,
+    and ``1/n`` for ``n = 1``."""
+    cdef i64 n
+    cdef double x
+    for n in range(max_count + 1):
+        x = <double>n
+        table[3 * n] = 1.0 / x if n > 0 else 0.0
+        table[3 * n + 1] = 1.0 / (x - ddof) if n > ddof else 0.0
+        table[3 * n + 2] = x / (x - 1.0) if n > 1 else 1.0
+
+
+cdef inline double* _row_signal(int sig, double* reward, double* ret,
+                                double* oret) noexcept nogil:
+    if sig == SIG_RETURN:
+        return ret
+    if sig == SIG_OUTCOME_RETURN:
+        return oret
+    return reward
+
+
+cdef inline void _sum_by_turn(const double* x, double* p, i64 a, i64 b) noexcept nogil:
+    cdef i64 k
+    for k in range(a, b):
+        p[k - a] += x[k]
+
+
+cdef inline void _dev_by_turn(const double* x, const double* mean, double* c, double* q,
+                              i64 a, i64 b) noexcept nogil:
+    cdef i64 k
     cdef double d
-    with nogil:
-        for b in range(nb):
-            count[b] = 0.0
-            mean0[b] = 0.0
-            c[b] = 0.0
-            m2[b] = 0.0
-        for k in range(n):
-            count[labels[k]] += 1.0
-            mean0[labels[k]] += values[k]
-        for b in range(nb):
-            if count[b] > 0:
-                mean0[b] = mean0[b] / count[b]
-        for k in range(n):
-            b = labels[k]
-            d = values[k] - mean0[b]
-            c[b] += d
-            m2[b] += d * d
-        for b in range(nb):
-            if count[b] > 0:
-                m2[b] = m2[b] - c[b] * c[b] / count[b]
-                if m2[b] < 0.0:
-                    m2[b] = 0.0
+    for k in range(a, b):
+        d = x[k] - mean[k - a]
+        c[k - a] += d
+        q[k - a] += d * d
 
 
-def bucket_zscore_accumulate(const i64[::1] labels, const double[::1] values,
-                             const double[::1] count, const double[::1] mean0,
-                             const double[::1] c, const double[::1] m2, double weight,
-                             bint loo, bint scale_std, int ddof, double eps,
-                             bint singleton_raw, double[::1] out):
-    """``out[k] += weight * z(values[k])`` within its bucket (semantics of
-    ``mica_core.normalize.bucket_zscore``)."""
-    cdef Py_ssize_t k, b, n = values.shape[0]
-    cdef double n_b, centred, std, z, denom
-    with nogil:
-        for k in range(n):
-            b = labels[k]
-            n_b = count[b]
-            if n_b > 1:
-                centred = (values[k] - mean0[b]) - c[b] / n_b
-                if loo:
-                    centred = centred * (n_b / (n_b - 1.0))
-                if scale_std:
-                    denom = n_b - ddof
-                    std = sqrt(m2[b] / denom)
-                    z = centred / (std + eps)
-                else:
-                    z = centred
-            elif singleton_raw:
-                z = values[k] / (1.0 + eps) if scale_std else values[k]
+cdef inline void _dev_by_turn2(const double* xa, const double* ma, double* ca, double* qa,
+                               const double* xb, const double* mb, double* cb, double* qb,
+                               i64 a, i64 b) noexcept nogil:
+    cdef i64 k
+    cdef double d, e
+    for k in range(a, b):
+        d = xa[k] - ma[k - a]
+        e = xb[k] - mb[k - a]
+        ca[k - a] += d
+        qa[k - a] += d * d
+        cb[k - a] += e
+        qb[k - a] += e * e
+
+
+cdef inline void _adv_by_turn(bint assign, double w, const double* x, const double* mean,
+                              const double* shift, const double* mult, double* out, i64 a,
+                              i64 b) noexcept nogil:
+    cdef i64 k, t
+    if assign:
+        for k in range(a, b):
+            t = k - a
+            out[k] = 0.0 + w * (((x[k] - mean[t]) - shift[t]) * mult[t])
+    else:
+        for k in range(a, b):
+            t = k - a
+            out[k] = out[k] + w * (((x[k] - mean[t]) - shift[t]) * mult[t])
+
+
+cdef inline void _adv_by_turn2(bint assign, double wa, const double* xa, const double* ma,
+                               const double* sa, const double* fa, double wb, const double* xb,
+                               const double* mb, const double* sb, const double* fb,
+                               double* out, i64 a, i64 b) noexcept nogil:
+    cdef i64 k, t
+    if assign:
+        for k in range(a, b):
+            t = k - a
+            out[k] = (0.0 + wa * (((xa[k] - ma[t]) - sa[t]) * fa[t])) \
+                + wb * (((xb[k] - mb[t]) - sb[t]) * fb[t])
+    else:
+        for k in range(a, b):
+            t = k - a
+            out[k] = (out[k] + wa * (((xa[k] - ma[t]) - sa[t]) * fa[t])) \
+                + wb * (((xb[k] - mb[t]) - sb[t]) * fb[t])
+
+
+cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
+                   const values_t* values, const initial_t* initial, int reward_kind,
+                   int returns_kind, double gamma, const i64* spec, const double* weight,
+                   Py_ssize_t ncomp, double eps, int ddof, bint singleton_raw,
+                   double* out_reward, double* out_return, double* sig_return,
+                   bint need_return, double* sig_oret, bint need_oret, double* outcome,
+                   bint need_outcome, double* out_adv, double* batch_part, Py_ssize_t seg,
+                   double* scratch, const double* table, i64* slots,
+                   i64 max_len) noexcept nogil:
+    """One group: the trajectories ``order[t0:t1]`` (or ``t0 .. t1-1``).
+
+    ``scratch`` holds ``cnt`` [max_len] (turn bucket sizes), ``inv`` [3 max_len] (their
+    ``1/n``, ``1/(n - ddof)``, ``n/(n - 1)`` from ``table``), the per-turn sums of the
+    reward, the return and the outcome return [3 max_len], then per component three per-turn
+    arrays ``p0, p1, p2`` [max_len], and ``tot`` [ncomp]. A component whose signal is per row
+    accumulates per turn index whatever its scope: for ``turn`` these are its buckets; for
+    ``group`` and ``batch`` the per-turn partial sums add up to the one bucket, whose
+    parameters are then broadcast over the turns. So all row components share the same
+    loops, two components per loop.
+    """
+    cdef i64 j, i, k, a, b, t, glen = 0, nrows = 0
+    cdef Py_ssize_t ci, cj, u, nrow = 0, nlocal = 0
+    cdef int sig, scope
+    cdef bint assign = True
+    cdef double acc, ret, g1, g2, x, d, n, m, w, cc, qq
+    cdef double gamma2 = gamma * gamma
+    cdef double* cnt = scratch
+    cdef double* inv = scratch + max_len
+    cdef double* sums = scratch + 5 * max_len
+    cdef double* sums_r = sums
+    cdef double* sums_g = sums + max_len
+    cdef double* sums_o = sums + 2 * max_len
+    cdef bint sum_reward = False, sum_return = False, sum_oret = False
+    cdef double* tot = scratch + max_len * (8 + 3 * ncomp)
+    cdef double* p0
+    cdef double* p1
+    cdef double* p2
+    cdef double* q0
+    cdef double* xs
+    cdef double* xt
+    cdef i64* row_comps = slots
+    cdef i64* local_comps = slots + ncomp
+
+    # Which signals need per-turn sums (the first pass of every row component using them).
+    for ci in range(ncomp):
+        sig = <int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL]
+        if sig == SIG_REWARD:
+            sum_reward = True
+        elif sig == SIG_RETURN:
+            sum_return = True
+        elif sig == SIG_OUTCOME_RETURN:
+            sum_oret = True
+
+    # Signals: reward, outcome, discounted return, outcome return, and their per-turn sums
+    # (accumulated in the latency-bound reverse recursions, where they cost nothing).
+    for j in range(t0, t1):
+        i = order[j] if has_order else j
+        a = offsets[i]
+        b = offsets[i + 1]
+        nrows += b - a
+        if b - a > glen:
+            glen = b - a
+        if reward_kind == REWARD_IDR:
+            out_reward[a] = <double>initial[i] - <double>values[a]
+            for k in range(a + 1, b):
+                out_reward[k] = <double>values[k - 1] - <double>values[k]
+        elif reward_kind == REWARD_ADR:
+            for k in range(a, b):
+                out_reward[k] = -<double>values[k]
+        else:
+            for k in range(a, b):
+                out_reward[k] = <double>values[k]
+        if sum_reward and not need_return:
+            _sum_by_turn(out_reward, sums_r, a, b)
+        if need_outcome:
+            acc = 0.0
+            for k in range(a, b):
+                acc = acc + out_reward[k]
+            outcome[i] = acc
+            if need_oret:
+                ret = acc
+                for k in range(b - 1, a - 1, -1):
+                    sig_oret[k] = ret
+                    if sum_oret:
+                        sums_o[k - a] += ret
+                    ret = gamma * ret
+            if returns_kind == RETURNS_OUTCOME:
+                for k in range(a, b):
+                    out_return[k] = acc
+        if need_return:
+            # G_t = r_t + gamma G_{t+1}, unrolled by one step into
+            # G_t = (r_t + gamma r_{t+1}) + gamma^2 G_{t+2}: two independent recursions (even
+            # and odd t) halve the add-multiply latency chain. No negative powers of gamma.
+            g1 = out_reward[b - 1]
+            sig_return[b - 1] = g1
+            if sum_reward:
+                sums_r[b - 1 - a] += out_reward[b - 1]
+            if sum_return:
+                sums_g[b - 1 - a] += g1
+            g2 = 0.0
+            if b - 2 >= a:
+                g2 = g1
+                g1 = out_reward[b - 2] + gamma * g2
+                sig_return[b - 2] = g1
+                if sum_reward:
+                    sums_r[b - 2 - a] += out_reward[b - 2]
+                if sum_return:
+                    sums_g[b - 2 - a] += g1
+            for k in range(b - 3, a - 1, -1):
+                ret = (out_reward[k] + gamma * out_reward[k + 1]) + gamma2 * g2
+                sig_return[k] = ret
+                if sum_reward:
+                    sums_r[k - a] += out_reward[k]
+                if sum_return:
+                    sums_g[k - a] += ret
+                g2 = g1
+                g1 = ret
+
+    # cnt[t]: trajectories of the group longer than t (the size of turn bucket t), and its
+    # table entries (see _turn_bucket_params).
+    for t in range(glen):
+        cnt[t] = 0.0
+    for j in range(t0, t1):
+        i = order[j] if has_order else j
+        cnt[offsets[i + 1] - offsets[i] - 1] += 1.0
+    for t in range(glen - 2, -1, -1):
+        cnt[t] += cnt[t + 1]
+    for t in range(glen):
+        k = 3 * <i64>cnt[t]
+        inv[t] = table[k]
+        inv[glen + t] = table[k + 1]
+        inv[2 * glen + t] = table[k + 2]
+        inv[3 * glen + t] = 1.0
+
+    for ci in range(ncomp):
+        p0 = scratch + max_len * (8 + 3 * ci)
+        p1 = p0 + max_len
+        p2 = p1 + max_len
+        for t in range(glen):
+            p1[t] = 0.0
+            p2[t] = 0.0
+        if spec[ci * SPEC_WIDTH + SPEC_SIGNAL] == SIG_OUTCOME:
+            for t in range(glen):
+                p0[t] = 0.0
+            _outcome_stats(offsets, order, has_order, t0, t1, outcome, cnt, inv, glen,
+                           <int>spec[ci * SPEC_WIDTH + SPEC_SCOPE],
+                           spec[ci * SPEC_WIDTH + SPEC_LOO], spec[ci * SPEC_WIDTH + SPEC_STD],
+                           eps, ddof, singleton_raw, p0, p1, p2,
+                           batch_part + (seg * ncomp + ci) * 4)
+        else:
+            row_comps[nrow] = ci
+            nrow += 1
+
+    # Row components: the means from the signal's per-turn sums.
+    for u in range(nrow):
+        ci = row_comps[u]
+        p0 = scratch + max_len * (8 + 3 * ci)
+        xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], sums_r, sums_g, sums_o)
+        if spec[ci * SPEC_WIDTH + SPEC_SCOPE] == SCOPE_TURN:
+            for t in range(glen):
+                p0[t] = xs[t] * inv[t]
+        else:
+            acc = 0.0
+            for t in range(glen):
+                acc = acc + xs[t]
+            tot[ci] = acc
+            m = acc / <double>nrows
+            for t in range(glen):
+                p0[t] = m
+
+    # The per-turn sums are consumed: leave them zeroed for the next group.
+    for t in range(glen):
+        sums_r[t] = 0.0
+        sums_g[t] = 0.0
+        sums_o[t] = 0.0
+    # Second pass: per-turn sums of the deviations and of their squares.
+    u = 0
+    while u < nrow:
+        ci = row_comps[u]
+        p0 = scratch + max_len * (8 + 3 * ci)
+        xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
+                         sig_oret)
+        if u + 1 < nrow:
+            cj = row_comps[u + 1]
+            q0 = scratch + max_len * (8 + 3 * cj)
+            xt = _row_signal(<int>spec[cj * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
+                             sig_oret)
+            for j in range(t0, t1):
+                i = order[j] if has_order else j
+                _dev_by_turn2(xs, p0, p0 + max_len, p0 + 2 * max_len, xt, q0, q0 + max_len,
+                              q0 + 2 * max_len, offsets[i], offsets[i + 1])
+            u += 2
+        else:
+            for j in range(t0, t1):
+                i = order[j] if has_order else j
+                _dev_by_turn(xs, p0, p0 + max_len, p0 + 2 * max_len, offsets[i],
+                             offsets[i + 1])
+            u += 1
+
+    # Parameters (mean0, shift, mult) per turn; batch components leave their partials.
+    for u in range(nrow):
+        ci = row_comps[u]
+        scope = <int>spec[ci * SPEC_WIDTH + SPEC_SCOPE]
+        p0 = scratch + max_len * (8 + 3 * ci)
+        p1 = p0 + max_len
+        p2 = p1 + max_len
+        if scope == SCOPE_TURN:
+            _turn_bucket_params(glen, cnt, inv, p0, p1, p2, spec[ci * SPEC_WIDTH + SPEC_LOO],
+                                spec[ci * SPEC_WIDTH + SPEC_STD], eps, singleton_raw)
+            local_comps[nlocal] = ci
+            nlocal += 1
+            continue
+        cc = 0.0
+        qq = 0.0
+        for t in range(glen):
+            cc = cc + p1[t]
+            qq = qq + p2[t]
+        if scope == SCOPE_BATCH:
+            batch_part[(seg * ncomp + ci) * 4 + 0] = <double>nrows
+            batch_part[(seg * ncomp + ci) * 4 + 1] = tot[ci]
+            batch_part[(seg * ncomp + ci) * 4 + 2] = cc
+            batch_part[(seg * ncomp + ci) * 4 + 3] = qq
+            continue
+        _bucket_params(<double>nrows, p0[0], cc, qq, spec[ci * SPEC_WIDTH + SPEC_LOO],
+                       spec[ci * SPEC_WIDTH + SPEC_STD], ddof, eps, singleton_raw, &m, &cc, &qq)
+        for t in range(glen):
+            p0[t] = m
+            p1[t] = cc
+            p2[t] = qq
+        local_comps[nlocal] = ci
+        nlocal += 1
+
+    # The advantage: weighted z of the turn and group components (row ones two at a time).
+    u = 0
+    while u < nlocal:
+        ci = local_comps[u]
+        p0 = scratch + max_len * (8 + 3 * ci)
+        xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
+                         sig_oret)
+        if u + 1 < nlocal:
+            cj = local_comps[u + 1]
+            q0 = scratch + max_len * (8 + 3 * cj)
+            xt = _row_signal(<int>spec[cj * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
+                             sig_oret)
+            for j in range(t0, t1):
+                i = order[j] if has_order else j
+                _adv_by_turn2(assign, weight[ci], xs, p0, p0 + max_len, p0 + 2 * max_len,
+                              weight[cj], xt, q0, q0 + max_len, q0 + 2 * max_len, out_adv,
+                              offsets[i], offsets[i + 1])
+            u += 2
+        else:
+            for j in range(t0, t1):
+                i = order[j] if has_order else j
+                _adv_by_turn(assign, weight[ci], xs, p0, p0 + max_len, p0 + 2 * max_len,
+                             out_adv, offsets[i], offsets[i + 1])
+            u += 1
+        assign = False
+    for ci in range(ncomp):
+        if spec[ci * SPEC_WIDTH + SPEC_SIGNAL] != SIG_OUTCOME:
+            continue
+        scope = <int>spec[ci * SPEC_WIDTH + SPEC_SCOPE]
+        if scope == SCOPE_BATCH:
+            continue
+        p0 = scratch + max_len * (8 + 3 * ci)
+        p1 = p0 + max_len
+        p2 = p1 + max_len
+        w = weight[ci]
+        for j in range(t0, t1):
+            i = order[j] if has_order else j
+            a = offsets[i]
+            b = offsets[i + 1]
+            x = outcome[i]
+            if scope == SCOPE_TURN:
+                for k in range(a, b):
+                    t = k - a
+                    out_adv[k] = (0.0 if assign else out_adv[k]) \
+                        + w * (((x - p0[t]) - p1[t]) * p2[t])
             else:
-                z = 0.0
-            out[k] += weight * z
+                d = w * (((x - p0[0]) - p1[0]) * p2[0])
+                for k in range(a, b):
+                    out_adv[k] = (0.0 if assign else out_adv[k]) + d
+        assign = False
+
+
+cdef void _outcome_stats(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
+                         const double* outcome, const double* cnt, const double* inv,
+                         i64 glen, int scope, bint loo, bint scale_std, double eps, int ddof,
+                         bint singleton_raw, double* p0, double* p1, double* p2,
+                         double* part) noexcept nogil:
+    """Statistics of the outcome ``R_i`` (one value per trajectory) in a group: per turn
+    index (``turn``: ``R_i`` counts once in every turn bucket its trajectory reaches), over
+    the group's trajectories (``group``; parameters in ``p0[0], p1[0], p2[0]``), or the
+    group's partial moments (``batch``, written to ``part``). ``p0..p2`` come zeroed."""
+    cdef i64 j, i, t, length
+    cdef double n = 0.0, s = 0.0, m, d, cc = 0.0, qq = 0.0
+    if scope == SCOPE_TURN:
+        for j in range(t0, t1):
+            i = order[j] if has_order else j
+            for t in range(offsets[i + 1] - offsets[i]):
+                p0[t] += outcome[i]
+        for t in range(glen):
+            p0[t] = p0[t] * inv[t]
+        for j in range(t0, t1):
+            i = order[j] if has_order else j
+            for t in range(offsets[i + 1] - offsets[i]):
+                d = outcome[i] - p0[t]
+                p1[t] += d
+                p2[t] += d * d
+        _turn_bucket_params(glen, cnt, inv, p0, p1, p2, loo, scale_std, eps, singleton_raw)
+        return
+    for j in range(t0, t1):
+        i = order[j] if has_order else j
+        s = s + outcome[i]
+        n += 1.0
+    m = s / n
+    for j in range(t0, t1):
+        i = order[j] if has_order else j
+        d = outcome[i] - m
+        cc += d
+        qq += d * d
+    if scope == SCOPE_GROUP:
+        _bucket_params(n, m, cc, qq, loo, scale_std, ddof, eps, singleton_raw, p0, p1, p2)
+    else:
+        part[0] = n
+        part[1] = s
+        part[2] = cc
+        part[3] = qq
+
+
+cdef double* _ptr(double[::1] a) noexcept nogil:
+    return &a[0] if a.shape[0] else NULL
+
+
+def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
+                           const i64[::1] seg_start, const values_t[::1] values,
+                           const initial_t[::1] initial_distance, int reward_kind,
+                           int returns_kind, double gamma, const i64[:, ::1] spec,
+                           const double[::1] weight, double eps, int ddof, bint singleton_raw,
+                           i64 max_len, double[::1] out_reward, double[::1] out_return,
+                           double[::1] sig_return, double[::1] sig_oret, double[::1] outcome,
+                           double[::1] out_adv, double[::1] batch_part):
+    """The group pass: signals, turn/group statistics and advantages, batch partials.
+
+    Args:
+      offsets: int64 ``[n_traj + 1]``.
+      order, seg_start: from :func:`ragged_group_segments` (``order`` empty: identity).
+      values: ``[n_rows]`` float32/float64 distances (``reward_kind`` IDR/ADR) or rewards.
+      initial_distance: ``[n_traj]`` ``D_{-1}`` (IDR only; empty otherwise).
+      reward_kind: 0 IDR ``r_t = D_{t-1} - D_t``, 1 ADR ``r_t = -D_t``, 2 given.
+      returns_kind: what ``out_return`` holds: 0 ``G_t`` (then ``sig_return`` is
+        ``out_return``), 1 the outcome ``R_i`` on every turn, 2 ``gamma^(T-1-t) R_i`` (then
+        ``sig_oret`` is ``out_return``).
+      gamma: discount of ``G_t = r_t + gamma G_{t+1}`` and of the outcome return.
+      spec: int64 ``[ncomp, 4]``: signal (0 reward, 1 return, 2 outcome, 3 outcome
+        return), scope (0 turn, 1 group, 2 batch), leave-one-out, scale by std.
+      weight: ``[ncomp]`` component weights.
+      eps, ddof, singleton_raw: normalization options (``mica_core.normalize``).
+      max_len: the longest trajectory.
+      out_reward: ``[n_rows]`` rewards (float64).
+      sig_return, sig_oret: ``[n_rows]`` buffers for ``G_t`` and ``gamma^(T-1-t) R_i``;
+        empty when no component or output needs them.
+      outcome: ``[n_traj]`` ``R_i``; empty when unused.
+      out_adv: ``[n_rows]`` ``sum_c w_c z_c`` over turn and group components; left
+        untouched when there are none.
+      batch_part: ``[ngroups * ncomp * 4]`` per group and batch component: count, sum,
+        ``sum(x - m_g)``, ``sum((x - m_g)^2)`` with ``m_g = sum/count``.
+    """
+    cdef Py_ssize_t nseg = seg_start.shape[0] - 1, ncomp = spec.shape[0], s, ci
+    cdef bint has_order = order.shape[0] > 0
+    cdef i64 max_group = 0
+    cdef i64* slots
+    cdef double* scratch
+    cdef double* table
+    cdef double* sig_return_p = _ptr(sig_return)
+    cdef double* sig_oret_p = _ptr(sig_oret)
+    cdef double* outcome_p = _ptr(outcome)
+    cdef double* batch_p = _ptr(batch_part)
+    cdef const i64* order_p = &order[0] if has_order else NULL
+    cdef const initial_t* init_p = &initial_distance[0] if initial_distance.shape[0] else NULL
+    if offsets.shape[0] <= 1:
+        return
+    with nogil:
+        for s in range(nseg):
+            if seg_start[s + 1] - seg_start[s] > max_group:
+                max_group = seg_start[s + 1] - seg_start[s]
+        scratch = <double*>malloc((max_len * (8 + 3 * ncomp) + ncomp + 3 * (max_group + 1))
+                                  * sizeof(double))
+        slots = <i64*>malloc((2 * ncomp + 1) * sizeof(i64))
+        if scratch == NULL or slots == NULL:
+            free(scratch)
+            free(slots)
+            with gil:
+                raise MemoryError()
+        table = scratch + max_len * (8 + 3 * ncomp) + ncomp
+        for ci in range(3 * max_len):
+            scratch[5 * max_len + ci] = 0.0  # per-turn signal sums start (and stay) zeroed
+        _count_table(max_group, ddof, table)
+        for s in range(nseg):
+            _segment(&offsets[0], order_p, has_order, seg_start[s], seg_start[s + 1],
+                     &values[0], init_p, reward_kind, returns_kind, gamma, &spec[0, 0],
+                     &weight[0], ncomp, eps, ddof, singleton_raw, &out_reward[0],
+                     &out_return[0], sig_return_p, sig_return_p != NULL, sig_oret_p,
+                     sig_oret_p != NULL, outcome_p, outcome_p != NULL, &out_adv[0], batch_p,
+                     s, scratch, table, slots, max_len)
+        free(slots)
+        free(scratch)
+
+
+def bucket_batch_moments(const double[::1] batch_part, const i64[:, ::1] spec, double eps,
+                         int ddof, bint singleton_raw, double[::1] batch_params):
+    """Merge the groups' partial moments of every batch component, in group order.
+
+    With ``M = sum(sums) / n`` and ``delta_g = m_g - M``::
+
+        c  = sum_g c_g + n_g delta_g
+        m2 = sum_g m2_g + 2 delta_g c_g + n_g delta_g^2
+
+    then the corrected two-pass parameters as in every other bucket. Writes ``(mean0,
+    shift, mult)`` of component ``c`` to ``batch_params[3c : 3c + 3]``.
+    """
+    cdef Py_ssize_t ncomp = spec.shape[0]
+    cdef Py_ssize_t nseg = batch_part.shape[0] // (4 * ncomp) if ncomp else 0
+    cdef Py_ssize_t ci, s
+    cdef double n, total, mean0, cc, m2, ns, delta, cs
+    with nogil:
+        for ci in range(ncomp):
+            if spec[ci, SPEC_SCOPE] != SCOPE_BATCH:
+                continue
+            n = 0.0
+            total = 0.0
+            for s in range(nseg):
+                n += batch_part[(s * ncomp + ci) * 4 + 0]
+                total = total + batch_part[(s * ncomp + ci) * 4 + 1]
+            mean0 = total / n if n > 0.0 else 0.0
+            cc = 0.0
+            m2 = 0.0
+            for s in range(nseg):
+                ns = batch_part[(s * ncomp + ci) * 4 + 0]
+                if ns == 0.0:
+                    continue
+                delta = batch_part[(s * ncomp + ci) * 4 + 1] / ns - mean0
+                cs = batch_part[(s * ncomp + ci) * 4 + 2]
+                cc += cs + ns * delta
+                m2 += batch_part[(s * ncomp + ci) * 4 + 3] + 2.0 * delta * cs \
+                    + ns * delta * delta
+            _bucket_params(n, mean0, cc, m2, spec[ci, SPEC_LOO], spec[ci, SPEC_STD], ddof, eps,
+                           singleton_raw, &batch_params[3 * ci], &batch_params[3 * ci + 1],
+                           &batch_params[3 * ci + 2])
+
+
+def fused_batch_advantages(const i64[::1] offsets, const i64[:, ::1] spec,
+                           const double[::1] weight, const double[::1] batch_params,
+                           double[::1] out_reward, double[::1] sig_return,
+                           double[::1] sig_oret, double[::1] outcome, bint assign,
+                           double[::1] out_adv):
+    """The batch pass: ``out_adv += w_c z_c`` for every batch component (``=`` for the first
+    when ``assign``, i.e. when the group pass wrote no advantage)."""
+    cdef Py_ssize_t n_traj = offsets.shape[0] - 1, ncomp = spec.shape[0], ci
+    cdef i64 i, k
+    cdef int sig
+    cdef bint first = assign
+    cdef double m, sh, f, w, x
+    cdef double* xs
+    cdef double* reward_p = _ptr(out_reward)
+    cdef double* sig_return_p = _ptr(sig_return)
+    cdef double* sig_oret_p = _ptr(sig_oret)
+    with nogil:
+        for ci in range(ncomp):
+            if spec[ci, SPEC_SCOPE] != SCOPE_BATCH:
+                continue
+            sig = <int>spec[ci, SPEC_SIGNAL]
+            m = batch_params[3 * ci]
+            sh = batch_params[3 * ci + 1]
+            f = batch_params[3 * ci + 2]
+            w = weight[ci]
+            xs = _row_signal(sig, reward_p, sig_return_p, sig_oret_p)
+            for i in range(n_traj):
+                for k in range(offsets[i], offsets[i + 1]):
+                    x = outcome[i] if sig == SIG_OUTCOME else xs[k]
+                    if first:
+                        out_adv[k] = 0.0 + w * (((x - m) - sh) * f)
+                    else:
+                        out_adv[k] = out_adv[k] + w * (((x - m) - sh) * f)
+            first = False

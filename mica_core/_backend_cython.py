@@ -1,93 +1,143 @@
-"""The Cython backend: the compiled kernels of ``mica_core._ext`` composed per plan."""
+"""The Cython backend, and the driver shared by both compiled backends.
+
+A plan runs as (see ``kernels/_ext.pyx``):
+
+1. ``ragged_group_segments``: one segment of trajectories per group; the rollouts of a group
+   are usually adjacent and then no reordering happens, else a counting sort by group code.
+2. ``fused_group_advantages``: one pass per group for rewards, returns, the statistics of
+   every ``turn``/``group`` component and their share of the advantage.
+3. Only for components with scope ``batch``: ``bucket_batch_moments`` merges the groups'
+   partial moments, then ``fused_batch_advantages`` adds their terms.
+
+``mica_core._numba`` exposes the same kernels (names and argument order), so
+:func:`run_fused` drives either module.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
 try:
     from . import _ext
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "mica_core._ext (the compiled Cython kernels) is not built. Reinstall mica with a C "
-        "compiler available (`pip install -e .` or `make test`), or pass backend='numpy'."
-    ) from exc
+    _ext = None
+    _EXT_ERROR = exc
+
+SIGNAL_CODES = {"reward": 0, "return": 1, "outcome": 2, "outcome_return": 3}
+SCOPE_CODES = {"turn": 0, "group": 1, "batch": 2}
+REWARD_CODES = {"idr": 0, "adr": 1, "given": 2}
+RETURNS_CODES = {"discounted": 0, "outcome": 1, "outcome_discounted": 2}
+
+_EMPTY_F64 = np.zeros(0, dtype=np.float64)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
 
 
-def _f64(a):
-    return None if a is None else np.ascontiguousarray(a, dtype=np.float64)
+class EncodedPlan(NamedTuple):
+    """A :class:`mica_core.estimators.Plan` as the kernels read it."""
+
+    reward_kind: int
+    returns_kind: int
+    gamma: float
+    spec: np.ndarray  # int64 [ncomp, 4]: signal, scope, loo, scale by std
+    weight: np.ndarray  # float64 [ncomp]
+    eps: float
+    ddof: int
+    singleton_raw: bool
+    need_return: bool  # some component or the return output uses G_t
+    need_oret: bool  # ... gamma^(T-1-t) R_i
+    need_outcome: bool  # ... R_i
+    has_batch: bool
+    has_local: bool  # some component has scope turn or group
+
+
+@lru_cache(maxsize=512)
+def encode_plan(plan) -> EncodedPlan:
+    comps = plan.components
+    spec = np.array([[SIGNAL_CODES[c.signal], SCOPE_CODES[c.scope], c.baseline == "loo",
+                      c.scale == "std"] for c in comps], dtype=np.int64).reshape(len(comps), 4)
+    weight = np.array([c.weight for c in comps], dtype=np.float64)
+    spec.setflags(write=False)
+    weight.setflags(write=False)
+    signals = {c.signal for c in comps}
+    return EncodedPlan(
+        reward_kind=REWARD_CODES[plan.reward],
+        returns_kind=RETURNS_CODES[plan.returns],
+        gamma=float(plan.gamma),
+        spec=spec,
+        weight=weight,
+        eps=float(plan.eps),
+        ddof=int(plan.ddof),
+        singleton_raw=plan.singleton == "raw",
+        need_return="return" in signals or plan.returns == "discounted",
+        need_oret="outcome_return" in signals or plan.returns == "outcome_discounted",
+        need_outcome=bool(signals & {"outcome", "outcome_return"}) or plan.returns == "outcome",
+        has_batch=any(c.scope == "batch" for c in comps),
+        has_local=any(c.scope != "batch" for c in comps),
+    )
+
+
+def _values(a):
+    """A kernel-ready float32/float64 contiguous array (other dtypes become float64)."""
+    a = np.asarray(a)
+    if a.dtype != np.float32 and a.dtype != np.float64:
+        a = a.astype(np.float64)
+    return np.ascontiguousarray(a)
+
+
+def run_fused(kernels, plan, ragged, distance, initial_distance, reward, out_reward,
+              out_return, out_adv):
+    """Fill the float64 outputs for ``plan`` with the fused ``kernels`` module."""
+    n_traj, ngroups = ragged.n_traj, ragged.ngroups
+    if n_traj == 0:
+        return
+    enc = encode_plan(plan)
+    n = ragged.n_rows
+    values = _values(reward if enc.reward_kind == 2 else distance)
+    initial = _values(initial_distance) if enc.reward_kind == 0 else _EMPTY_F64
+    offsets = ragged.offsets
+    order = np.empty(n_traj, dtype=np.int64)
+    seg_start = np.empty(ngroups + 1, dtype=np.int64)
+    contiguous, max_len = kernels.ragged_group_segments(offsets, ragged.group, ngroups, order,
+                                                        seg_start)
+    if contiguous:
+        order = _EMPTY_I64
+    if enc.returns_kind == 0:
+        sig_return = out_return
+    else:
+        sig_return = np.empty(n) if enc.need_return else _EMPTY_F64
+    if enc.returns_kind == 2:
+        sig_oret = out_return
+    else:
+        sig_oret = np.empty(n) if enc.need_oret else _EMPTY_F64
+    outcome = np.empty(n_traj) if enc.need_outcome else _EMPTY_F64
+    ncomp = len(enc.weight)
+    batch_part = np.empty(ngroups * ncomp * 4) if enc.has_batch else _EMPTY_F64
+    kernels.fused_group_advantages(
+        offsets, order, seg_start, values, initial, enc.reward_kind, enc.returns_kind,
+        enc.gamma, enc.spec, enc.weight, enc.eps, enc.ddof, enc.singleton_raw, int(max_len),
+        out_reward, out_return, sig_return, sig_oret, outcome, out_adv, batch_part)
+    if enc.has_batch:
+        batch_params = np.zeros(3 * ncomp)
+        kernels.bucket_batch_moments(batch_part, enc.spec, enc.eps, enc.ddof,
+                                     enc.singleton_raw, batch_params)
+        kernels.fused_batch_advantages(offsets, enc.spec, enc.weight, batch_params, out_reward,
+                                       sig_return, sig_oret, outcome, not enc.has_local,
+                                       out_adv)
 
 
 def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return, out_adv):
-    offsets, group, ngroups = ragged.offsets, ragged.group, ragged.ngroups
-    n, n_traj = ragged.n_rows, ragged.n_traj
-    if plan.reward == "given":
-        out_reward[:] = reward
-    elif plan.reward == "idr":
-        _ext.ragged_incremental_distance_reward(offsets, _f64(distance),
-                                                _f64(initial_distance), out_reward)
-    else:
-        _ext.ragged_absolute_distance_reward(_f64(distance), out_reward)
-    r = out_reward
-    cache = {}
+    """Fill ``out_reward``, ``out_return``, ``out_adv`` (float64 ``[n_rows]``) for ``plan``.
 
-    def signal(name):
-        if name not in cache:
-            if name == "return":
-                buf = out_return if plan.returns == "discounted" else np.empty(n)
-                _ext.ragged_discounted_returns(offsets, r, plan.gamma, buf)
-            elif name == "outcome":
-                buf = np.empty(n_traj)
-                _ext.ragged_outcome(offsets, r, buf)
-            elif name == "outcome_return":
-                buf = out_return if plan.returns == "outcome_discounted" else np.empty(n)
-                _ext.ragged_outcome_returns(offsets, signal("outcome"), plan.gamma, buf)
-            else:
-                buf = r
-            cache[name] = buf
-        return cache[name]
-
-    if plan.returns == "discounted":
-        signal("return")
-    elif plan.returns == "outcome":
-        _ext.ragged_broadcast(offsets, signal("outcome"), out_return)
-    else:
-        signal("outcome_return")
-
-    labels_cache = {}
-
-    def labels(scope, per_traj):
-        key = (scope, per_traj)
-        if key not in labels_cache:
-            if scope == "batch":
-                labels_cache[key] = (np.zeros(n_traj if per_traj else n, dtype=np.int64), 1)
-            elif scope == "group" and per_traj:
-                labels_cache[key] = (group, ngroups)
-            elif scope == "group":
-                lab = np.empty(n, dtype=np.int64)
-                _ext.ragged_group_labels(offsets, group, lab)
-                labels_cache[key] = (lab, ngroups)
-            else:
-                lab = np.empty(n, dtype=np.int64)
-                nb = _ext.ragged_turn_labels(offsets, group, ngroups, lab)
-                labels_cache[key] = (lab, nb)
-        return labels_cache[key]
-
-    out_adv[:] = 0.0
-    for comp in plan.components:
-        values = signal(comp.signal)
-        per_traj = comp.signal == "outcome" and comp.scope != "turn"
-        if comp.signal == "outcome" and comp.scope == "turn":
-            rows = np.empty(n)
-            _ext.ragged_broadcast(offsets, values, rows)
-            values = rows
-        lab, nb = labels(comp.scope, per_traj)
-        count, mean0, c, m2 = (np.empty(nb) for _ in range(4))
-        _ext.bucket_moments(lab, values, count, mean0, c, m2)
-        target = np.zeros(n_traj) if per_traj else out_adv
-        _ext.bucket_zscore_accumulate(lab, values, count, mean0, c, m2, comp.weight,
-                                      comp.baseline == "loo", comp.scale == "std", plan.ddof,
-                                      plan.eps, plan.singleton == "raw", target)
-        if per_traj:
-            rows = np.empty(n)
-            _ext.ragged_broadcast(offsets, target, rows)
-            out_adv += rows
+    ``distance``, ``initial_distance`` and ``reward`` may be float32 or float64; statistics
+    accumulate in float64.
+    """
+    if _ext is None:  # pragma: no cover - exercised only on a broken install
+        raise ImportError(
+            "mica_core._ext (the compiled Cython kernels) is not built. Reinstall mica with a "
+            "C compiler available (`pip install -e .` or `make test`), or pass "
+            "backend='numpy'.") from _EXT_ERROR
+    run_fused(_ext, plan, ragged, distance, initial_distance, reward, out_reward, out_return,
+              out_adv)
