@@ -5,8 +5,8 @@ Arrow IPC or CSV (by extension), writes Parquet atomically (a temporary file in 
 then a rename) and keeps an existing OUT unless ``--force``. Bad input exits with status 2 and
 one line naming the column, the first offending row and the rule.
 
-``mica env ...`` and the training commands (``train``, ``eval``, ``tiny-model``,
-``warm-start``, ``study``) belong to ``mica_train`` and are loaded only when used.
+``mica env ...``, the training commands (``train``, ``eval``, ``tiny-model``, ``warm-start``)
+and ``mica study`` belong to ``mica_train`` and are loaded only when used.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import tempfile
 import time
 
 ENV_COMMANDS = ("env",)
-TRAIN_COMMANDS = ("train", "eval", "tiny-model", "warm-start", "study")
+TRAIN_COMMANDS = ("train", "eval", "tiny-model", "warm-start")
 READ_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "ipc", ".ipc": "ipc",
                    ".feather": "ipc", ".arrows": "ipc", ".csv": "csv"}
 PROGRESS_MIN_ROWS = 1_000_000
@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from mica_train.env.cli import main as env_main
 
         return env_main(argv[1:])
+    if argv and argv[0] == "study":
+        from mica_train.study import main as study_main
+
+        return study_main(argv[1:])
     if argv and argv[0] in TRAIN_COMMANDS:
         from mica_train.cli import main as train_main
 
