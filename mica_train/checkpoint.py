@@ -27,12 +27,12 @@ import numpy as np
 from .atomic import atomic_dir, atomic_write_text
 
 __all__ = [
+    "capture_rng_state",
     "checkpoint_dir",
-    "save_checkpoint",
     "latest_checkpoint",
     "load_checkpoint_state",
-    "capture_rng_state",
     "restore_rng_state",
+    "save_checkpoint",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")

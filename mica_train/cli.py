@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

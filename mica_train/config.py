@@ -16,20 +16,20 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ModelConfig",
-    "LoraSettings",
-    "EnvSettings",
-    "DataConfig",
-    "RolloutConfig",
     "AdvantageConfig",
-    "LossConfig",
-    "OptimConfig",
+    "DataConfig",
+    "EnvSettings",
     "EvalConfig",
+    "LoraSettings",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RolloutConfig",
     "TrainConfig",
-    "load_config",
-    "config_to_dict",
-    "config_from_dict",
     "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
 ]
 
 
@@ -206,7 +206,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp in (int, float) and isinstance(value, bool):
         raise ValueError(f"{where}: expected a number, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+        # Every config problem is a ValueError, whatever its kind.
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")  # noqa: TRY004
     return value
 
 
@@ -238,7 +239,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p} is not a section")
+                raise ValueError(f"--set {key}: {p} is not a section")  # noqa: TRY004
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return data
 

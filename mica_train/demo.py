@@ -99,8 +99,9 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     records = list(trainer.logger.records) if trainer.logger is not None else []
     if records:
         # The evaluations before and after training go on the same figure.
-        curves = records + [{"step": records[0]["step"] - 1, "eval_pass_rate": before["pass_rate"]},
-                            {"step": records[-1]["step"], "eval_pass_rate": after["pass_rate"]}]
+        curves = records + [{"step": records[0]["step"] - 1, "eval_pass_rate": before["pass_rate"]}]
+        if "eval_pass_rate" not in records[-1]:
+            curves.append({"step": records[-1]["step"], "eval_pass_rate": after["pass_rate"]})
         curves.sort(key=lambda r: r["step"])
         plot_learning_curves(curves, out / "learning_curves.png", title="mica demo: MICA on the tiny policy")
     split = _time_split(records)
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-start-steps", type=int, default=400)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    summary = run_demo(args.out, args.config, args.overrides, args.warm_start_steps, progress=not args.no_progress)
+    overrides = args.overrides + (["progress=false"] if args.no_progress else [])
+    summary = run_demo(args.out, args.config, overrides, args.warm_start_steps, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("pass_rate_before", "pass_rate_after", "steps", "seconds")}))
     return 0
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DistInfo", "init_distributed", "all_gather_objects", "all_reduce_sum", "all_reduce_grads", "barrier"]
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_grads", "all_reduce_sum", "barrier", "init_distributed"]
 
 
 @dataclass(frozen=True)

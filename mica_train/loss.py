@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LossTerms", "ppo_clip_token_losses", "k3_kl", "masked_token_mean", "policy_loss"]
+__all__ = ["LossTerms", "k3_kl", "masked_token_mean", "policy_loss", "ppo_clip_token_losses"]
 
 
 def masked_token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
@@ -114,11 +114,11 @@ def policy_loss(
         if entropy_coef:
             total = total - entropy_coef * ent
     with torch.no_grad():
-        stats = dict(
-            clip_frac=masked_token_mean(clipped.to(logp.dtype), mask, n_tokens),
-            dual_clip_frac=masked_token_mean(dual.to(logp.dtype), mask, n_tokens),
-            ppo_kl=masked_token_mean(old_logp - logp, mask, n_tokens),
-        )
+        stats = {
+            "clip_frac": masked_token_mean(clipped.to(logp.dtype), mask, n_tokens),
+            "dual_clip_frac": masked_token_mean(dual.to(logp.dtype), mask, n_tokens),
+            "ppo_kl": masked_token_mean(old_logp - logp, mask, n_tokens),
+        }
     return LossTerms(
         loss=total,
         pg_loss=pg.detach(),

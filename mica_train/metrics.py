@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .atomic import atomic_path, atomic_write_text
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_learning_curves", "CURVES"]
+__all__ = ["CURVES", "MetricsLogger", "plot_learning_curves", "read_metrics"]
 
 # (metric key, panel title) of the learning-curve figure.
 CURVES = (

@@ -16,25 +16,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 __all__ = [
+    "Policy",
+    "TokenBatch",
+    "collate_turns",
+    "encode_prompts",
+    "generate_replies",
+    "load_policy",
+    "load_policy_weights",
+    "load_tokenizer",
+    "prompt_messages",
     "quiet_transformers",
     "resolve_device",
     "resolve_dtype",
-    "Policy",
-    "load_tokenizer",
-    "load_policy",
-    "save_policy_weights",
-    "load_policy_weights",
-    "prompt_messages",
-    "encode_prompts",
-    "generate_replies",
-    "TokenBatch",
-    "collate_turns",
     "response_logprobs",
+    "save_policy_weights",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -265,15 +266,15 @@ def generate_replies(
     model = policy.model
     out: list[list[int]] = []
     sample = temperature > 0
-    gen_kwargs = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        eos_token_id=eos,
-        pad_token_id=tok.pad_token_id,
-        return_dict_in_generate=False,
-    )
+    gen_kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": sample,
+        "eos_token_id": eos,
+        "pad_token_id": tok.pad_token_id,
+        "return_dict_in_generate": False,
+    }
     if sample:
-        gen_kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
+        gen_kwargs.update({"temperature": float(temperature), "top_p": float(top_p), "top_k": 0})
     with torch.no_grad(), _eval_mode(model):
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]

@@ -13,12 +13,13 @@ it sampled (the reply span, end-of-turn token included); the text sent to the en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Turn", "EpisodeRecord", "run_episodes", "trajectory_table", "derive_seed"]
+__all__ = ["EpisodeRecord", "Turn", "derive_seed", "run_episodes", "trajectory_table"]
 
 
 def derive_seed(*keys: int) -> int:

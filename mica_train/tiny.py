@@ -11,16 +11,16 @@ the defaults). Both are saved with ``save_pretrained`` and load back with
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "TinyModelConfig",
-    "train_tokenizer",
     "build_tiny_model",
+    "train_tokenizer",
     "write_tiny_model",
 ]
 

@@ -28,7 +28,7 @@ import numpy as np
 from .config import TrainConfig, config_to_dict
 from .rollout import derive_seed
 
-__all__ = ["Trainer", "warmup_cosine", "make_env_config", "training_scenarios", "evaluate", "StepTimes"]
+__all__ = ["StepTimes", "Trainer", "evaluate", "make_env_config", "training_scenarios", "warmup_cosine"]
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float):
@@ -47,12 +47,12 @@ def warmup_cosine(total: int, warmup: int, min_ratio: float):
 def make_env_config(env_settings, max_turns: int | None = None):
     from .env import EnvConfig
 
-    kwargs = dict(
-        simulator=env_settings.simulator,
-        success=env_settings.success,
-        max_turns=max_turns or env_settings.max_turns,
-        min_turns=env_settings.min_turns,
-    )
+    kwargs = {
+        "simulator": env_settings.simulator,
+        "success": env_settings.success,
+        "max_turns": max_turns or env_settings.max_turns,
+        "min_turns": env_settings.min_turns,
+    }
     kwargs.update(env_settings.extra)
     return EnvConfig(**kwargs)
 
@@ -120,7 +120,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         import torch
 
-        from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng_state
+        from .checkpoint import (
+            latest_checkpoint,
+            load_checkpoint_state,
+            restore_rng_state,
+        )
         from .distributed import init_distributed
         from .env import make_env
         from .policy import load_policy
@@ -148,7 +152,7 @@ class Trainer:
             params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay
         )
         total_updates = cfg.steps * cfg.optim.epochs * cfg.optim.minibatches
-        warmup = int(round(cfg.optim.warmup_ratio * total_updates))
+        warmup = round(cfg.optim.warmup_ratio * total_updates)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(total_updates, warmup, cfg.optim.min_lr_ratio)
         )
@@ -220,8 +224,9 @@ class Trainer:
         """Turn advantages of this process's rows, and the mica_core output table (reward,
         return, advantage) of the whole batch: the turns of every process are gathered first,
         so batch-scope estimators see the whole batch."""
-        import mica_core as mc
         import pyarrow as pa
+
+        import mica_core as mc
 
         from .distributed import all_gather_objects
 
@@ -276,8 +281,9 @@ class Trainer:
         return logps, ents
 
     def update(self, table, advantage: np.ndarray, step: int) -> dict[str, float]:
-        import mica_core as mc
         import torch
+
+        import mica_core as mc
 
         from .distributed import all_reduce_grads, all_reduce_sum
         from .loss import policy_loss
@@ -297,7 +303,7 @@ class Trainer:
         t_score = time.perf_counter() - t0
 
         n = len(prompts)
-        sums = dict(loss=0.0, pg_loss=0.0, clip_frac=0.0, dual_clip_frac=0.0, ppo_kl=0.0, kl=0.0, entropy=0.0)
+        sums = dict.fromkeys(("loss", "pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "kl", "entropy"), 0.0)
         grad_norm = 0.0
         n_updates = 0
         for epoch in range(cfg.optim.epochs):
@@ -406,7 +412,7 @@ class Trainer:
             "mean_final_distance": float(agg["mean_final_distance"]),
             "mean_turns": float(agg.get("mean_turns", float("nan"))),
             "episodes": int(agg.get("n", len(ep_metrics))),
-            "turns": int(len(all_adv)),
+            "turns": len(all_adv),
             "reward_mean": float(np.mean(reward)) if len(reward) else float("nan"),
             "advantage_mean": float(np.mean(all_adv)) if len(all_adv) else float("nan"),
             "advantage_std": float(np.std(all_adv)) if len(all_adv) else float("nan"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SFTExample", "generate_corpus", "corpus_texts", "WarmStartConfig", "tokenize_examples", "warm_start"]
+__all__ = ["SFTExample", "WarmStartConfig", "corpus_texts", "generate_corpus", "tokenize_examples", "warm_start"]
 
 
 @dataclass
@@ -96,8 +96,8 @@ def warm_start(model_dir: str | Path, out_dir: str | Path, cfg: WarmStartConfig 
     """
     import numpy as np
     import torch
-    from transformers import AutoModelForCausalLM
     from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
 
     from .atomic import atomic_dir, atomic_write_json
     from .policy import load_tokenizer, quiet_transformers

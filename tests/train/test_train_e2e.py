@@ -24,17 +24,19 @@ def _env():
 
 def _cli(*args, module="mica_train.cli"):
     res = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=_env(), cwd=ROOT,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
 def test_help_is_light():
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from mica_train.cli import main\n"
-         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"],
-        env=_env(), cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-c", (
+            "import sys; from mica_train.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+        )],
+        env=_env(), cwd=ROOT, capture_output=True, text=True, check=False,
     )
     assert out.returncode == 0, out.stderr
     assert "tiny-model" in out.stdout and out.stdout.strip().endswith("[]")

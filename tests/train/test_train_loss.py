@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mica_train.loss import k3_kl, masked_token_mean, policy_loss, ppo_clip_token_losses  # noqa: E402
+from mica_train.loss import k3_kl, masked_token_mean, policy_loss, ppo_clip_token_losses
 
 
 def _t(rows):

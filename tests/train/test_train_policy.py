@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from mica_train.config import load_config  # noqa: E402
-from mica_train.policy import (  # noqa: E402
+from mica_train.config import load_config
+from mica_train.policy import (
     collate_turns,
     encode_prompts,
     generate_replies,
@@ -18,8 +18,8 @@ from mica_train.policy import (  # noqa: E402
     prompt_messages,
     response_logprobs,
 )
-from mica_train.tiny import TinyModelConfig, write_tiny_model  # noqa: E402
-from mica_train.warmstart import corpus_texts, generate_corpus, tokenize_examples  # noqa: E402
+from mica_train.tiny import TinyModelConfig, write_tiny_model
+from mica_train.warmstart import corpus_texts, generate_corpus, tokenize_examples
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml")
 SMALL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)

@@ -14,10 +14,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from mica_train.atomic import atomic_dir, atomic_write_text  # noqa: E402
-from mica_train.checkpoint import latest_checkpoint  # noqa: E402
-from mica_train.tiny import TinyModelConfig, write_tiny_model  # noqa: E402
-from mica_train.warmstart import corpus_texts, generate_corpus  # noqa: E402
+from mica_train.atomic import atomic_dir, atomic_write_text
+from mica_train.checkpoint import latest_checkpoint
+from mica_train.tiny import TinyModelConfig, write_tiny_model
+from mica_train.warmstart import corpus_texts, generate_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -43,7 +43,7 @@ def _train(tiny_dir, run_dir, *overrides):
            "--set", f"model.path={tiny_dir}", "--set", f"run_dir={run_dir}", "--set", "steps=4"]
     for o in overrides:
         cmd += ["--set", o]
-    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, check=False)
 
 
 def _metrics(run_dir):
@@ -99,10 +99,9 @@ def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
     target = tmp_path / "ckpt"
     with atomic_dir(target) as tmp:
         (tmp / "a.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "a.txt").write_text("half")
-            raise RuntimeError("killed while writing")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("killed while writing")
     assert (target / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
     with atomic_dir(target) as tmp:
