@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py requirements/ci.txt kernels/*.pyx
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m mica_core.demo
+	$(PY) -m mica_train.demo
 
 # The whole suite: the main environment, then the verl integration in its own environment
 # (.venv-verl: verl pins transformers < 5.11).
