@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the tokenizer corpus")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=2, help="attention heads (key-value heads: half as many)")
     p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary cap (specials included)")
     p.add_argument("--episodes", type=int, default=200, help="corpus episodes the tokenizer is trained on")
 

@@ -165,7 +165,11 @@ def load_policy(model_cfg, lora_cfg, weights_dir: str | Path | None = None, need
             load_policy_weights(model, weights_dir)
         model.requires_grad_(True)
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # the newer name; older releases lack it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if lora_cfg.enabled:
             model.enable_input_require_grads()
     model.to(device)

@@ -2,7 +2,7 @@
 
 No model ships with the library and nothing is downloaded: the tokenizer is a byte-level BPE
 trained on the warm-start corpus (supportive replies of every kind plus simulated user
-messages), the model a freshly initialised Llama-architecture decoder (about 0.1M parameters at
+messages), the model a freshly initialised Llama-architecture decoder (about 0.4M parameters at
 the defaults). Both are saved with ``save_pretrained`` and load back with
 ``from_pretrained(local_dir)`` without any network access.
 

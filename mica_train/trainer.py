@@ -47,11 +47,12 @@ def warmup_cosine(total: int, warmup: int, min_ratio: float):
 def make_env_config(env_settings, max_turns: int | None = None):
     from .env import EnvConfig
 
+    max_turns = max_turns or env_settings.max_turns
     kwargs = {
         "simulator": env_settings.simulator,
         "success": env_settings.success,
-        "max_turns": max_turns or env_settings.max_turns,
-        "min_turns": env_settings.min_turns,
+        "max_turns": max_turns,
+        "min_turns": min(env_settings.min_turns, max_turns),
     }
     kwargs.update(env_settings.extra)
     return EnvConfig(**kwargs)
@@ -158,6 +159,7 @@ class Trainer:
         )
         self.step = 0
         self.elapsed = 0.0
+        self._steps_this_process = 0
         if ckpt is not None:
             state = load_checkpoint_state(ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -295,13 +297,16 @@ class Trainer:
         responses = table.column("response_ids").to_pylist()
         model = self.policy.model
         t0 = time.perf_counter()
-        old_logp, old_ent = self._score(model, prompts, responses, with_entropy=True)
+        old_logp, old_ent = self._score(model, prompts, responses, with_entropy=lc.entropy_coef <= 0)
         ref_logp = None
         if self.policy.has_reference:
             with self.policy.reference_model() as ref:
                 ref_logp, _ = self._score(ref, prompts, responses, with_entropy=False)
         t_score = time.perf_counter() - t0
 
+        # transformers checkpoints activations only in train mode; otherwise dropout stays off so
+        # the ratio is exactly 1 before the first update.
+        model.train(cfg.model.gradient_checkpointing)
         n = len(prompts)
         sums = dict.fromkeys(("loss", "pg_loss", "clip_frac", "dual_clip_frac", "ppo_kl", "kl", "entropy"), 0.0)
         grad_norm = 0.0
@@ -358,6 +363,7 @@ class Trainer:
                     sums[k] += v
                 grad_norm += float(gn)
                 n_updates += 1
+        model.eval()
         stats = {k: v / max(n_updates, 1) for k, v in sums.items()}
         stats["grad_norm"] = grad_norm / max(n_updates, 1)
         if ref_logp is None:
@@ -451,7 +457,6 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self._steps_this_process = 0
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,

@@ -161,3 +161,51 @@ def test_lora_invariant_after_two_steps(tiny_dir, tmp_path):
             assert torch.equal(value, base[key]), key
             seen += 1
     assert seen == len(base)
+
+
+def test_trajectory_table_and_advantages(tiny_dir, tmp_path):
+    """G rollouts per scenario, one row per turn with the exact token spans, and the advantage
+    is mica_core's on that table."""
+    import mica_core as mc
+    import numpy as np
+
+    from mica_train.rollout import trajectory_table
+    from mica_train.trainer import Trainer
+
+    cfg = _cfg(tiny_dir, tmp_path / "run", "tensorboard=false", "advantage.estimator=mapo")
+    trainer = Trainer(cfg)
+    torch.manual_seed(0)
+    records = trainer.rollout(1)
+    assert len(records) == cfg.data.scenarios_per_step * cfg.data.group_size
+    table = trajectory_table(records)
+    assert table.column_names == ["group_id", "traj_id", "turn", "distance", "initial_distance",
+                                  "prompt_ids", "response_ids", "reply"]
+    groups = table.column("group_id").to_numpy()
+    trajs = table.column("traj_id").to_numpy()
+    turns = table.column("turn").to_numpy()
+    assert sorted(set(groups)) == list(range(cfg.data.scenarios_per_step))
+    for t in set(trajs):
+        assert list(turns[trajs == t]) == list(range((trajs == t).sum()))
+        assert len(set(groups[trajs == t])) == 1
+    tok = trainer.policy.tokenizer
+    for ids, text in zip(table.column("response_ids").to_pylist(), table.column("reply").to_pylist()):
+        assert 1 <= len(ids) <= cfg.rollout.max_new_tokens
+        assert tok.decode(ids, skip_special_tokens=True).strip() == text
+    adv, out = trainer.advantages(table)
+    expected = mc.compute_advantages(table.select(["group_id", "traj_id", "turn", "distance", "initial_distance"]),
+                                     estimator="mapo")
+    np.testing.assert_array_equal(adv, expected.column("advantage").to_numpy())
+    np.testing.assert_array_equal(out.column("reward").to_numpy(), expected.column("reward").to_numpy())
+
+
+def test_gradient_checkpointing_step(tiny_dir, tmp_path):
+    from mica_train.trainer import Trainer
+
+    cfg = _cfg(tiny_dir, tmp_path / "run", "steps=1", "tensorboard=false", "plot=false",
+               "model.gradient_checkpointing=true")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.policy.named_trainable_state().items()}
+    rec = trainer.train()
+    assert rec["step"] == 1 and not trainer.policy.model.training
+    after = trainer.policy.named_trainable_state()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
