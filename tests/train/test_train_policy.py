@@ -166,9 +166,9 @@ def test_lora_invariant_after_two_steps(tiny_dir, tmp_path):
 def test_trajectory_table_and_advantages(tiny_dir, tmp_path):
     """G rollouts per scenario, one row per turn with the exact token spans, and the advantage
     is mica_core's on that table."""
-    import mica_core as mc
     import numpy as np
 
+    import mica_core as mc
     from mica_train.rollout import trajectory_table
     from mica_train.trainer import Trainer
 
