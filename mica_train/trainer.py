@@ -190,12 +190,10 @@ class Trainer:
             raise ValueError("data.group_size must be >= 2: group baselines need several rollouts")
         if cfg.data.scenarios_per_step < self.dist.world_size:
             raise ValueError("data.scenarios_per_step must be >= the number of processes")
-        for name in ("steps", "optim.epochs", "optim.minibatches"):
-            obj = cfg
-            for part in name.split("."):
-                obj = getattr(obj, part)
-            if obj < 1:
-                raise ValueError(f"{name} must be >= 1")
+        for name, value in (("steps", cfg.steps), ("optim.epochs", cfg.optim.epochs),
+                            ("optim.minibatches", cfg.optim.minibatches)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
     # ------------------------------------------------------------------ rollout
     def _scenario_index(self, step: int, group: int) -> int:
