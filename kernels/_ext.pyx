@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-# distutils: extra_compile_args = -fno-math-errno
+# distutils: extra_compile_args = -fno-math-errno -fno-trapping-math
 """Fused CPU kernels of mica_core (built ahead of time into ``mica_core._ext``).
 
 One pass per rollout group computes the rewards, the returns, the bucket statistics of
@@ -31,6 +31,17 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 ctypedef long long i64
+
+# Pointers the compiler may assume do not alias (C99 restrict): the helpers below read and
+# write distinct scratch arrays, and without the promise the compiler either checks overlaps
+# at run time on every short loop or does not vectorize at all.
+cdef extern from *:
+    """
+    typedef double *__restrict__ mica_dptr;
+    typedef const double *__restrict__ mica_cdptr;
+    """
+    ctypedef double* dptr "mica_dptr"
+    ctypedef const double* cdptr "mica_cdptr"
 
 ctypedef fused values_t:
     float
@@ -149,22 +160,22 @@ cdef inline void _bucket_params(double n, double mean0, double c, double m2sum, 
             mult_out[0] = 0.0
 
 
-cdef inline void _turn_bucket_params(i64 glen, const double* cnt, const double* inv,
-                                     double* mean0, double* c, double* m2sum, bint loo,
+cdef inline void _turn_bucket_params(i64 glen, cdptr cnt, cdptr inv, cdptr ones,
+                                     dptr mean0, dptr c, dptr m2sum, bint loo,
                                      bint scale_std, double eps,
                                      bint singleton_raw) noexcept nogil:
     """:func:`_bucket_params` over the ``glen`` turn buckets of a group, in place (``c``
     becomes the shift, ``m2sum`` the multiplier).
 
     A turn bucket holds at most one value per trajectory, so its ``1/n``, ``1/(n - ddof)``
-    and ``n/(n - 1)`` come from a table, laid out per turn in ``inv`` as four runs of length
-    ``glen``: ``1/n``, ``1/(n - ddof)``, ``n/(n - 1)``, ``1``. One division and one square
-    root per bucket and no branches in the loops, so they vectorize.
+    and ``n/(n - 1)`` come from a table, laid out per turn in ``inv`` as three runs of length
+    ``glen``; ``ones`` holds 1.0 (the factor without leave-one-out). One division and one
+    square root per bucket and no branches in the loops, so they vectorize.
     """
     cdef i64 t
     cdef double n, cc, m0, shift, m2, f
     cdef const double* inv_dof = inv + glen
-    cdef const double* factor = inv + 2 * glen if loo else inv + 3 * glen
+    cdef const double* factor = inv + 2 * glen if loo else ones
     cdef double single_mult = (1.0 / (1.0 + eps) if scale_std else 1.0) if singleton_raw else 0.0
     # A singleton keeps its mean (x - mean = 0 exactly), or takes mean 0 under "raw".
     cdef double keep_mean_above = 1.0 if singleton_raw else 0.0
@@ -212,13 +223,13 @@ cdef inline double* _row_signal(int sig, double* reward, double* ret,
     return reward
 
 
-cdef inline void _sum_by_turn(const double* x, double* p, i64 a, i64 b) noexcept nogil:
+cdef inline void _sum_by_turn(cdptr x, dptr p, i64 a, i64 b) noexcept nogil:
     cdef i64 k
     for k in range(a, b):
         p[k - a] += x[k]
 
 
-cdef inline void _dev_by_turn(const double* x, const double* mean, double* c, double* q,
+cdef inline void _dev_by_turn(cdptr x, cdptr mean, dptr c, dptr q,
                               i64 a, i64 b) noexcept nogil:
     cdef i64 k
     cdef double d
@@ -228,8 +239,34 @@ cdef inline void _dev_by_turn(const double* x, const double* mean, double* c, do
         q[k - a] += d * d
 
 
-cdef inline void _dev_by_turn2(const double* xa, const double* ma, double* ca, double* qa,
-                               const double* xb, const double* mb, double* cb, double* qb,
+cdef inline void _dev_flat(cdptr x, double m, i64 a, i64 b, double* acc) noexcept nogil:
+    """``acc[0:4] += x - m`` and ``acc[4:8] += (x - m)^2`` over rows ``a:b``, four running
+    sums each (breaking the add latency chain)."""
+    cdef i64 k = a
+    cdef double d0, d1, d2, d3
+    while k + 4 <= b:
+        d0 = x[k] - m
+        d1 = x[k + 1] - m
+        d2 = x[k + 2] - m
+        d3 = x[k + 3] - m
+        acc[0] += d0
+        acc[1] += d1
+        acc[2] += d2
+        acc[3] += d3
+        acc[4] += d0 * d0
+        acc[5] += d1 * d1
+        acc[6] += d2 * d2
+        acc[7] += d3 * d3
+        k += 4
+    while k < b:
+        d0 = x[k] - m
+        acc[0] += d0
+        acc[4] += d0 * d0
+        k += 1
+
+
+cdef inline void _dev_by_turn2(cdptr xa, cdptr ma, dptr ca, dptr qa,
+                               cdptr xb, cdptr mb, dptr cb, dptr qb,
                                i64 a, i64 b) noexcept nogil:
     cdef i64 k
     cdef double d, e
@@ -242,8 +279,8 @@ cdef inline void _dev_by_turn2(const double* xa, const double* ma, double* ca, d
         qb[k - a] += e * e
 
 
-cdef inline void _adv_by_turn(bint assign, double w, const double* x, const double* mean,
-                              const double* shift, const double* mult, double* out, i64 a,
+cdef inline void _adv_by_turn(bint assign, double w, cdptr x, cdptr mean,
+                              cdptr shift, cdptr mult, dptr out, i64 a,
                               i64 b) noexcept nogil:
     cdef i64 k, t
     if assign:
@@ -256,10 +293,10 @@ cdef inline void _adv_by_turn(bint assign, double w, const double* x, const doub
             out[k] = out[k] + w * (((x[k] - mean[t]) - shift[t]) * mult[t])
 
 
-cdef inline void _adv_by_turn2(bint assign, double wa, const double* xa, const double* ma,
-                               const double* sa, const double* fa, double wb, const double* xb,
-                               const double* mb, const double* sb, const double* fb,
-                               double* out, i64 a, i64 b) noexcept nogil:
+cdef inline void _adv_by_turn2(bint assign, double wa, cdptr xa, cdptr ma,
+                               cdptr sa, cdptr fa, double wb, cdptr xb,
+                               cdptr mb, cdptr sb, cdptr fb,
+                               dptr out, i64 a, i64 b) noexcept nogil:
     cdef i64 k, t
     if assign:
         for k in range(a, b):
@@ -271,6 +308,43 @@ cdef inline void _adv_by_turn2(bint assign, double wa, const double* xa, const d
             t = k - a
             out[k] = (out[k] + wa * (((xa[k] - ma[t]) - sa[t]) * fa[t])) \
                 + wb * (((xb[k] - mb[t]) - sb[t]) * fb[t])
+
+
+cdef inline void _adv_turn_flat(bint assign, double wa, cdptr xa, cdptr ma, cdptr sa, cdptr fa,
+                                double wb, cdptr xb, double mb, double sb, double fb,
+                                dptr out, i64 a, i64 b) noexcept nogil:
+    cdef i64 k, t
+    if assign:
+        for k in range(a, b):
+            t = k - a
+            out[k] = (0.0 + wa * (((xa[k] - ma[t]) - sa[t]) * fa[t])) \
+                + wb * (((xb[k] - mb) - sb) * fb)
+    else:
+        for k in range(a, b):
+            t = k - a
+            out[k] = (out[k] + wa * (((xa[k] - ma[t]) - sa[t]) * fa[t])) \
+                + wb * (((xb[k] - mb) - sb) * fb)
+
+
+cdef inline void _adv_flat2(bint assign, double wa, cdptr xa, double ma, double sa, double fa,
+                            double wb, cdptr xb, double mb, double sb, double fb, bint two,
+                            dptr out, i64 a, i64 b) noexcept nogil:
+    """Rows ``a:b`` of one group component (and a second one when ``two``)."""
+    cdef i64 k
+    if two:
+        if assign:
+            for k in range(a, b):
+                out[k] = (0.0 + wa * (((xa[k] - ma) - sa) * fa)) + wb * (((xb[k] - mb) - sb) * fb)
+        else:
+            for k in range(a, b):
+                out[k] = (out[k] + wa * (((xa[k] - ma) - sa) * fa)) \
+                    + wb * (((xb[k] - mb) - sb) * fb)
+    elif assign:
+        for k in range(a, b):
+            out[k] = 0.0 + wa * (((xa[k] - ma) - sa) * fa)
+    else:
+        for k in range(a, b):
+            out[k] = out[k] + wa * (((xa[k] - ma) - sa) * fa)
 
 
 cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
@@ -315,6 +389,14 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     cdef double* xt
     cdef i64* row_comps = slots
     cdef i64* local_comps = slots + ncomp
+    cdef i64* turn_comps = slots + 2 * ncomp
+    cdef Py_ssize_t nturn
+    cdef double acc8[8]
+    cdef double* flat_c = tot + ncomp
+    cdef const double* ones = tot + 3 * ncomp
+    cdef i64* flat_local = slots + 3 * ncomp
+    cdef Py_ssize_t nflat = 0
+    cdef double* flat_q = tot + 2 * ncomp
 
     # Which signals need per-turn sums (the first pass of every row component using them).
     for ci in range(ncomp):
@@ -398,26 +480,28 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     for j in range(t0, t1):
         i = order[j] if has_order else j
         cnt[offsets[i + 1] - offsets[i] - 1] += 1.0
-    for t in range(glen - 2, -1, -1):
-        cnt[t] += cnt[t + 1]
-    for t in range(glen):
-        k = 3 * <i64>cnt[t]
+    acc = 0.0
+    for t in range(glen - 1, -1, -1):
+        acc = acc + cnt[t]
+        cnt[t] = acc
+        k = 3 * <i64>acc
         inv[t] = table[k]
         inv[glen + t] = table[k + 1]
         inv[2 * glen + t] = table[k + 2]
-        inv[3 * glen + t] = 1.0
 
     for ci in range(ncomp):
         p0 = scratch + max_len * (8 + 3 * ci)
         p1 = p0 + max_len
         p2 = p1 + max_len
-        for t in range(glen):
-            p1[t] = 0.0
-            p2[t] = 0.0
+        if spec[ci * SPEC_WIDTH + SPEC_SCOPE] == SCOPE_TURN or \
+                spec[ci * SPEC_WIDTH + SPEC_SIGNAL] == SIG_OUTCOME:
+            for t in range(glen):
+                p1[t] = 0.0
+                p2[t] = 0.0
         if spec[ci * SPEC_WIDTH + SPEC_SIGNAL] == SIG_OUTCOME:
             for t in range(glen):
                 p0[t] = 0.0
-            _outcome_stats(offsets, order, has_order, t0, t1, outcome, cnt, inv, glen,
+            _outcome_stats(offsets, order, has_order, t0, t1, outcome, cnt, inv, ones, glen,
                            <int>spec[ci * SPEC_WIDTH + SPEC_SCOPE],
                            spec[ci * SPEC_WIDTH + SPEC_LOO], spec[ci * SPEC_WIDTH + SPEC_STD],
                            eps, ddof, singleton_raw, p0, p1, p2,
@@ -439,24 +523,49 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
             for t in range(glen):
                 acc = acc + xs[t]
             tot[ci] = acc
-            m = acc / <double>nrows
-            for t in range(glen):
-                p0[t] = m
+            p0[0] = acc / <double>nrows
 
     # The per-turn sums are consumed: leave them zeroed for the next group.
-    for t in range(glen):
-        sums_r[t] = 0.0
-        sums_g[t] = 0.0
-        sums_o[t] = 0.0
-    # Second pass: per-turn sums of the deviations and of their squares.
-    u = 0
-    while u < nrow:
+    if sum_reward:
+        for t in range(glen):
+            sums_r[t] = 0.0
+    if sum_return:
+        for t in range(glen):
+            sums_g[t] = 0.0
+    if sum_oret:
+        for t in range(glen):
+            sums_o[t] = 0.0
+    # Second pass: sums of the deviations and of their squares; per turn for turn buckets
+    # (two components per loop), in scalars for a group's or the batch's one bucket (over the
+    # group's rows in one run when its rollouts are adjacent).
+    nturn = 0
+    for u in range(nrow):
         ci = row_comps[u]
+        if spec[ci * SPEC_WIDTH + SPEC_SCOPE] == SCOPE_TURN:
+            turn_comps[nturn] = ci
+            nturn += 1
+            continue
+        xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
+                         sig_oret)
+        m = scratch[max_len * (8 + 3 * ci)]
+        for t in range(8):
+            acc8[t] = 0.0
+        if has_order:
+            for j in range(t0, t1):
+                i = order[j]
+                _dev_flat(xs, m, offsets[i], offsets[i + 1], acc8)
+        else:
+            _dev_flat(xs, m, offsets[t0], offsets[t1], acc8)
+        flat_c[ci] = (acc8[0] + acc8[1]) + (acc8[2] + acc8[3])
+        flat_q[ci] = (acc8[4] + acc8[5]) + (acc8[6] + acc8[7])
+    u = 0
+    while u < nturn:
+        ci = turn_comps[u]
         p0 = scratch + max_len * (8 + 3 * ci)
         xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                          sig_oret)
-        if u + 1 < nrow:
-            cj = row_comps[u + 1]
+        if u + 1 < nturn:
+            cj = turn_comps[u + 1]
             q0 = scratch + max_len * (8 + 3 * cj)
             xt = _row_signal(<int>spec[cj * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                              sig_oret)
@@ -480,16 +589,14 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
         p1 = p0 + max_len
         p2 = p1 + max_len
         if scope == SCOPE_TURN:
-            _turn_bucket_params(glen, cnt, inv, p0, p1, p2, spec[ci * SPEC_WIDTH + SPEC_LOO],
+            _turn_bucket_params(glen, cnt, inv, ones, p0, p1, p2,
+                                spec[ci * SPEC_WIDTH + SPEC_LOO],
                                 spec[ci * SPEC_WIDTH + SPEC_STD], eps, singleton_raw)
             local_comps[nlocal] = ci
             nlocal += 1
             continue
-        cc = 0.0
-        qq = 0.0
-        for t in range(glen):
-            cc = cc + p1[t]
-            qq = qq + p2[t]
+        cc = flat_c[ci]
+        qq = flat_q[ci]
         if scope == SCOPE_BATCH:
             batch_part[(seg * ncomp + ci) * 4 + 0] = <double>nrows
             batch_part[(seg * ncomp + ci) * 4 + 1] = tot[ci]
@@ -497,38 +604,61 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
             batch_part[(seg * ncomp + ci) * 4 + 3] = qq
             continue
         _bucket_params(<double>nrows, p0[0], cc, qq, spec[ci * SPEC_WIDTH + SPEC_LOO],
-                       spec[ci * SPEC_WIDTH + SPEC_STD], ddof, eps, singleton_raw, &m, &cc, &qq)
-        for t in range(glen):
-            p0[t] = m
-            p1[t] = cc
-            p2[t] = qq
-        local_comps[nlocal] = ci
-        nlocal += 1
+                       spec[ci * SPEC_WIDTH + SPEC_STD], ddof, eps, singleton_raw, p0, p1, p2)
+        flat_local[nflat] = ci
+        nflat += 1
 
-    # The advantage: weighted z of the turn and group components (row ones two at a time).
+    # The advantage: weighted z of the turn and group components, two per loop: turn
+    # components (per-turn parameters) first, then group components (one bucket: scalars).
+    for u in range(nflat):
+        local_comps[nlocal + u] = flat_local[u]
     u = 0
-    while u < nlocal:
+    while u < nlocal + nflat:
         ci = local_comps[u]
         p0 = scratch + max_len * (8 + 3 * ci)
         xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                          sig_oret)
-        if u + 1 < nlocal:
-            cj = local_comps[u + 1]
+        cj = local_comps[u + 1] if u + 1 < nlocal + nflat else -1
+        if cj >= 0:
             q0 = scratch + max_len * (8 + 3 * cj)
             xt = _row_signal(<int>spec[cj * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                              sig_oret)
+        if u + 1 < nlocal:  # turn + turn
             for j in range(t0, t1):
                 i = order[j] if has_order else j
                 _adv_by_turn2(assign, weight[ci], xs, p0, p0 + max_len, p0 + 2 * max_len,
                               weight[cj], xt, q0, q0 + max_len, q0 + 2 * max_len, out_adv,
                               offsets[i], offsets[i + 1])
             u += 2
-        else:
+        elif u < nlocal and cj >= 0:  # turn + group
+            for j in range(t0, t1):
+                i = order[j] if has_order else j
+                _adv_turn_flat(assign, weight[ci], xs, p0, p0 + max_len, p0 + 2 * max_len,
+                               weight[cj], xt, q0[0], q0[max_len], q0[2 * max_len], out_adv,
+                               offsets[i], offsets[i + 1])
+            u += 2
+        elif u < nlocal:  # turn
             for j in range(t0, t1):
                 i = order[j] if has_order else j
                 _adv_by_turn(assign, weight[ci], xs, p0, p0 + max_len, p0 + 2 * max_len,
                              out_adv, offsets[i], offsets[i + 1])
             u += 1
+        else:  # group (+ group)
+            if has_order:
+                for j in range(t0, t1):
+                    i = order[j]
+                    _adv_flat2(assign, weight[ci], xs, p0[0], p0[max_len], p0[2 * max_len],
+                               weight[cj] if cj >= 0 else 0.0, xt if cj >= 0 else xs,
+                               q0[0] if cj >= 0 else 0.0, q0[max_len] if cj >= 0 else 0.0,
+                               q0[2 * max_len] if cj >= 0 else 0.0, cj >= 0, out_adv,
+                               offsets[i], offsets[i + 1])
+            else:
+                _adv_flat2(assign, weight[ci], xs, p0[0], p0[max_len], p0[2 * max_len],
+                           weight[cj] if cj >= 0 else 0.0, xt if cj >= 0 else xs,
+                           q0[0] if cj >= 0 else 0.0, q0[max_len] if cj >= 0 else 0.0,
+                           q0[2 * max_len] if cj >= 0 else 0.0, cj >= 0, out_adv,
+                           offsets[t0], offsets[t1])
+            u += 2 if cj >= 0 else 1
         assign = False
     for ci in range(ncomp):
         if spec[ci * SPEC_WIDTH + SPEC_SIGNAL] != SIG_OUTCOME:
@@ -559,6 +689,7 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
 
 cdef void _outcome_stats(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
                          const double* outcome, const double* cnt, const double* inv,
+                         const double* ones,
                          i64 glen, int scope, bint loo, bint scale_std, double eps, int ddof,
                          bint singleton_raw, double* p0, double* p1, double* p2,
                          double* part) noexcept nogil:
@@ -581,7 +712,8 @@ cdef void _outcome_stats(const i64* offsets, const i64* order, bint has_order, i
                 d = outcome[i] - p0[t]
                 p1[t] += d
                 p2[t] += d * d
-        _turn_bucket_params(glen, cnt, inv, p0, p1, p2, loo, scale_std, eps, singleton_raw)
+        _turn_bucket_params(glen, cnt, inv, ones, p0, p1, p2, loo, scale_std, eps,
+                            singleton_raw)
         return
     for j in range(t0, t1):
         i = order[j] if has_order else j
@@ -642,7 +774,7 @@ def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
     """
     cdef Py_ssize_t nseg = seg_start.shape[0] - 1, ncomp = spec.shape[0], s, ci
     cdef bint has_order = order.shape[0] > 0
-    cdef i64 max_group = 0
+    cdef i64 max_group = 0, kk
     cdef i64* slots
     cdef double* scratch
     cdef double* table
@@ -658,15 +790,17 @@ def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
         for s in range(nseg):
             if seg_start[s + 1] - seg_start[s] > max_group:
                 max_group = seg_start[s + 1] - seg_start[s]
-        scratch = <double*>malloc((max_len * (8 + 3 * ncomp) + ncomp + 3 * (max_group + 1))
+        scratch = <double*>malloc((max_len * (9 + 3 * ncomp) + 3 * ncomp + 3 * (max_group + 1))
                                   * sizeof(double))
-        slots = <i64*>malloc((2 * ncomp + 1) * sizeof(i64))
+        slots = <i64*>malloc((4 * ncomp + 1) * sizeof(i64))
         if scratch == NULL or slots == NULL:
             free(scratch)
             free(slots)
             with gil:
                 raise MemoryError()
-        table = scratch + max_len * (8 + 3 * ncomp) + ncomp
+        table = scratch + max_len * (9 + 3 * ncomp) + 3 * ncomp
+        for kk in range(max_len):  # ``ones`` (see _segment)
+            scratch[max_len * (8 + 3 * ncomp) + 3 * ncomp + kk] = 1.0
         for ci in range(3 * max_len):
             scratch[5 * max_len + ci] = 0.0  # per-turn signal sums start (and stay) zeroed
         _count_table(max_group, ddof, table)
