@@ -1,0 +1,144 @@
+"""`mica study`: the smoke run writes every documented output, runs of one seed differ only by
+the estimator, a finished study resumes without rerunning, and the summary statistics."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mica_train import study
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STUDY_KEYS = {
+    "command", "complete", "runs_done", "runs_planned", "wall_seconds", "run_seconds_total", "settings",
+    "warm_start", "before", "reference", "estimators", "ranking_by_pass_rate", "noise", "plot",
+}
+ESTIMATOR_KEYS = {
+    "seeds", "metrics", "pass_rate", "mean_final_distance", "status_counts_mean", "curve",
+    "train_seconds_mean", "run_seconds_mean", "paired_vs_mica",
+}
+METRICS = {"pass_rate", "mean_final_distance", "mean_energy", "mean_positive_energy_ratio", "mean_turns",
+           "mean_turns_to_success"}
+STAT_KEYS = {"per_seed", "mean", "std", "sem", "n"}
+
+
+def _args(tmp_path, *extra):
+    return ["--quick", "--estimators", "mica,grpo", "--seeds", "1", "--warm-start-steps", "4",
+            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--plot", str(tmp_path / "out" / "curves.png"), *extra]
+
+
+def test_help_is_light():
+    code = (
+        "import sys\nfrom mica_train.study import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout and out.stdout.strip().endswith("[]")
+
+
+def test_quick_study_writes_outputs_and_resumes(tmp_path, capsys):
+    assert study.main(_args(tmp_path, "--workers", "2")) == 0
+    res = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert STUDY_KEYS <= set(res)
+    assert res["complete"] and res["runs_done"] == res["runs_planned"] == 2
+    assert res["command"].startswith("mica study --quick")
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = res["settings"]
+    assert s["estimators"] == ["mica", "grpo"] and s["seeds"] == [0]
+    assert s["episodes_per_run"] == s["steps"] * s["scenarios_per_step"] * s["group_size"]
+    assert s["eval_episodes"] == 30 * s["eval_episodes_per_scenario"]
+    assert res["before"]["n"] == s["eval_episodes"]
+    assert set(res["ranking_by_pass_rate"]) == {"mica", "grpo"}
+    for name, e in res["estimators"].items():
+        assert ESTIMATOR_KEYS <= set(e), name
+        assert METRICS <= set(e["metrics"])
+        assert STAT_KEYS <= set(e["pass_rate"]) and len(e["pass_rate"]["per_seed"]) == 1
+        assert 0.0 <= e["pass_rate"]["mean"] <= 1.0 and e["mean_final_distance"]["mean"] >= 0.0
+        assert len(e["curve"]["step"]) == s["steps"] and len(e["curve"]["pass_rate_mean"]) == s["steps"]
+        assert "mean_final_distance_mean" in e["curve"]
+    assert res["estimators"]["mica"]["paired_vs_mica"]["pass_rate"]["mean"] == 0.0
+
+    # Only the estimator differs: the first step's rollouts (same warm start, same LoRA
+    # initialisation, same scenarios and sampling seeds) are identical across estimators.
+    runs = {e: json.loads((tmp_path / "work" / "runs" / e / "seed0" / "result.json").read_text())
+            for e in ("mica", "grpo")}
+    first = [r["curve"][0] for r in runs.values()]
+    for key in ("pass_rate", "mean_final_distance", "reward_mean", "mean_turns"):
+        assert first[0][key] == first[1][key], key
+
+    # Resume: nothing runs again (the results are reused as they are).
+    capsys.readouterr()
+    stamps = {e: (tmp_path / "work" / "runs" / e / "seed0" / "result.json").stat().st_mtime_ns for e in runs}
+    assert study.main(_args(tmp_path, "--workers", "1")) == 0
+    log = capsys.readouterr().out
+    assert "reusing the warm start" in log and "3 of 3 jobs already done" in log
+    assert {e: (tmp_path / "work" / "runs" / e / "seed0" / "result.json").stat().st_mtime_ns for e in runs} == stamps
+
+    # Changed training settings invalidate the runs (not the warm start or its evaluation).
+    assert study.main(_args(tmp_path, "--workers", "1", "--estimators", "grpo", "--steps", "2")) == 0
+    log = capsys.readouterr().out
+    assert "1 of 2 jobs already done" in log
+    res2 = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert res2["settings"]["steps"] == 2 and len(res2["estimators"]["grpo"]["curve"]["step"]) == 2
+    assert res2["reference"] == "grpo"
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="unknown estimator"):
+        study.main(_args(tmp_path, "--estimators", "mica,nope"))
+    assert study.main(_args(tmp_path, "--set", "optim.learning_rate=1")) == 2
+
+
+def _fake_plan(tmp_path, seeds=3):
+    args = study.build_parser().parse_args(_args(tmp_path, "--seeds", str(seeds)))
+    args.command = "mica study"
+    return study.make_plan(args)
+
+
+def test_summary_statistics(tmp_path):
+    plan = _fake_plan(tmp_path)
+    jobs = study.plan_jobs(plan)
+    passes = {"mica": [0.5, 0.7, 0.6], "grpo": [0.4, 0.7, 0.8]}
+    results = {}
+
+    def ev(p):
+        return {"pass_rate": p, "mean_final_distance": 10 * (1 - p), "mean_energy": 1.0, "n": 30,
+                "mean_positive_energy_ratio": 0.5, "mean_turns": 20.0, "mean_turns_to_success": 14.0,
+                "status_counts": {"success": round(30 * p), "max_turns": 30 - round(30 * p)}}
+
+    results[jobs[0]["result"]] = {"estimator": None, "seed": 0, "eval": ev(0.2), "seconds": 1.0}
+    for job in jobs[1:]:
+        p = passes[job["estimator"]][job["seed"]]
+        curve = [{"step": 1, "pass_rate": 0.1 * job["seed"], "mean_final_distance": 5.0}]
+        results[job["result"]] = {"estimator": job["estimator"], "seed": job["seed"], "eval": ev(p),
+                                  "curve": curve, "seconds": 2.0, "train_seconds": 1.5}
+    res = study.summarize(plan, jobs, results, wall=3.0)
+    mica, grpo = res["estimators"]["mica"], res["estimators"]["grpo"]
+    assert mica["pass_rate"]["per_seed"] == [0.5, 0.7, 0.6]
+    assert math.isclose(mica["pass_rate"]["mean"], 0.6) and math.isclose(mica["pass_rate"]["std"], 0.1)
+    paired = grpo["paired_vs_mica"]["pass_rate"]
+    assert paired["per_seed"] == pytest.approx([0.1, 0.0, -0.2])
+    assert math.isclose(paired["mean"], -0.1 / 3)
+    assert (paired["wins"], paired["ties"], paired["losses"]) == (1, 1, 1)
+    assert mica["curve"]["pass_rate_mean"] == pytest.approx([0.1])
+    assert res["ranking_by_pass_rate"] == ["grpo", "mica"]  # 0.633 > 0.6
+    assert res["complete"] and res["before"]["pass_rate"] == 0.2
+    assert res["noise"]["n_seeds"] == 3 and res["noise"]["eval_episodes_per_run"] == 30
+    table = study.format_table(res)
+    assert "| `mica` | 0.600 ± 0.100 |" in table and "warm start" in table
+
+    # A partial study is summarized as such.
+    del results[jobs[-1]["result"]]
+    part = study.summarize(plan, jobs, results, wall=3.0)
+    assert not part["complete"] and part["runs_done"] == 5
+    assert part["estimators"][jobs[-1]["estimator"]]["pass_rate"]["n"] == 2
