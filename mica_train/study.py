@@ -314,6 +314,7 @@ def run_job(job: dict) -> dict:
     quiet_transformers()
     cfg = load_config(job["config"], job["overrides"])
     t_start = time.perf_counter()
+    c_start = time.process_time()
     result: dict[str, Any] = {"estimator": job["estimator"], "seed": job["seed"], "fingerprint": job["fingerprint"]}
     if job["estimator"] is None:
         policy = load_policy(cfg.model, cfg.lora)
@@ -332,6 +333,7 @@ def run_job(job: dict) -> dict:
         result["steps"] = trainer.step
         result["curve"] = _curve(records)
     result["seconds"] = time.perf_counter() - t_start
+    result["cpu_seconds"] = time.process_time() - c_start
     atomic_write_json(job["result"], result)
     return result
 
@@ -425,7 +427,7 @@ def _stats(values: list[float]) -> dict:
 
 
 def summarize(plan: StudyPlan, jobs: list[dict], results: dict[str, dict], wall: float,
-              warm: dict | None = None) -> dict:
+              warm: dict | None = None, load: dict | None = None) -> dict:
     """The content of ``study.json`` (see the module docstring and docs/study.md)."""
     before = results.get(jobs[0]["result"])
     runs: dict[str, dict[int, dict]] = {e: {} for e in plan.estimators}
@@ -502,6 +504,8 @@ def summarize(plan: StudyPlan, jobs: list[dict], results: dict[str, dict], wall:
         "runs_planned": len(plan.estimators) * len(plan.seeds),
         "wall_seconds": wall,
         "run_seconds_total": sum(r.get("seconds", 0.0) for r in results.values()),
+        "run_cpu_seconds_total": sum(r.get("cpu_seconds", 0.0) for r in results.values()),
+        "load_average": load,
         "settings": settings,
         "warm_start": {k: warm.get(k) for k in ("steps", "loss_first", "loss_last", "seconds")} if warm else None,
         "before": {m: before["eval"].get(m) for m in (*EVAL_METRICS, "n")} if before else None,
@@ -603,6 +607,7 @@ def run_study(plan: StudyPlan) -> dict:
 
     torch.set_num_threads(max(1, plan.threads))  # the warm start, and every job when --workers 1
     t0 = time.perf_counter()
+    load = {"start": list(os.getloadavg())}  # other work on the machine slows the study down
     s = plan.settings()
     _say(t0, f"{len(plan.estimators)} estimators x {len(plan.seeds)} seeds; {s['steps']} steps of "
          f"{s['scenarios_per_step']} scenarios x {s['group_size']} rollouts per run; evaluation "
@@ -610,9 +615,12 @@ def run_study(plan: StudyPlan) -> dict:
     plan.work.mkdir(parents=True, exist_ok=True)
     warm = prepare_warm_start(plan, t0)
     jobs = plan_jobs(plan)
+    reused = sum(_done(job) is not None for job in jobs)
     results = execute(plan, jobs, t0)
     wall = time.perf_counter() - t0
-    study = summarize(plan, jobs, results, wall, warm)
+    load["end"] = list(os.getloadavg())
+    study = summarize(plan, jobs, results, wall, warm, load)
+    study["jobs_reused"] = reused  # wall_seconds covers only this invocation
     out_json = plan.out / "study.json"
     atomic_write_json(out_json, study)
     if plan.plot is not None:

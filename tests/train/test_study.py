@@ -15,7 +15,8 @@ from mica_train import study
 ROOT = Path(__file__).resolve().parents[2]
 
 STUDY_KEYS = {
-    "command", "complete", "runs_done", "runs_planned", "wall_seconds", "run_seconds_total", "settings",
+    "command", "complete", "runs_done", "runs_planned", "wall_seconds", "run_seconds_total", "run_cpu_seconds_total",
+    "load_average", "jobs_reused", "settings",
     "warm_start", "before", "reference", "estimators", "ranking_by_pass_rate", "noise", "plot",
 }
 ESTIMATOR_KEYS = {
