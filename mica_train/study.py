@@ -103,6 +103,9 @@ QUICK_SEEDS = 2
 QUICK_WARM_START_STEPS = 20
 QUICK_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
 QUICK_CORPUS_EPISODES = 12
+# The credit diagnostic (study_credit.py): cards x rollouts per seed.
+CREDIT_SIZE = (64, 8)
+QUICK_CREDIT_SIZE = (6, 4)
 
 
 def _say(t0: float, msg: str) -> None:
@@ -516,6 +519,43 @@ def summarize(plan: StudyPlan, jobs: list[dict], results: dict[str, dict], wall:
     }
 
 
+def credit_summary(plan: StudyPlan) -> dict:
+    """The training-free credit diagnostic (study_credit.py), one rollout set per study seed,
+    at the training turn limits."""
+    from .study_credit import credit_diagnostic
+
+    cfg = plan.load()
+    n_scen, group = QUICK_CREDIT_SIZE if plan.quick else CREDIT_SIZE
+    per_seed = [credit_diagnostic(plan.estimators, n_scen, group, seed, cfg.env.max_turns, cfg.env.min_turns)
+                for seed in plan.seeds]
+    out = {k: v for k, v in per_seed[0].items() if k not in ("estimators", "seed", "turns", "good_share")}
+    out["seeds"] = list(plan.seeds)
+    out["turns_per_seed"] = [d["turns"] for d in per_seed]
+    out["good_share_per_seed"] = [d["good_share"] for d in per_seed]
+    ref = "mica" if "mica" in plan.estimators else plan.estimators[0]
+    out["estimators"] = {}
+    for est in plan.estimators:
+        aucs = [d["estimators"][est]["auc"] for d in per_seed]
+        out["estimators"][est] = {
+            "auc": _stats(aucs),
+            "effect": _stats([d["estimators"][est]["effect"] for d in per_seed]),
+            f"auc_{ref}_minus_it": _stats([d["estimators"][ref]["auc"] - a for d, a in zip(per_seed, aucs)]),
+        }
+    return out
+
+
+def format_credit_table(credit: dict, ref: str = "mica") -> str:
+    """The credit diagnostic as Markdown."""
+    lines = [f"| estimator | AUC (mean ± sd over seeds) | effect size | {ref} AUC − it (mean ± sd) |",
+             "|---|---|---|---|"]
+    for est, e in credit["estimators"].items():
+        d = e.get(f"auc_{ref}_minus_it")
+        paired = "" if est == ref or d is None else f"{d['mean']:+.3f} ± {d['std']:.3f}"
+        lines.append(f"| `{est}` | {e['auc']['mean']:.3f} ± {e['auc']['std']:.3f} | "
+                     f"{e['effect']['mean']:+.3f} | {paired} |")
+    return "\n".join(lines)
+
+
 def format_table(study: dict) -> str:
     """The results table as Markdown (what docs/study.md shows)."""
     ref = study["reference"]
@@ -556,7 +596,8 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
     ests = [e for e, v in study["estimators"].items() if v["curve"].get("step")]
     if not ests:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    credit = study.get("credit_diagnostic")
+    fig, axes = plt.subplots(1, 4 if credit else 3, figsize=(17 if credit else 13, 3.6))
     cmap = plt.get_cmap("tab10")
     for i, est in enumerate(ests):
         c = study["estimators"][est]["curve"]
@@ -586,6 +627,19 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
     ax.set_title("evaluation pass rate (seeds, mean ± sd)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.tick_params(labelsize=7)
+    if credit:
+        ax = axes[3]
+        names = list(credit["estimators"])
+        means = [credit["estimators"][e]["auc"]["mean"] for e in names]
+        sds = [credit["estimators"][e]["auc"]["std"] for e in names]
+        ax.bar(range(len(names)), means, yerr=sds, color=[cmap(i % 10) for i in range(len(names))], capsize=3)
+        ax.axhline(0.5, color="gray", ls="--", lw=1)
+        ax.set_ylim(0.45, max(means + [0.55]) + 0.05)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
+        ax.set_title("credit diagnostic: AUC for pacing's act (no training)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     out_png = Path(out_png)
@@ -617,19 +671,24 @@ def run_study(plan: StudyPlan) -> dict:
     jobs = plan_jobs(plan)
     reused = sum(_done(job) is not None for job in jobs)
     results = execute(plan, jobs, t0)
-    wall = time.perf_counter() - t0
+    t_credit = time.perf_counter()
+    _say(t0, "credit diagnostic (no training)")
+    credit = credit_summary(plan)
+    credit["seconds"] = time.perf_counter() - t_credit
     load["end"] = list(os.getloadavg())
-    study = summarize(plan, jobs, results, wall, warm, load)
+    study = summarize(plan, jobs, results, time.perf_counter() - t0, warm, load)
     study["jobs_reused"] = reused  # wall_seconds covers only this invocation
+    study["credit_diagnostic"] = credit
     out_json = plan.out / "study.json"
+    png = plot_study_curves(study, plan.plot) if plan.plot is not None else None
+    study["plot"] = str(png) if png else None
+    study["wall_seconds"] = time.perf_counter() - t0
     atomic_write_json(out_json, study)
-    if plan.plot is not None:
-        png = plot_study_curves(study, plan.plot)
-        study["plot"] = str(png) if png else None
-        atomic_write_json(out_json, study)
     _say(t0, f"wrote {out_json}" + (f" and {plan.plot}" if plan.plot else ""))
     print(format_table(study), flush=True)
-    _say(t0, f"done in {wall:.0f}s")
+    print("\ncredit diagnostic (no training): advantages of pacing-consistent turns vs the others", flush=True)
+    print(format_credit_table(study["credit_diagnostic"], study["reference"]), flush=True)
+    _say(t0, f"done in {time.perf_counter() - t0:.0f}s")
     return study
 
 

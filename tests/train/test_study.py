@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mica_train import study
+from mica_train.study_credit import _auc, credit_diagnostic
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,6 +20,7 @@ STUDY_KEYS = {
     "command", "complete", "runs_done", "runs_planned", "wall_seconds", "run_seconds_total", "run_cpu_seconds_total",
     "load_average", "jobs_reused", "settings",
     "warm_start", "before", "reference", "estimators", "ranking_by_pass_rate", "noise", "plot",
+    "credit_diagnostic",
 }
 ESTIMATOR_KEYS = {
     "seeds", "metrics", "pass_rate", "mean_final_distance", "status_counts_mean", "curve",
@@ -68,6 +71,10 @@ def test_quick_study_writes_outputs_and_resumes(tmp_path, capsys):
         assert len(e["curve"]["step"]) == s["steps"] and len(e["curve"]["pass_rate_mean"]) == s["steps"]
         assert "mean_final_distance_mean" in e["curve"]
     assert res["estimators"]["mica"]["paired_vs_mica"]["pass_rate"]["mean"] == 0.0
+    credit = res["credit_diagnostic"]
+    assert credit["seeds"] == [0] and set(credit["estimators"]) == {"mica", "grpo"}
+    for e in credit["estimators"].values():
+        assert 0.0 <= e["auc"]["mean"] <= 1.0 and "effect" in e and "auc_mica_minus_it" in e
 
     # Only the estimator differs: the first step's rollouts (same warm start, same LoRA
     # initialisation, same scenarios and sampling seeds) are identical across estimators.
@@ -143,3 +150,21 @@ def test_summary_statistics(tmp_path):
     part = study.summarize(plan, jobs, results, wall=3.0)
     assert not part["complete"] and part["runs_done"] == 5
     assert part["estimators"][jobs[-1]["estimator"]]["pass_rate"]["n"] == 2
+
+
+def test_auc_counts_ties_as_half():
+    assert _auc([2.0, 3.0], [1.0]) == 1.0
+    assert _auc([1.0], [2.0, 3.0]) == 0.0
+    assert _auc([1.0, 1.0], [1.0]) == 0.5
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 30).astype(float)
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert math.isclose(_auc(pos, neg), brute)
+
+
+def test_credit_diagnostic_is_deterministic():
+    a = credit_diagnostic(["mica", "grpo"], n_scenarios=3, group_size=3, seed=1, max_turns=5, min_turns=3)
+    b = credit_diagnostic(["mica", "grpo"], n_scenarios=3, group_size=3, seed=1, max_turns=5, min_turns=3)
+    assert a == b and a["turns"] > 0 and 0.0 < a["good_share"] < 1.0
+    # grpo gives every turn of a trajectory one value: no turn-level credit within a trajectory.
+    assert set(a["estimators"]) == {"mica", "grpo"}
