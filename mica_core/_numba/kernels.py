@@ -99,14 +99,15 @@ def _bucket_params(n, mean0, c, m2sum, loo, scale_std, ddof, eps, singleton_raw)
 
 
 @jit(inline=True)
-def _turn_bucket_params(glen, scratch, inv, base, max_len, loo, scale_std, eps, singleton_raw):
+def _turn_bucket_params(glen, scratch, inv, ones, base, max_len, loo, scale_std, eps,
+                        singleton_raw):
     """``_bucket_params`` over the turn buckets of one component, in place: its per-turn
     arrays start at ``scratch[base]``, ``scratch[base + max_len]``, ``scratch[base + 2
     max_len]``; the bucket sizes are ``scratch[0:glen]`` and ``scratch[inv:]`` holds four
     runs of length ``glen``: ``1/n``, ``1/(n - ddof)``, ``n/(n - 1)``, ``1``."""
     single_mult = (1.0 / (1.0 + eps) if scale_std else 1.0) if singleton_raw else 0.0
     keep_mean_above = 1.0 if singleton_raw else 0.0
-    factor = inv + (U2 if loo else U3) * glen
+    factor = inv + U2 * glen if loo else ones
     for t in range(glen):
         n = scratch[t]
         cc = scratch[base + max_len + t]
@@ -137,8 +138,9 @@ def _traj(order, has_order, j):
 
 
 @jit(inline=True)
-def _outcome_stats(offsets, order, has_order, t0, t1, outcome, scratch, inv, base, max_len,
-                   glen, scope, loo, scale_std, eps, ddof, singleton_raw, batch_part, part):
+def _outcome_stats(offsets, order, has_order, t0, t1, outcome, scratch, inv, ones, base,
+                   max_len, glen, scope, loo, scale_std, eps, ddof, singleton_raw, batch_part,
+                   part):
     """Statistics of the outcome ``R_i`` in a group (see ``_outcome_stats`` in _ext.pyx)."""
     p1 = base + max_len
     p2 = base + U2 * max_len
@@ -157,7 +159,7 @@ def _outcome_stats(offsets, order, has_order, t0, t1, outcome, scratch, inv, bas
                 d = x - scratch[base + t]
                 scratch[p1 + t] += d
                 scratch[p2 + t] += d * d
-        _turn_bucket_params(glen, scratch, inv, base, max_len, loo, scale_std, eps,
+        _turn_bucket_params(glen, scratch, inv, ones, base, max_len, loo, scale_std, eps,
                             singleton_raw)
         return
     n = 0.0
@@ -195,6 +197,120 @@ def _dev_by_turn(x, scratch, base, max_len, offsets, order, has_order, t0, t1):
 
 
 @jit(inline=True)
+def _dev_flat(x, m, offsets, order, has_order, t0, t1):
+    """``(sum(x - m), sum((x - m)^2))`` over the group's rows, four running sums each (one
+    run of rows when the group's rollouts are adjacent)."""
+    c0 = c1 = c2 = c3 = 0.0
+    q0 = q1 = q2 = q3 = 0.0
+    if has_order:
+        nruns = t1 - t0
+    else:
+        nruns = U1
+    for jj in range(nruns):
+        if has_order:
+            i = U(order[t0 + jj])
+            a = U(offsets[i])
+            b = U(offsets[i + U1])
+        else:
+            a = U(offsets[t0])
+            b = U(offsets[t1])
+        n4 = (b - a) // U4
+        for kk in range(n4):
+            k = a + U4 * kk
+            d0 = x[k] - m
+            d1 = x[k + U1] - m
+            d2 = x[k + U2] - m
+            d3 = x[k + U3] - m
+            c0 += d0
+            c1 += d1
+            c2 += d2
+            c3 += d3
+            q0 += d0 * d0
+            q1 += d1 * d1
+            q2 += d2 * d2
+            q3 += d3 * d3
+        for k in range(a + U4 * n4, b):
+            d0 = x[k] - m
+            c0 += d0
+            q0 += d0 * d0
+    return (c0 + c1) + (c2 + c3), (q0 + q1) + (q2 + q3)
+
+
+@jit(inline=True)
+def _adv_flat(x, m, sh, f, w, assign, out_adv, offsets, order, has_order, t0, t1):
+    """``out_adv (+)= w z`` over the group's rows for a component with one bucket."""
+    if has_order:
+        nruns = t1 - t0
+    else:
+        nruns = U1
+    for jj in range(nruns):
+        if has_order:
+            i = U(order[t0 + jj])
+            a = U(offsets[i])
+            b = U(offsets[i + U1])
+        else:
+            a = U(offsets[t0])
+            b = U(offsets[t1])
+        if assign:
+            for k in range(a, b):
+                out_adv[k] = 0.0 + w * (((x[k] - m) - sh) * f)
+        else:
+            for k in range(a, b):
+                out_adv[k] = out_adv[k] + w * (((x[k] - m) - sh) * f)
+
+
+@jit(inline=True)
+def _adv_turn_flat(xa, base, max_len, wa, xb, mb, sb, fb, wb, assign, scratch, out_adv, offsets,
+                   order, has_order, t0, t1):
+    """``out_adv (+)= wa z_a + wb z_b`` for a turn component and a group component."""
+    for j in range(t0, t1):
+        i = _traj(order, has_order, j)
+        a = U(offsets[i])
+        for k in range(a, U(offsets[i + U1])):
+            t = base + k - a
+            za = ((xa[k] - scratch[t]) - scratch[t + max_len]) * scratch[t + U2 * max_len]
+            zb = ((xb[k] - mb) - sb) * fb
+            out_adv[k] = ((0.0 if assign else out_adv[k]) + wa * za) + wb * zb
+
+
+@jit(inline=True)
+def _adv_turn_flat_dispatch(sa, sb, reward, ret, oret, base, max_len, wa, mb, sb_, fb, wb,
+                            assign, scratch, out_adv, offsets, order, has_order, t0, t1):
+    """:func:`_adv_turn_flat` with the signal arrays picked by code (branches around calls,
+    so no array is re-bound)."""
+    if sa == SIG_RETURN:
+        if sb == SIG_RETURN:
+            _adv_turn_flat(ret, base, max_len, wa, ret, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+        elif sb == SIG_OUTCOME_RETURN:
+            _adv_turn_flat(ret, base, max_len, wa, oret, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+        else:
+            _adv_turn_flat(ret, base, max_len, wa, reward, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+    elif sa == SIG_OUTCOME_RETURN:
+        if sb == SIG_RETURN:
+            _adv_turn_flat(oret, base, max_len, wa, ret, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+        elif sb == SIG_OUTCOME_RETURN:
+            _adv_turn_flat(oret, base, max_len, wa, oret, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+        else:
+            _adv_turn_flat(oret, base, max_len, wa, reward, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+    else:
+        if sb == SIG_RETURN:
+            _adv_turn_flat(reward, base, max_len, wa, ret, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+        elif sb == SIG_OUTCOME_RETURN:
+            _adv_turn_flat(reward, base, max_len, wa, oret, mb, sb_, fb, wb, assign, scratch,
+                           out_adv, offsets, order, has_order, t0, t1)
+        else:
+            _adv_turn_flat(reward, base, max_len, wa, reward, mb, sb_, fb, wb, assign,
+                           scratch, out_adv, offsets, order, has_order, t0, t1)
+
+
+@jit(inline=True)
 def _adv_by_turn(x, scratch, base, max_len, w, assign, out_adv, offsets, order, has_order, t0,
                  t1):
     for j in range(t0, t1):
@@ -217,7 +333,7 @@ def _adv_by_turn(x, scratch, base, max_len, w, assign, out_adv, offsets, order, 
 def _segment(offsets, order, has_order, t0, t1, values, initial, reward_kind, returns_kind,
              gamma, spec, weight, eps, ddof, singleton_raw, out_reward, out_return, sig_return,
              need_return, sig_oret, need_oret, outcome, need_outcome, out_adv, batch_part, seg,
-             scratch, table, max_len):
+             scratch, table, slots, max_len):
     """One group: trajectories ``order[t0:t1]`` (or ``t0 .. t1-1``); see ``_segment`` in
     _ext.pyx, same scratch layout. The signal of a component is picked by branching around
     calls, never by binding an array to a new name."""
@@ -226,7 +342,7 @@ def _segment(offsets, order, has_order, t0, t1, values, initial, reward_kind, re
     glen = U0
     nrows = U0
     inv = max_len
-    tot = max_len * U(8 + 3 * ncomp)
+    ones = max_len * U(8 + 3 * ncomp) + U(ncomp)
 
     # Which signals need per-turn sums (the first pass of every row component using them);
     # they live in scratch[sums:] (reward, return, outcome return) and start zeroed.
@@ -316,116 +432,164 @@ def _segment(offsets, order, has_order, t0, t1, values, initial, reward_kind, re
     for j in range(t0, t1):
         i = _traj(order, has_order, j)
         scratch[U(offsets[i + U1] - offsets[i]) - U1] += 1.0
-    for tt in range(glen - U1):
-        t = glen - U2 - tt
-        scratch[t] += scratch[t + U1]
-    for t in range(glen):
-        k = U3 * U(scratch[t])
+    acc = 0.0
+    for tt in range(glen):
+        t = glen - U1 - tt
+        acc = acc + scratch[t]
+        scratch[t] = acc
+        k = U3 * U(acc)
         scratch[inv + t] = table[k]
         scratch[inv + glen + t] = table[k + U1]
         scratch[inv + U2 * glen + t] = table[k + U2]
-        scratch[inv + U3 * glen + t] = 1.0
 
-    # Statistics of every component: the means, then the sums of deviations and squares.
+    # Statistics of every component: the means (from the per-turn sums of the signal), the
+    # sums of deviations and of their squares (per turn for turn buckets, in scalars for a
+    # group's or the batch's one bucket), the parameters.
     for ci in range(ncomp):
         base = max_len * U(8 + 3 * ci)
-        for t in range(glen):
-            scratch[base + max_len + t] = 0.0
-            scratch[base + U2 * max_len + t] = 0.0
         sig = spec[ci, SPEC_SIGNAL]
         scope = spec[ci, SPEC_SCOPE]
         loo = spec[ci, SPEC_LOO] != 0
         scale_std = spec[ci, SPEC_STD] != 0
         part = U((seg * ncomp + ci) * 4)
+        if scope == SCOPE_TURN or sig == SIG_OUTCOME:
+            for t in range(glen):
+                scratch[base + max_len + t] = 0.0
+                scratch[base + U2 * max_len + t] = 0.0
         if sig == SIG_OUTCOME:
             for t in range(glen):
                 scratch[base + t] = 0.0
-            _outcome_stats(offsets, order, has_order, t0, t1, outcome, scratch, inv, base,
-                           max_len, glen, scope, loo, scale_std, eps, ddof, singleton_raw,
-                           batch_part, part)
+            _outcome_stats(offsets, order, has_order, t0, t1, outcome, scratch, inv, ones,
+                           base, max_len, glen, scope, loo, scale_std, eps, ddof,
+                           singleton_raw, batch_part, part)
             continue
         sums = sums_g if sig == SIG_RETURN else (sums_o if sig == SIG_OUTCOME_RETURN
                                                  else sums_r)
         if scope == SCOPE_TURN:
             for t in range(glen):
                 scratch[base + t] = scratch[sums + t] * scratch[inv + t]
-        else:
-            acc = 0.0
-            for t in range(glen):
-                acc = acc + scratch[sums + t]
-            scratch[tot + U(ci)] = acc
-            m = acc / np.float64(nrows)
-            for t in range(glen):
-                scratch[base + t] = m
-        if sig == SIG_RETURN:
-            _dev_by_turn(sig_return, scratch, base, max_len, offsets, order, has_order, t0, t1)
-        elif sig == SIG_OUTCOME_RETURN:
-            _dev_by_turn(sig_oret, scratch, base, max_len, offsets, order, has_order, t0, t1)
-        else:
-            _dev_by_turn(out_reward, scratch, base, max_len, offsets, order, has_order, t0, t1)
-        # Parameters per turn; batch components leave their partials.
-        if scope == SCOPE_TURN:
-            _turn_bucket_params(glen, scratch, inv, base, max_len, loo, scale_std, eps,
+            if sig == SIG_RETURN:
+                _dev_by_turn(sig_return, scratch, base, max_len, offsets, order, has_order, t0,
+                             t1)
+            elif sig == SIG_OUTCOME_RETURN:
+                _dev_by_turn(sig_oret, scratch, base, max_len, offsets, order, has_order, t0,
+                             t1)
+            else:
+                _dev_by_turn(out_reward, scratch, base, max_len, offsets, order, has_order, t0,
+                             t1)
+            _turn_bucket_params(glen, scratch, inv, ones, base, max_len, loo, scale_std, eps,
                                 singleton_raw)
             continue
-        cc = 0.0
-        qq = 0.0
+        total = 0.0
         for t in range(glen):
-            cc = cc + scratch[base + max_len + t]
-            qq = qq + scratch[base + U2 * max_len + t]
+            total = total + scratch[sums + t]
+        m = total / np.float64(nrows)
+        if sig == SIG_RETURN:
+            cc, qq = _dev_flat(sig_return, m, offsets, order, has_order, t0, t1)
+        elif sig == SIG_OUTCOME_RETURN:
+            cc, qq = _dev_flat(sig_oret, m, offsets, order, has_order, t0, t1)
+        else:
+            cc, qq = _dev_flat(out_reward, m, offsets, order, has_order, t0, t1)
         if scope == SCOPE_BATCH:
             batch_part[part] = np.float64(nrows)
-            batch_part[part + U1] = scratch[tot + U(ci)]
+            batch_part[part + U1] = total
             batch_part[part + U2] = cc
             batch_part[part + U3] = qq
             continue
-        m, sh, f = _bucket_params(np.float64(nrows), scratch[base], cc, qq, loo, scale_std,
-                                  ddof, eps, singleton_raw)
-        for t in range(glen):
-            scratch[base + t] = m
-            scratch[base + max_len + t] = sh
-            scratch[base + U2 * max_len + t] = f
+        m, sh, f = _bucket_params(np.float64(nrows), m, cc, qq, loo, scale_std, ddof, eps,
+                                  singleton_raw)
+        scratch[base] = m
+        scratch[base + max_len] = sh
+        scratch[base + U2 * max_len] = f
 
     # The per-turn sums are consumed: leave them zeroed for the next group.
-    for t in range(glen):
-        scratch[sums_r + t] = 0.0
-        scratch[sums_g + t] = 0.0
-        scratch[sums_o + t] = 0.0
+    if sum_reward:
+        for t in range(glen):
+            scratch[sums_r + t] = 0.0
+    if sum_return:
+        for t in range(glen):
+            scratch[sums_g + t] = 0.0
+    if sum_oret:
+        for t in range(glen):
+            scratch[sums_o + t] = 0.0
 
-    # The advantage: weighted z of the turn and group components, in component order.
-    assign = True
+    # The advantage: weighted z of the turn and group components. Row components first,
+    # turn ones before group ones; a turn and a group component share one loop (mica's
+    # shape); then outcome components.
+    nlocal = 0
+    nturn = 0
     for ci in range(ncomp):
-        scope = spec[ci, SPEC_SCOPE]
-        if scope == SCOPE_BATCH:
-            continue
+        if spec[ci, SPEC_SCOPE] == SCOPE_TURN and spec[ci, SPEC_SIGNAL] != SIG_OUTCOME:
+            slots[nlocal] = ci
+            nlocal += 1
+    nturn = nlocal
+    for ci in range(ncomp):
+        if spec[ci, SPEC_SCOPE] == SCOPE_GROUP and spec[ci, SPEC_SIGNAL] != SIG_OUTCOME:
+            slots[nlocal] = ci
+            nlocal += 1
+    assign = True
+    u = 0
+    while u < nlocal:
+        ci = slots[u]
         base = max_len * U(8 + 3 * ci)
         w = weight[ci]
         sig = spec[ci, SPEC_SIGNAL]
-        if sig == SIG_RETURN:
-            _adv_by_turn(sig_return, scratch, base, max_len, w, assign, out_adv, offsets,
-                         order, has_order, t0, t1)
-        elif sig == SIG_OUTCOME_RETURN:
-            _adv_by_turn(sig_oret, scratch, base, max_len, w, assign, out_adv, offsets, order,
-                         has_order, t0, t1)
-        elif sig == SIG_REWARD:
-            _adv_by_turn(out_reward, scratch, base, max_len, w, assign, out_adv, offsets,
-                         order, has_order, t0, t1)
+        if u < nturn and u + 1 == nturn and u + 1 < nlocal:
+            cj = slots[u + 1]
+            bj = max_len * U(8 + 3 * cj)
+            _adv_turn_flat_dispatch(sig, spec[cj, SPEC_SIGNAL], out_reward, sig_return,
+                                    sig_oret, base, max_len, w, scratch[bj],
+                                    scratch[bj + max_len], scratch[bj + U2 * max_len],
+                                    weight[cj], assign, scratch, out_adv, offsets, order,
+                                    has_order, t0, t1)
+            u += 2
+        elif u < nturn:
+            if sig == SIG_RETURN:
+                _adv_by_turn(sig_return, scratch, base, max_len, w, assign, out_adv, offsets,
+                             order, has_order, t0, t1)
+            elif sig == SIG_OUTCOME_RETURN:
+                _adv_by_turn(sig_oret, scratch, base, max_len, w, assign, out_adv, offsets,
+                             order, has_order, t0, t1)
+            else:
+                _adv_by_turn(out_reward, scratch, base, max_len, w, assign, out_adv, offsets,
+                             order, has_order, t0, t1)
+            u += 1
         else:
-            for j in range(t0, t1):
-                i = _traj(order, has_order, j)
-                a = U(offsets[i])
-                b = U(offsets[i + U1])
-                x = outcome[i]
-                if scope == SCOPE_TURN:
-                    for k in range(a, b):
-                        t = base + k - a
-                        z = ((x - scratch[t]) - scratch[t + max_len]) * scratch[t + U2 * max_len]
-                        out_adv[k] = (0.0 if assign else out_adv[k]) + w * z
-                else:
-                    d = w * (((x - scratch[base]) - scratch[base + max_len])
-                             * scratch[base + U2 * max_len])
-                    for k in range(a, b):
-                        out_adv[k] = (0.0 if assign else out_adv[k]) + d
+            m = scratch[base]
+            sh = scratch[base + max_len]
+            f = scratch[base + U2 * max_len]
+            if sig == SIG_RETURN:
+                _adv_flat(sig_return, m, sh, f, w, assign, out_adv, offsets, order, has_order,
+                          t0, t1)
+            elif sig == SIG_OUTCOME_RETURN:
+                _adv_flat(sig_oret, m, sh, f, w, assign, out_adv, offsets, order, has_order,
+                          t0, t1)
+            else:
+                _adv_flat(out_reward, m, sh, f, w, assign, out_adv, offsets, order, has_order,
+                          t0, t1)
+            u += 1
+        assign = False
+    for ci in range(ncomp):
+        scope = spec[ci, SPEC_SCOPE]
+        if scope == SCOPE_BATCH or spec[ci, SPEC_SIGNAL] != SIG_OUTCOME:
+            continue
+        base = max_len * U(8 + 3 * ci)
+        w = weight[ci]
+        for j in range(t0, t1):
+            i = _traj(order, has_order, j)
+            a = U(offsets[i])
+            b = U(offsets[i + U1])
+            x = outcome[i]
+            if scope == SCOPE_TURN:
+                for k in range(a, b):
+                    t = base + k - a
+                    z = ((x - scratch[t]) - scratch[t + max_len]) * scratch[t + U2 * max_len]
+                    out_adv[k] = (0.0 if assign else out_adv[k]) + w * z
+            else:
+                d = w * (((x - scratch[base]) - scratch[base + max_len])
+                         * scratch[base + U2 * max_len])
+                for k in range(a, b):
+                    out_adv[k] = (0.0 if assign else out_adv[k]) + d
         assign = False
 
 
@@ -452,14 +616,17 @@ def fused_group_advantages(offsets, order, seg_start, values, initial_distance, 
     ulen = U(max_len)
     ntasks = (nseg + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK
     for task in prange(ntasks):
-        scratch = np.zeros(max_len * (8 + 3 * ncomp) + ncomp)
+        # Zeroed: the per-turn signal sums start (and are left) zeroed; then ``ones``.
+        scratch = np.zeros(max_len * (9 + 3 * ncomp) + ncomp)
+        scratch[max_len * (8 + 3 * ncomp) + ncomp:] = 1.0
+        slots = np.empty(ncomp + 1, dtype=np.int64)
         s_end = min(nseg, (task + 1) * GROUPS_PER_TASK)
         for s in range(task * GROUPS_PER_TASK, s_end):
             _segment(offsets, order, has_order, U(seg_start[s]), U(seg_start[s + 1]), values,
                      initial_distance, reward_kind, returns_kind, gamma, spec, weight, eps,
                      ddof, singleton_raw, out_reward, out_return, sig_return, need_return,
                      sig_oret, need_oret, outcome, need_outcome, out_adv, batch_part, s,
-                     scratch, table, ulen)
+                     scratch, table, slots, ulen)
 
 
 @jit
