@@ -371,7 +371,7 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     cdef Py_ssize_t ci, cj, u, nrow = 0, nlocal = 0
     cdef int sig, scope
     cdef bint assign = True
-    cdef double acc, ret, g1, g2, x, d, n, m, w, cc, qq
+    cdef double acc, ret, g1, g2, r, rn, c1, c2, d0, x, d, n, m, w, cc, qq
     cdef double gamma2 = gamma * gamma
     cdef double* cnt = scratch
     cdef double* inv = scratch + max_len
@@ -408,8 +408,12 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
         elif sig == SIG_OUTCOME_RETURN:
             sum_oret = True
 
-    # Signals: reward, outcome, discounted return, outcome return, and their per-turn sums
+    # Signals: reward, discounted return, outcome, outcome return, and their per-turn sums
     # (accumulated in the latency-bound reverse recursions, where they cost nothing).
+    # r_t = c1 D_{t-1} + c2 D_t: IDR (1, -1), ADR (0, -1), given (0, 1); products with 0 and
+    # +-1 are exact, so these equal D_{t-1} - D_t, -D_t and r_t.
+    c1 = 1.0 if reward_kind == REWARD_IDR else 0.0
+    c2 = 1.0 if reward_kind == REWARD_GIVEN else -1.0
     for j in range(t0, t1):
         i = order[j] if has_order else j
         a = offsets[i]
@@ -417,18 +421,61 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
         nrows += b - a
         if b - a > glen:
             glen = b - a
-        if reward_kind == REWARD_IDR:
-            out_reward[a] = <double>initial[i] - <double>values[a]
-            for k in range(a + 1, b):
-                out_reward[k] = <double>values[k - 1] - <double>values[k]
-        elif reward_kind == REWARD_ADR:
-            for k in range(a, b):
-                out_reward[k] = -<double>values[k]
+        d0 = <double>initial[i] if reward_kind == REWARD_IDR else 0.0
+        if need_return:
+            # One reverse pass for the reward and G_t = r_t + gamma G_{t+1}, unrolled by one
+            # step into G_t = (r_t + gamma r_{t+1}) + gamma^2 G_{t+2}: two independent
+            # recursions (even and odd t) halve the latency chain. No negative powers of gamma.
+            k = b - 1
+            r = c1 * (<double>values[k - 1] if k > a else d0) + c2 * <double>values[k]
+            out_reward[k] = r
+            g1 = r
+            sig_return[k] = g1
+            if sum_reward:
+                sums_r[k - a] += r
+            if sum_return:
+                sums_g[k - a] += g1
+            rn = r
+            g2 = 0.0
+            if k > a:
+                k = b - 2
+                r = c1 * (<double>values[k - 1] if k > a else d0) + c2 * <double>values[k]
+                out_reward[k] = r
+                g2 = g1
+                g1 = r + gamma * g2
+                sig_return[k] = g1
+                if sum_reward:
+                    sums_r[k - a] += r
+                if sum_return:
+                    sums_g[k - a] += g1
+                rn = r
+                for k in range(b - 3, a, -1):
+                    r = c1 * <double>values[k - 1] + c2 * <double>values[k]
+                    out_reward[k] = r
+                    ret = (r + gamma * rn) + gamma2 * g2
+                    sig_return[k] = ret
+                    if sum_reward:
+                        sums_r[k - a] += r
+                    if sum_return:
+                        sums_g[k - a] += ret
+                    g2 = g1
+                    g1 = ret
+                    rn = r
+                if b - 3 >= a:
+                    r = c1 * d0 + c2 * <double>values[a]
+                    out_reward[a] = r
+                    ret = (r + gamma * rn) + gamma2 * g2
+                    sig_return[a] = ret
+                    if sum_reward:
+                        sums_r[0] += r
+                    if sum_return:
+                        sums_g[0] += ret
         else:
-            for k in range(a, b):
-                out_reward[k] = <double>values[k]
-        if sum_reward and not need_return:
-            _sum_by_turn(out_reward, sums_r, a, b)
+            out_reward[a] = c1 * d0 + c2 * <double>values[a]
+            for k in range(a + 1, b):
+                out_reward[k] = c1 * <double>values[k - 1] + c2 * <double>values[k]
+            if sum_reward:
+                _sum_by_turn(out_reward, sums_r, a, b)
         if need_outcome:
             acc = 0.0
             for k in range(a, b):
@@ -444,34 +491,6 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
             if returns_kind == RETURNS_OUTCOME:
                 for k in range(a, b):
                     out_return[k] = acc
-        if need_return:
-            # G_t = r_t + gamma G_{t+1}, unrolled by one step into
-            # G_t = (r_t + gamma r_{t+1}) + gamma^2 G_{t+2}: two independent recursions (even
-            # and odd t) halve the add-multiply latency chain. No negative powers of gamma.
-            g1 = out_reward[b - 1]
-            sig_return[b - 1] = g1
-            if sum_reward:
-                sums_r[b - 1 - a] += out_reward[b - 1]
-            if sum_return:
-                sums_g[b - 1 - a] += g1
-            g2 = 0.0
-            if b - 2 >= a:
-                g2 = g1
-                g1 = out_reward[b - 2] + gamma * g2
-                sig_return[b - 2] = g1
-                if sum_reward:
-                    sums_r[b - 2 - a] += out_reward[b - 2]
-                if sum_return:
-                    sums_g[b - 2 - a] += g1
-            for k in range(b - 3, a - 1, -1):
-                ret = (out_reward[k] + gamma * out_reward[k + 1]) + gamma2 * g2
-                sig_return[k] = ret
-                if sum_reward:
-                    sums_r[k - a] += out_reward[k]
-                if sum_return:
-                    sums_g[k - a] += ret
-                g2 = g1
-                g1 = ret
 
     # cnt[t]: trajectories of the group longer than t (the size of turn bucket t), and its
     # table entries (see _turn_bucket_params).

@@ -96,7 +96,10 @@ def run_fused(kernels, plan, ragged, distance, initial_distance, reward, out_rew
     enc = encode_plan(plan)
     n = ragged.n_rows
     values = _values(reward if enc.reward_kind == 2 else distance)
-    initial = _values(initial_distance) if enc.reward_kind == 0 else _EMPTY_F64
+    # One value per trajectory: float64 always (cheap), which halves the kernel variants
+    # Numba compiles; the per-turn values stay as given (float32 is read as float32).
+    initial = (np.ascontiguousarray(initial_distance, dtype=np.float64)
+               if enc.reward_kind == 0 else _EMPTY_F64)
     offsets = ragged.offsets
     order = np.empty(n_traj, dtype=np.int64)
     seg_start = np.empty(ngroups + 1, dtype=np.int64)
