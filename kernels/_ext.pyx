@@ -910,3 +910,79 @@ def fused_batch_advantages(const i64[::1] offsets, const i64[:, ::1] spec,
                     else:
                         out_adv[k] = out_adv[k] + w * (((x - m) - sh) * f)
             first = False
+
+
+# --------------------------------------------------------------------------- table reading
+# Single-pass checks for mica_core.arrow's long-form reader (rows usually arrive sorted by
+# trajectory and turn; these confirm it without sorting, hashing or temporaries).
+
+ctypedef fused ids_t:
+    long long
+    double
+
+
+def ragged_run_codes(const i64[::1] ids, i64[::1] codes, i64[::1] starts):
+    """Run number of every row (a row with the previous row's id continues its run).
+
+    Writes ``codes`` [n] and the first row of every run to ``starts[0:nruns]``, with
+    ``starts[nruns] = n`` (``starts`` has room for ``n + 1``). Returns ``(nruns,
+    increasing)``: ``increasing`` when the run ids strictly increase, so that no id has two
+    runs and the run numbers are the ids' codes in order of first appearance.
+    """
+    cdef Py_ssize_t k, n = ids.shape[0]
+    cdef i64 run = 0, change, decrease = 0
+    cdef const i64* x
+    cdef i64* c
+    cdef i64* st
+    if n == 0:
+        starts[0] = 0
+        return 0, True
+    x = &ids[0]
+    c = &codes[0]
+    st = &starts[0]
+    with nogil:
+        st[0] = 0
+        c[0] = 0
+        # Branch-free: a run boundary every ~20 rows would mispredict a branch each time.
+        # st[n] is a scratch slot for the rows that start no run.
+        for k in range(1, n):
+            change = x[k] != x[k - 1]
+            decrease |= x[k] < x[k - 1]
+            run += change
+            c[k] = run
+            st[run if change else n] = k
+        st[run + 1] = n
+    return run + 1, decrease == 0
+
+
+def ragged_check_turns(const i64[::1] offsets, const i64[::1] turn):
+    """First row whose turn is not its position in its trajectory (``row - offsets[i]``), or
+    -1 when every trajectory's rows hold turns ``0 .. T-1`` in order."""
+    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
+    cdef i64 bad = -1
+    with nogil:
+        for i in range(n_traj):
+            for k in range(offsets[i], offsets[i + 1]):
+                if turn[k] != k - offsets[i]:
+                    bad = k
+                    break
+            if bad >= 0:
+                break
+    return bad
+
+
+def ragged_first_change(const i64[::1] offsets, const ids_t[::1] values):
+    """First row that is not a trajectory's first row and whose value differs from the row
+    before (so differs from the trajectory's first row), or -1: the check that a per-row
+    column holds one value per trajectory."""
+    cdef Py_ssize_t i, k, n_traj = offsets.shape[0] - 1
+    cdef i64 bad = -1
+    with nogil:
+        for i in range(n_traj):
+            for k in range(offsets[i] + 1, offsets[i + 1]):
+                if values[k] != values[k - 1]:
+                    bad = k
+                    break
+            if bad >= 0:
+                break
+    return bad

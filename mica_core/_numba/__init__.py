@@ -9,7 +9,10 @@ from .kernels import (
     bucket_batch_moments,
     fused_batch_advantages,
     fused_group_advantages,
+    ragged_check_turns,
+    ragged_first_change,
     ragged_group_segments,
+    ragged_run_codes,
 )
 
 __all__ = [
@@ -17,4 +20,7 @@ __all__ = [
     "fused_group_advantages",
     "bucket_batch_moments",
     "fused_batch_advantages",
+    "ragged_run_codes",
+    "ragged_check_turns",
+    "ragged_first_change",
 ]

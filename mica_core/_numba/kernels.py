@@ -707,3 +707,47 @@ def fused_batch_advantages(offsets, spec, weight, batch_params, out_reward, sig_
             else:
                 _batch_adv_rows(out_reward, False, m, sh, f, w, first, out_adv, offsets, i0, i1)
             first = False
+
+
+# --------------------------------------------------------------------------- table reading
+
+
+@jit
+def ragged_run_codes(ids, codes, starts):
+    """Run number of every row; see ``ragged_run_codes`` in _ext.pyx."""
+    n = ids.shape[0]
+    starts[0] = 0
+    if n == 0:
+        return 0, True
+    run = 0
+    increasing = True
+    codes[0] = 0
+    for k in range(1, n):
+        if ids[k] != ids[k - 1]:
+            if ids[k] < ids[k - 1]:
+                increasing = False
+            run += 1
+            starts[run] = k
+        codes[k] = run
+    starts[run + 1] = n
+    return run + 1, increasing
+
+
+@jit
+def ragged_check_turns(offsets, turn):
+    """First row whose turn is not its position in its trajectory, or -1."""
+    for i in range(offsets.shape[0] - 1):
+        for k in range(offsets[i], offsets[i + 1]):
+            if turn[k] != k - offsets[i]:
+                return k
+    return -1
+
+
+@jit
+def ragged_first_change(offsets, values):
+    """First non-first row of a trajectory whose value differs from the row before, or -1."""
+    for i in range(offsets.shape[0] - 1):
+        for k in range(offsets[i] + 1, offsets[i + 1]):
+            if values[k] != values[k - 1]:
+                return k
+    return -1
