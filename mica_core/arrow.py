@@ -124,10 +124,56 @@ def _numpy(col, name, *, kind="float"):
     return a
 
 
+def _fast_kernels():
+    """The compiled single-pass checks of ``mica_core._ext`` (``None`` when not built)."""
+    try:
+        from . import _ext
+    except ImportError:  # pragma: no cover - only without the compiled kernels
+        return None
+    return _ext
+
+
+def _int_ids(col):
+    """An integer id column as a contiguous int64 array (``None`` for other types)."""
+    if len(col) and pa.types.is_integer(col.type):
+        return np.ascontiguousarray(_numpy(col, "", kind="int"))
+    return None
+
+
+def _run_codes(a: np.ndarray):
+    """``(codes, n_ids, starts)`` of integer ids when every id occupies one run of adjacent
+    rows (sorted ids, or rows stored id by id): the code is the run number, which is the
+    order of first appearance, and ``starts`` [n_ids + 1] the first row of each run. ``None``
+    when some id comes back after another one."""
+    n = len(a)
+    ext = _fast_kernels()
+    if ext is not None:
+        codes = np.empty(n, dtype=np.int64)
+        starts = np.empty(n + 1, dtype=np.int64)
+        nruns, increasing = ext.ragged_run_codes(a, codes, starts)
+        starts = starts[:nruns + 1].copy()
+    else:  # pragma: no cover - only without the compiled kernels
+        change = a[1:] != a[:-1]
+        codes = np.zeros(n, dtype=np.int64)
+        np.cumsum(change, out=codes[1:])
+        starts = np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
+        nruns = len(starts) - 1
+        increasing = bool(np.all(a[starts[1:-1]] > a[starts[:-2]])) if nruns > 1 else True
+    if not increasing and len(np.unique(a[starts[:-1]])) != nruns:
+        return None
+    return codes, nruns, starts
+
+
 def _codes(col) -> tuple[np.ndarray, int]:
     """int64 codes in order of first appearance, for any id type."""
     if isinstance(col, pa.ChunkedArray) and col.num_chunks == 0:
         return np.zeros(0, dtype=np.int64), 0
+    ids = _int_ids(col)
+    if ids is not None:
+        # Fast path (no hashing): integer ids stored run by run.
+        fast = _run_codes(ids)
+        if fast is not None:
+            return fast[0], fast[1]
     uniques = pc.unique(col)
     codes = pc.index_in(col, value_set=uniques)
     if isinstance(codes, pa.ChunkedArray):
@@ -241,15 +287,24 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
     gcol = _column(table, cols["group"], "group")
     tcol = _column(table, cols["traj"], "trajectory")
     turn = _numpy(_column(table, cols["turn"], "turn"), cols["turn"], kind="int")
-    traj, n_traj = _codes(tcol)
+    ext = _fast_kernels()
+    tids = _int_ids(tcol)
+    runs = _run_codes(tids) if tids is not None else None
+    if runs is not None and ext is not None:
+        # Each trajectory's rows are adjacent: the runs are the trajectories, in order.
+        traj, n_traj, offsets = runs
+        lengths = np.diff(offsets)
+        in_order = ext.ragged_check_turns(offsets, np.ascontiguousarray(turn)) < 0
+    else:
+        traj, n_traj = _codes(tcol)
+        lengths = np.bincount(traj, minlength=n_traj).astype(np.int64)
+        offsets = ragged_from_lengths(lengths)
+        in_order = n == 0 or (bool(np.all(traj[1:] >= traj[:-1]))
+                              and np.array_equal(turn, turn_index(offsets)))
     gcodes, ngroups = _codes(gcol)
-
-    lengths = np.bincount(traj, minlength=n_traj).astype(np.int64)
-    offsets = ragged_from_lengths(lengths)
-    expected = turn_index(offsets)
-    in_order = n == 0 or (bool(np.all(traj[1:] >= traj[:-1])) and np.array_equal(turn, expected))
     order = None
     if not in_order:
+        expected = turn_index(offsets)
         order = np.lexsort((turn, traj))
         turn_sorted = turn[order]
         bad = np.flatnonzero(turn_sorted != expected)
@@ -269,7 +324,7 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
             raise MicaInputError(msg, column=cols["turn"], row=row, rule=rule)
     g_rows = gcodes if order is None else gcodes[order]
     g_traj = g_rows[offsets[:-1]] if n else np.zeros(0, dtype=np.int64)
-    if n:
+    if n and (ext is None or ext.ragged_first_change(offsets, g_rows) >= 0):
         mismatch = np.flatnonzero(np.repeat(g_traj, lengths) != g_rows)
         if mismatch.size:
             k = int(mismatch[0])
@@ -302,7 +357,12 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
             init_rows = rows(_state_distance(table, init_name, n, weights=weights,
                                              epsilon=epsilon, kind=kind))
         d0 = init_rows[offsets[:-1]] if n else np.zeros(0)
-        differs = np.flatnonzero(np.repeat(d0, lengths) != init_rows)
+        if ext is not None and init_rows.dtype == np.float64 and init_rows.flags.c_contiguous:
+            differs = np.zeros(0, dtype=np.int64)
+            if ext.ragged_first_change(offsets, init_rows) >= 0:
+                differs = np.flatnonzero(np.repeat(d0, lengths) != init_rows)
+        else:
+            differs = np.flatnonzero(np.repeat(d0, lengths) != init_rows)
         if differs.size:
             k = int(differs[0])
             row = k if order is None else int(order[k])
