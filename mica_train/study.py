@@ -112,6 +112,10 @@ def _say(t0: float, msg: str) -> None:
     print(f"[study {time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
+# Bumped when a run's result.json changes shape: older results are then run again.
+RESULT_VERSION = 2
+
+
 def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -184,7 +188,7 @@ class StudyPlan:
         cfg.pop("threads", None)
         if estimator is None:  # the warm-start evaluation: only the policy and the evaluation matter
             cfg = {k: cfg[k] for k in ("model", "lora", "env", "rollout", "eval")}
-        return _fingerprint({"config": cfg, "warm": self.warm_spec()})
+        return _fingerprint({"config": cfg, "warm": self.warm_spec(), "version": RESULT_VERSION})
 
     def settings(self) -> dict:
         from .config import config_to_dict
@@ -312,7 +316,8 @@ def run_job(job: dict) -> dict:
     from .atomic import atomic_write_json
     from .config import load_config
     from .policy import load_policy, quiet_transformers
-    from .trainer import Trainer, evaluate
+    from .study_eval import evaluate_with_behaviour as evaluate
+    from .trainer import Trainer
 
     quiet_transformers()
     cfg = load_config(job["config"], job["overrides"])
@@ -455,6 +460,13 @@ def summarize(plan: StudyPlan, jobs: list[dict], results: dict[str, dict], wall:
             for k, v in ev.get("status_counts", {}).items():
                 status[k] = status.get(k, 0.0) + v / max(len(evs), 1)
         entry["status_counts_mean"] = status
+        behav = [ev["behaviour"] for ev in evs if "behaviour" in ev]
+        if behav:
+            entry["behaviour"] = {
+                "pacing_agreement": _stats([b["pacing_agreement"] for b in behav]),
+                "opening_validation": _stats([b["opening_validation"] for b in behav]),
+                "act_shares": {k: _stats([b["act_shares"][k] for b in behav]) for k in behav[0]["act_shares"]},
+            }
         # Mean learning curve over the seeds (steps every run of this estimator reached).
         curves = [runs[est][s].get("curve", []) for s in seeds]
         n_steps = min((len(c) for c in curves), default=0)
@@ -511,7 +523,7 @@ def summarize(plan: StudyPlan, jobs: list[dict], results: dict[str, dict], wall:
         "load_average": load,
         "settings": settings,
         "warm_start": {k: warm.get(k) for k in ("steps", "loss_first", "loss_last", "seconds")} if warm else None,
-        "before": {m: before["eval"].get(m) for m in (*EVAL_METRICS, "n")} if before else None,
+        "before": {m: before["eval"].get(m) for m in (*EVAL_METRICS, "n", "behaviour")} if before else None,
         "reference": ref,
         "estimators": per_est,
         "ranking_by_pass_rate": ranking,
@@ -553,6 +565,30 @@ def format_credit_table(credit: dict, ref: str = "mica") -> str:
         paired = "" if est == ref or d is None else f"{d['mean']:+.3f} ± {d['std']:.3f}"
         lines.append(f"| `{est}` | {e['auc']['mean']:.3f} ± {e['auc']['std']:.3f} | "
                      f"{e['effect']['mean']:+.3f} | {paired} |")
+    return "\n".join(lines)
+
+
+def format_behaviour_table(study: dict) -> str:
+    """What the evaluated policies do (study_eval.py), means over the seeds, as Markdown."""
+    lines = ["| estimator | pacing agreement | opening validation | validate | reframe | plan | several acts | no act |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [(f"`{e}`", v.get("behaviour")) for e, v in study["estimators"].items()]
+    before = (study.get("before") or {}).get("behaviour")
+    if before:
+        rows.append(("warm start (no RL)", {
+            "pacing_agreement": {"mean": before["pacing_agreement"], "std": 0.0},
+            "opening_validation": {"mean": before["opening_validation"]},
+            "act_shares": {k: {"mean": v} for k, v in before["act_shares"].items()},
+        }))
+    for name, b in rows:
+        if not b:
+            continue
+        a = b["act_shares"]
+        lines.append(
+            f"| {name} | {b['pacing_agreement']['mean']:.3f} ± {b['pacing_agreement']['std']:.3f} | "
+            f"{b['opening_validation']['mean']:.3f} | "
+            + " | ".join(f"{a[k]['mean']:.3f}" for k in ("validate", "reframe", "plan", "multiple", "none")) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -686,6 +722,8 @@ def run_study(plan: StudyPlan) -> dict:
     atomic_write_json(out_json, study)
     _say(t0, f"wrote {out_json}" + (f" and {plan.plot}" if plan.plot else ""))
     print(format_table(study), flush=True)
+    print("\nbehaviour on the evaluation episodes", flush=True)
+    print(format_behaviour_table(study), flush=True)
     print("\ncredit diagnostic (no training): advantages of pacing-consistent turns vs the others", flush=True)
     print(format_credit_table(study["credit_diagnostic"], study["reference"]), flush=True)
     _say(t0, f"done in {time.perf_counter() - t0:.0f}s")

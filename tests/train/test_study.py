@@ -71,6 +71,12 @@ def test_quick_study_writes_outputs_and_resumes(tmp_path, capsys):
         assert len(e["curve"]["step"]) == s["steps"] and len(e["curve"]["pass_rate_mean"]) == s["steps"]
         assert "mean_final_distance_mean" in e["curve"]
     assert res["estimators"]["mica"]["paired_vs_mica"]["pass_rate"]["mean"] == 0.0
+    for e in res["estimators"].values():
+        b = e["behaviour"]
+        assert 0.0 <= b["pacing_agreement"]["mean"] <= 1.0 and "opening_validation" in b
+        assert set(b["act_shares"]) == {"validate", "reframe", "plan", "multiple", "none"}
+        assert math.isclose(sum(v["mean"] for v in b["act_shares"].values()), 1.0)
+    assert res["before"]["behaviour"]["replay_mismatches"] == 0
     credit = res["credit_diagnostic"]
     assert credit["seeds"] == [0] and set(credit["estimators"]) == {"mica", "grpo"}
     for e in credit["estimators"].values():
@@ -83,6 +89,17 @@ def test_quick_study_writes_outputs_and_resumes(tmp_path, capsys):
     first = [r["curve"][0] for r in runs.values()]
     for key in ("pass_rate", "mean_final_distance", "reward_mean", "mean_turns"):
         assert first[0][key] == first[1][key], key
+
+    # The study's evaluation plays exactly the trainer's evaluation episodes.
+    from mica_train.policy import load_policy
+    from mica_train.trainer import evaluate
+
+    args = study.build_parser().parse_args(_args(tmp_path))
+    args.command = "mica study"
+    cfg = study.make_plan(args).load()
+    ev = evaluate(load_policy(cfg.model, cfg.lora), cfg)
+    before = json.loads((tmp_path / "work" / "before.json").read_text())["eval"]
+    assert {k: before[k] for k in ev} == json.loads(json.dumps(ev))
 
     # Resume: nothing runs again (the results are reused as they are).
     capsys.readouterr()
