@@ -22,6 +22,7 @@ TRAIN_COMMANDS = ("train", "eval", "tiny-model", "warm-start")
 READ_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "ipc", ".ipc": "ipc",
                    ".feather": "ipc", ".arrows": "ipc", ".csv": "csv"}
 PROGRESS_MIN_ROWS = 1_000_000
+STREAM_MIN_ROWS = 16_000_000  # --stream auto: about 1 GiB of value columns and outputs
 
 
 class CliError(Exception):
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                        "trajectory table (Parquet, Arrow IPC or CSV in; Parquet out)",
                        description="Compute per-turn reward, return and advantage columns. "
                        "Rows may come in any order; the output keeps the input order.")
-    a.add_argument("input", metavar="IN", help="trajectory table: .parquet/.pq, "
-                   ".arrow/.ipc/.feather (Arrow IPC) or .csv")
+    a.add_argument("input", metavar="IN", help="trajectory table: .parquet/.pq (a file or a "
+                   "folder of Parquet files), .arrow/.ipc/.feather (Arrow IPC) or .csv")
     a.add_argument("output", metavar="OUT", help="output Parquet file (.parquet or .pq)")
     a.add_argument("--estimator", default="mica", help="registered estimator (default: mica; "
                    "see `mica estimators`)")
@@ -65,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--on-missing", default="raise", choices=("raise", "carry"),
                    help="NaN/null values: error (raise), or carry the previous distance "
                    "forward / use reward 0 (carry)")
+    a.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                   help="process the input chunk by chunk of whole groups, with bounded memory "
+                   "(rows of a group must be stored together). auto: Parquet inputs of "
+                   f"{STREAM_MIN_ROWS:,}+ rows when the estimator has no batch-scope component "
+                   "(batch statistics would become per-chunk)")
+    a.add_argument("--batch-rows", type=int, default=None, metavar="N",
+                   help="rows per streamed chunk (default 1,048,576)")
     a.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     a.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress on stderr (auto: for large inputs on a terminal)")
@@ -79,6 +87,25 @@ def _parser() -> argparse.ArgumentParser:
                        ("study", "credit-assignment study over estimators (mica_train)")):
         sub.add_parser(name, help=text, add_help=False)
     return p
+
+
+class _RowProgress:
+    """A row counter on stderr for streamed inputs: ``mica: 3,145,728 / 10,000,000 rows (31%)``."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self.t0 = time.perf_counter()
+
+    def __call__(self, rows: int):
+        if self.enabled:
+            pct = 100.0 * rows / self.total if self.total else 100.0
+            sys.stderr.write(f"\rmica: {rows:,} / {self.total:,} rows ({pct:3.0f}%) "
+                             f"{time.perf_counter() - self.t0:6.1f}s")
+            sys.stderr.flush()
+
+    def done(self):
+        if self.enabled:
+            sys.stderr.write("\n")
 
 
 class _Progress:
@@ -100,16 +127,23 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _input_format(path: str) -> str:
+    ext = os.path.splitext(path.rstrip("/"))[1].lower()
+    fmt = READ_EXTENSIONS.get(ext)
+    if fmt is None and os.path.isdir(path):
+        fmt = "parquet"  # a folder of Parquet files (a pyarrow dataset)
+    if fmt is None:
+        raise CliError(f"{path}: unknown input extension {ext!r} (use "
+                       f"{', '.join(sorted(READ_EXTENSIONS))}, or a folder of Parquet files)")
+    if not os.path.exists(path):
+        raise CliError(f"{path}: no such file")
+    return fmt
+
+
 def _read_table(path: str):
     import pyarrow as pa
 
-    ext = os.path.splitext(path)[1].lower()
-    fmt = READ_EXTENSIONS.get(ext)
-    if fmt is None:
-        raise CliError(f"{path}: unknown input extension {ext!r} (use "
-                       f"{', '.join(sorted(READ_EXTENSIONS))})")
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
+    fmt = _input_format(path)
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -163,19 +197,61 @@ def _advantages(args) -> int:
                "state": args.state_col, "initial_state": args.initial_state_col,
                "reward": args.reward_col, "distances": args.distances_col,
                "rewards": args.rewards_col}
+    options = dict(source=args.source, gamma=args.gamma, weight=args.weight, eps=args.eps,
+                   ddof=args.ddof, baseline=args.baseline, scale=args.scale,
+                   singleton=args.singleton, backend=args.backend, on_missing=args.on_missing)
+    if _should_stream(args):
+        return _advantages_streamed(args, columns, options)
     table = _read_table(args.input)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()
                                      and table.num_rows >= PROGRESS_MIN_ROWS)
     progress = _Progress(show, 3)
     progress.stage(f"computing {table.num_rows:,} rows")
-    out = compute_advantages(table, args.estimator, columns, source=args.source,
-                             gamma=args.gamma, weight=args.weight, eps=args.eps,
-                             ddof=args.ddof, baseline=args.baseline, scale=args.scale,
-                             singleton=args.singleton, backend=args.backend,
-                             on_missing=args.on_missing)
+    out = compute_advantages(table, args.estimator, columns, **options)
     progress.stage("writing " + args.output)
     write_parquet_atomic(out, args.output, force=args.force)
     progress.stage("done")
+    progress.done()
+    return 0
+
+
+def _count_rows(path: str, fmt: str) -> int | None:
+    if fmt != "parquet":
+        return None
+    import pyarrow.dataset as ds
+
+    try:
+        return ds.dataset(path, format="parquet").count_rows()  # footers only
+    except Exception:  # unreadable: let the reader report it
+        return None
+
+
+def _should_stream(args) -> bool:
+    from .estimators import get_estimator
+
+    if args.stream == "off":
+        return False
+    fmt = _input_format(args.input)
+    if args.stream == "on":
+        return True
+    has_batch_scope = any(c.scope == "batch" for c in get_estimator(args.estimator).components)
+    rows = _count_rows(args.input, fmt)
+    return not has_batch_scope and rows is not None and rows >= STREAM_MIN_ROWS
+
+
+def _advantages_streamed(args, columns, options) -> int:
+    from .stream import DEFAULT_BATCH_ROWS, write_advantages
+
+    fmt = _input_format(args.input)
+    total = _count_rows(args.input, fmt)
+    show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
+    progress = _RowProgress(show and total is not None, total or 0)
+    try:
+        write_advantages(args.input, args.output, args.estimator, columns,
+                         overwrite=args.force, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS,
+                         format=fmt, on_chunk=progress, **options)
+    except FileExistsError as exc:
+        raise CliError(str(exc).replace("overwrite=True", "--force")) from None
     progress.done()
     return 0
 

@@ -146,13 +146,15 @@ def _shift_rows(err: MicaInputError, base: int) -> MicaInputError:
     return MicaInputError(message, column=err.column, row=err.row + base, rule=err.rule)
 
 
-def iter_advantages(source, estimator="mica", columns: Mapping[str, str] | None = None, *,
+def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | None = None, *,
                     batch_rows: int = DEFAULT_BATCH_ROWS, format: str = "parquet",
                     **options) -> Iterator[pa.Table]:
     """Yield the advantages of a dataset chunk by chunk (see the module docstring).
 
     Args:
-      source: a Parquet file or directory, a list of files, or a ``pyarrow.dataset.Dataset``.
+      source: a Parquet file or directory, a list of files, or a ``pyarrow.dataset.Dataset``
+        (positional: ``source=`` in ``**options`` is the value-column choice, as in
+        ``compute_advantages``).
       estimator, columns, **options: as :func:`mica_core.compute_advantages` (``source=``,
         ``gamma=``, ``backend=``, ...).
       batch_rows: rows per chunk (a chunk ends at the first group boundary past it).
@@ -278,8 +280,10 @@ def _output_schema(schema: pa.Schema) -> pa.Schema:
 def write_advantages(in_path, out_path, estimator="mica",
                      columns: Mapping[str, str] | None = None, *, overwrite: bool = False,
                      batch_rows: int = DEFAULT_BATCH_ROWS, format: str = "parquet",
-                     compression: str = "zstd", **options) -> int:
+                     compression: str = "zstd", on_chunk=None, **options) -> int:
     """Stream ``in_path`` through :func:`iter_advantages` into the Parquet file ``out_path``.
+
+    ``on_chunk(rows_written)``, when given, is called after each chunk (progress reporting).
 
     Written to a temporary file in the output's folder, then renamed into place: a failed
     run leaves no partial output, and an existing ``out_path`` is never replaced unless
@@ -305,6 +309,8 @@ def write_advantages(in_path, out_path, estimator="mica",
                 table = table.cast(schema)
             writer.write_table(table)
             rows += table.num_rows
+            if on_chunk is not None:
+                on_chunk(rows)
         if writer is None:  # no rows: an empty file with the output columns
             schema = _output_schema(_as_dataset(in_path, format).schema)
             writer = pq.ParquetWriter(tmp, schema, compression=compression)

@@ -131,3 +131,34 @@ def test_env_commands_route_to_mica_train():
     assert res.returncode == 0 and "replay" in res.stdout
     res = run("env", "eval", "--policy", "nonsense")
     assert res.returncode == 2
+
+
+def test_streamed_parquet_equals_in_memory(tmp_path):
+    from mica_core.demo import sample_rollouts
+
+    t = sample_rollouts(n_groups=12, rollouts=4, max_turns=8, seed=5)
+    pq.write_table(t, tmp_path / "in.parquet", row_group_size=37)
+    res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"),
+              "--stream", "on", "--batch-rows", "40")
+    assert res.returncode == 0, res.stderr
+    got = pq.read_table(tmp_path / "out.parquet")
+    want = mc.compute_advantages(t)
+    assert got["traj_id"].to_pylist() == t["traj_id"].to_pylist()
+    np.testing.assert_allclose(got["advantage"].to_numpy(), want["advantage"].to_numpy(),
+                               atol=1e-12)
+
+
+def test_streamed_groups_not_stored_together_is_an_error(tmp_path):
+    from mica_core.demo import sample_rollouts
+
+    t = sample_rollouts(n_groups=3, rollouts=2, max_turns=3, seed=5)
+    first = t.filter(pa.compute.equal(t["group_id"], "scenario-0"))
+    rest = t.filter(pa.compute.not_equal(t["group_id"], "scenario-0"))
+    split = pa.concat_tables([first.slice(0, 2), rest, first.slice(2)])
+    pq.write_table(split, tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    res = run("advantages", str(tmp_path / "in.parquet"), str(out), "--stream", "on",
+              "--batch-rows", "1")
+    assert res.returncode == 2
+    assert "column 'group_id'" in res.stderr and "stored together" in res.stderr
+    assert not out.exists()
