@@ -986,3 +986,27 @@ def ragged_first_change(const i64[::1] offsets, const ids_t[::1] values):
             if bad >= 0:
                 break
     return bad
+
+
+def ragged_place_rows(const i64[::1] traj, const i64[::1] turn, const i64[::1] offsets,
+                      i64[::1] order):
+    """Sort rows by (trajectory, turn) by placing each one: row ``k`` goes to position
+    ``offsets[traj[k]] + turn[k]``. ``order`` [n] must come filled with -1; on success
+    ``order[p]`` is the input row at sorted position ``p`` and the result is -1. Returns the
+    first row whose turn is out of ``0 .. T-1`` for its trajectory or repeats a turn
+    (``order`` is then incomplete; sort the general way to name the error)."""
+    cdef Py_ssize_t k, n = traj.shape[0]
+    cdef i64 t, tn, p, bad = -1
+    with nogil:
+        for k in range(n):
+            t = traj[k]
+            tn = turn[k]
+            if tn < 0 or tn >= offsets[t + 1] - offsets[t]:
+                bad = k
+                break
+            p = offsets[t] + tn
+            if order[p] >= 0:
+                bad = k
+                break
+            order[p] = k
+    return bad

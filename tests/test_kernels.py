@@ -357,3 +357,121 @@ def test_auto_matches_explicit_backends():
     for a, b in zip(auto, cy):
         np.testing.assert_array_equal(a, b)
     assert math.isfinite(float(auto.advantage.sum()))
+
+
+# --------------------------------------------------------------------------- Arrow fast paths
+
+
+def _table(rows, id_type=None):
+    import pyarrow as pa
+
+    g, tr, tu, d, d0 = (list(c) for c in zip(*rows))
+    if id_type == "str":
+        g, tr = [f"g{x}" for x in g], [f"t{x}" for x in tr]
+    elif id_type == "uint":
+        g = pa.array(g, pa.uint64())
+        tr = pa.array(tr, pa.uint32())
+    return pa.table({"group_id": g, "traj_id": tr, "turn": tu, "distance": d,
+                     "initial_distance": d0})
+
+
+def _rows(seed=0, n_groups=6, per=3):
+    rng = np.random.default_rng(seed)
+    rows, traj = [], 0
+    for g in range(n_groups):
+        for _ in range(per):
+            d0 = float(rng.integers(8, 16)) / 4
+            for t in range(int(rng.integers(1, 6))):
+                rows.append((g * 7 % n_groups, traj * 5 % 101, t, float(rng.integers(0, 16)) / 4,
+                             d0))
+            traj += 1
+    return rows
+
+
+def _both_paths(monkeypatch, table):
+    """compute_advantages with the compiled fast paths and without them."""
+    from mica_core import arrow
+
+    fast = mc.compute_advantages(table)
+    with monkeypatch.context() as m:
+        m.setattr(arrow, "_fast_kernels", lambda: None)
+        slow = mc.compute_advantages(table)
+    return fast, slow
+
+
+@pytest.mark.parametrize("id_type", [None, "str", "uint"])
+@pytest.mark.parametrize("layout", ["sorted", "reversed_runs", "shuffled"])
+def test_arrow_fast_paths_match_general_path(monkeypatch, id_type, layout):
+    rows = _rows()
+    if layout == "reversed_runs":  # ids stored run by run, not increasing
+        rows = sorted(rows, key=lambda r: (-r[1], r[2]))
+    elif layout == "shuffled":
+        rows = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
+    fast, slow = _both_paths(monkeypatch, _table(rows, id_type))
+    assert fast.equals(slow)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("breakage", ["duplicate_turn", "missing_turn", "negative_turn",
+                                      "two_groups", "initial_differs"])
+def test_arrow_fast_paths_raise_the_same_errors(monkeypatch, breakage, shuffle):
+    from mica_core import arrow
+
+    rows = [list(r) for r in _rows(seed=3)]
+    k = 7
+    if breakage == "duplicate_turn":
+        rows[k + 1][2] = rows[k][2] if rows[k + 1][1] == rows[k][1] else rows[k + 1][2]
+        rows.insert(k, list(rows[k]))
+    elif breakage == "missing_turn":
+        rows[k][2] += 10
+    elif breakage == "negative_turn":
+        rows[k][2] = -1
+    elif breakage == "two_groups":
+        while rows[k + 1][1] != rows[k][1]:
+            k += 1
+        rows[k + 1][0] = (rows[k][0] + 1) % 6
+    else:
+        while rows[k + 1][1] != rows[k][1]:
+            k += 1
+        rows[k + 1][4] += 0.25
+    if shuffle:
+        rows = [rows[i] for i in np.random.default_rng(2).permutation(len(rows))]
+    table = _table([tuple(r) for r in rows])
+    with pytest.raises(mc.MicaInputError) as fast:
+        mc.compute_advantages(table)
+    with monkeypatch.context() as m:
+        m.setattr(arrow, "_fast_kernels", lambda: None)
+        with pytest.raises(mc.MicaInputError) as slow:
+            mc.compute_advantages(table)
+    assert str(fast.value) == str(slow.value)
+    assert (fast.value.column, fast.value.row, fast.value.rule) == \
+        (slow.value.column, slow.value.row, slow.value.rule)
+
+
+def test_reader_kernels_agree():
+    rng = np.random.default_rng(4)
+    ids = np.repeat(rng.permutation(50), rng.integers(1, 5, 50)).astype(np.int64)
+    lengths = np.bincount(np.unique(ids, return_inverse=True)[1])
+    for mod in _kernel_modules():
+        codes = np.empty(len(ids), dtype=np.int64)
+        starts = np.empty(len(ids) + 1, dtype=np.int64)
+        nruns, increasing = mod.ragged_run_codes(ids, codes, starts)
+        assert nruns == 50 and not increasing
+        np.testing.assert_array_equal(np.diff(starts[:51]), np.diff(
+            np.concatenate([[0], np.flatnonzero(np.diff(ids)) + 1, [len(ids)]])))
+        offsets = starts[:51].copy()
+        turn = np.arange(len(ids)) - np.repeat(offsets[:-1], np.diff(offsets))
+        assert mod.ragged_check_turns(offsets, turn) == -1
+        bad = turn.copy()
+        bad[9] += 1
+        assert mod.ragged_check_turns(offsets, bad) == 9
+        assert mod.ragged_first_change(offsets, codes) == -1
+        first_long = int(np.flatnonzero(np.diff(offsets) > 1)[0])
+        assert mod.ragged_first_change(offsets, np.arange(len(ids), dtype=np.float64)) == \
+            offsets[first_long] + 1
+        perm = rng.permutation(len(ids))
+        order = np.full(len(ids), -1, dtype=np.int64)
+        assert mod.ragged_place_rows(codes[perm], turn[perm], offsets, order) == -1
+        np.testing.assert_array_equal(codes[perm][order], codes)
+        np.testing.assert_array_equal(turn[perm][order], turn)
+    assert len(lengths) == 50

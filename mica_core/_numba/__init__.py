@@ -12,6 +12,7 @@ from .kernels import (
     ragged_check_turns,
     ragged_first_change,
     ragged_group_segments,
+    ragged_place_rows,
     ragged_run_codes,
 )
 
@@ -23,4 +24,5 @@ __all__ = [
     "ragged_run_codes",
     "ragged_check_turns",
     "ragged_first_change",
+    "ragged_place_rows",
 ]

@@ -751,3 +751,19 @@ def ragged_first_change(offsets, values):
             if values[k] != values[k - 1]:
                 return k
     return -1
+
+
+@jit
+def ragged_place_rows(traj, turn, offsets, order):
+    """Sort rows by (trajectory, turn) by placing each one; see ``ragged_place_rows`` in
+    _ext.pyx."""
+    for k in range(traj.shape[0]):
+        t = traj[k]
+        tn = turn[k]
+        if tn < 0 or tn >= offsets[t + 1] - offsets[t]:
+            return k
+        p = offsets[t] + tn
+        if order[p] >= 0:
+            return k
+        order[p] = k
+    return -1
