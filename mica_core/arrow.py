@@ -159,8 +159,12 @@ def _run_codes(a: np.ndarray):
         starts = np.concatenate([[0], np.flatnonzero(change) + 1, [n]]).astype(np.int64)
         nruns = len(starts) - 1
         increasing = bool(np.all(a[starts[1:-1]] > a[starts[:-2]])) if nruns > 1 else True
-    if not increasing and len(np.unique(a[starts[:-1]])) != nruns:
-        return None
+    if not increasing:
+        # Ids come in runs but not in increasing order: one run per id if the run ids are
+        # distinct. Worth checking only for long runs; rows in no particular order (runs
+        # of about one row) go to hashing.
+        if 8 * nruns > n or len(np.unique(a[starts[:-1]])) != nruns:
+            return None
     return codes, nruns, starts
 
 
@@ -303,6 +307,12 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
                               and np.array_equal(turn, turn_index(offsets)))
     gcodes, ngroups = _codes(gcol)
     order = None
+    if not in_order and ext is not None and n:
+        # Rows in any order: each row's place is offsets[traj] + turn (one O(n) pass).
+        placed = np.full(n, -1, dtype=np.int64)
+        if ext.ragged_place_rows(traj, np.ascontiguousarray(turn), offsets, placed) < 0:
+            order = placed
+            in_order = True  # sorted now; errors below name input rows through ``order``
     if not in_order:
         expected = turn_index(offsets)
         order = np.lexsort((turn, traj))
