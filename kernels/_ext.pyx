@@ -43,6 +43,19 @@ cdef extern from *:
     ctypedef double* dptr "mica_dptr"
     ctypedef const double* cdptr "mica_cdptr"
 
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define mica_prefetch_read(p) __builtin_prefetch((const void*)(p), 0, 3)
+    #define mica_prefetch_write(p) __builtin_prefetch((const void*)(p), 1, 3)
+    #else
+    #define mica_prefetch_read(p) ((void)0)
+    #define mica_prefetch_write(p) ((void)0)
+    #endif
+    """
+    void mica_prefetch_read(const void* p) noexcept nogil
+    void mica_prefetch_write(const void* p) noexcept nogil
+
 ctypedef fused values_t:
     float
     double
@@ -793,7 +806,7 @@ def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
     """
     cdef Py_ssize_t nseg = seg_start.shape[0] - 1, ncomp = spec.shape[0], s, ci
     cdef bint has_order = order.shape[0] > 0
-    cdef i64 max_group = 0, kk
+    cdef i64 max_group = 0, kk, k0, k1
     cdef i64* slots
     cdef double* scratch
     cdef double* table
@@ -824,6 +837,18 @@ def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
             scratch[5 * max_len + ci] = 0.0  # per-turn signal sums start (and stay) zeroed
         _count_table(max_group, ddof, table)
         for s in range(nseg):
+            if has_order and s + 1 < nseg:
+                # Interleaved groups: the next group's rollouts lie anywhere in memory, so
+                # ask for their rows now (the hardware prefetcher cannot guess them).
+                for kk in range(seg_start[s + 1], seg_start[s + 2]):
+                    k0 = offsets[order_p[kk]]
+                    k1 = offsets[order_p[kk] + 1]
+                    while k0 < k1:
+                        mica_prefetch_read(&values[k0])
+                        mica_prefetch_write(&out_reward[k0])
+                        mica_prefetch_write(&out_return[k0])
+                        mica_prefetch_write(&out_adv[k0])
+                        k0 += 8
             _segment(&offsets[0], order_p, has_order, seg_start[s], seg_start[s + 1],
                      &values[0], init_p, reward_kind, returns_kind, gamma, &spec[0, 0],
                      &weight[0], ncomp, eps, ddof, singleton_raw, &out_reward[0],
