@@ -22,9 +22,15 @@ whatever the input dtype, ``mean0 = sum(x)/n``, ``c = sum(x - mean0)``,
 ``m2 = sum((x - mean0)^2) - c^2/n`` and ``z = ((x - mean0) - c/n) * mult`` with
 ``mult = [n/(n-1) for loo] / (std + eps)``. Batch buckets merge the groups' local two-pass
 moments about the batch ``mean0`` exactly (``sum (x - M)^2 = m2_g + 2 (m_g - M) c_g +
-n_g (m_g - M)^2``), so no sum ever rides on a large offset. Sums run in row order within a
-group and in group order across groups: the result does not depend on how groups are spread
-over threads.
+n_g (m_g - M)^2``), so no sum ever rides on a large offset. Within a group, sums run in a
+fixed order (per turn index, or in four interleaved running sums); across groups, in group
+order: the result does not depend on how groups are spread over threads.
+
+Speed (docs/performance.md): the per-turn sums of each signal are accumulated inside the
+latency-bound return recursion; a turn bucket's ``1/n``, ``1/(n - ddof)`` and ``n/(n - 1)``
+come from a table, so each bucket costs one division and one square root in a loop that
+vectorizes (``restrict`` pointers, ``-fno-math-errno -fno-trapping-math``); a group's one
+bucket uses scalar running sums over the group's rows.
 """
 
 from libc.math cimport sqrt
