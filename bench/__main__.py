@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="JSON path (default bench/results/cpu_<n>cores[_quick].json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", metavar="JSON", default=None,
+                   help="print the Markdown summary of an earlier run's JSON and exit")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     bad = set(args.sections) - set(SECTIONS)
@@ -444,8 +446,68 @@ def print_table(result, file=sys.stdout):
               f"(target {v['target']})\n")
 
 
+def markdown_summary(result) -> str:
+    """The summary tables of docs/performance.md, from a run's JSON."""
+    cases, m = result["cases"], result["machine"]
+    turns = result["config"]["turns"]
+    big = [c for c in cases if c.get("section") == "kernels" and c["turns"] > 1_000_000]
+    lines = [f"Machine: {m['cpu']}, {m['cpus_usable']} cores, {m['memory_bytes'] / 2**30:.0f} "
+             f"GiB; Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}; load "
+             f"average {m['load_average_start'][0]:.1f} at start, "
+             f"{(m.get('load_average_end') or [float('nan')])[0]:.1f} at end. "
+             f"Command: `{result['command'].strip()}`.", ""]
+    if big:
+        n = big[0]["turns"]
+        lines += [f"Kernels, {n:,} turns, float64 (median time; ratio to the memory floor):",
+                  "", "| preset | layout | cython | numba, 1 thread | numba, 2 threads |",
+                  "|---|---|---|---|---|"]
+        layouts = sorted({(c["lengths"], c["layout"]) for c in big},
+                         key=lambda x: (x[1] != "contiguous", x[0] != "uniform"))
+        for lengths, layout in layouts:
+            for preset in dict.fromkeys(c["name"] for c in big):
+                row = [preset, f"{lengths}, {layout}"]
+                for backend, threads in (("cython", None), ("numba", 1), ("numba", 2)):
+                    c = _find(big, name=preset, backend=backend, threads=threads,
+                              lengths=lengths, layout=layout)
+                    row.append("-" if c is None else
+                               f"{c['median_s'] * 1e3:.1f} ms ({c['x_floor']:.2f}x)")
+                lines.append("| " + " | ".join(row) + " |")
+        floor = _find(cases, section="floor", turns=n, lengths="uniform", layout="contiguous")
+        if floor:
+            lines += ["", f"Memory floor (uniform, contiguous): {floor['median_s'] * 1e3:.1f} ms."]
+    base = [c for c in cases if c.get("section") == "baselines"]
+    if base:
+        lines += ["", "Against the baselines (`mica`: `estimate`, `backend=\"auto\"`, from "
+                  "numpy arrays, validation included; baselines checked equal first):", "",
+                  "| turns | mica | numpy bincount | pandas | polars | Python loop (verl style) "
+                  "| Python lists |", "|---|---|---|---|---|---|---|"]
+        for n in sorted({c["turns"] for c in base}):
+            row = [f"{n:,}"]
+            for name in ("mica estimate", "numpy_bincount", "pandas_groupby", "polars_window",
+                         "python_loop", "python_lists"):
+                c = _find(base, name=name, turns=n)
+                if c is None:
+                    row.append("-")
+                elif "x_mica" in c:
+                    row.append(f"{_fmt_time(c['median_s']).strip()} ({c['x_mica']:.0f}x)")
+                else:
+                    row.append(_fmt_time(c["median_s"]).strip())
+            lines.append("| " + " | ".join(row) + " |")
+    targets = result.get("targets") or {}
+    if targets:
+        lines += ["", "| target | measured | goal | |", "|---|---|---|---|"]
+        for name, v in targets.items():
+            lines.append(f"| {name} | {v['value']:.3g} | {v['target']:g} | "
+                         f"{'met' if v['met'] else 'missed'} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown_summary(json.load(f)), end="")
+        return None
     sys.path.insert(0, ROOT)
     from bench.measure import machine_info
 
