@@ -210,3 +210,14 @@ def test_bad_arguments(tmp_path):
         list(iter_advantages(path))
     with pytest.raises(ValueError, match="batch_rows"):
         list(iter_advantages(path, batch_rows=0))
+
+
+def test_value_source_option_reaches_compute_advantages(tmp_path):
+    """``source=`` among the options picks the value column (the dataset is positional)."""
+    table = long_table()
+    table = table.append_column("reward", pa.array(np.linspace(-1, 1, table.num_rows)))
+    path = tmp_path / "data.parquet"
+    pq.write_table(table, path)
+    got = pa.concat_tables(list(iter_advantages(path, "mica_group", source="reward",
+                                                batch_rows=40)))
+    assert_same(got, mc.compute_advantages(table, "mica_group", source="reward"))
