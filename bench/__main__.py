@@ -161,9 +161,6 @@ class Runner:
     # ------------------------------------------------------------------ sections
 
     def kernels(self):
-        """Every backend on every preset, per layout; the large batch is timed round-robin
-        (the floor, then each case once, repeated), so that a change in the machine's load
-        during the run shifts the floor and the cases alike instead of skewing the ratios."""
         from mica_core.estimators import resolve
         from mica_core.layout import make_ragged
 
@@ -172,51 +169,18 @@ class Runner:
             for lengths, layout in LAYOUTS:
                 b = self.batch(size, lengths, layout)
                 ragged = make_ragged(b.offsets, b.group)
+                floor = self.floor(size, b)["median_s"]
                 outs = [np.empty(b.n_turns) for _ in range(3)]
-                cases = []
                 for backend, threads in self.kernel_backends():
                     if backend == "numpy" and size == "large" and layout != "contiguous":
                         continue  # the reference backend: timed on the main layout only
                     for preset in self.args.presets:
                         plan = resolve(preset, reward_given=False)
-                        fn = self.run_kernel(backend, threads, plan, ragged, b, outs)
-                        cases.append((fn, dict(section="kernels", name=preset,
-                                               backend=backend, threads=threads,
-                                               turns=b.n_turns, lengths=lengths,
-                                               layout=layout)))
-                if size == "small":
-                    floor = self.floor(size, b)["median_s"]
-                    for fn, record in cases:
-                        rec = self.timed(fn, size, **record)
+                        rec = self.timed(self.run_kernel(backend, threads, plan, ragged, b,
+                                                         outs), size, section="kernels",
+                                         name=preset, backend=backend, threads=threads,
+                                         turns=b.n_turns, lengths=lengths, layout=layout)
                         rec["x_floor"] = rec["median_s"] / floor
-                    continue
-                self._round_robin(b, cases)
-
-    def _round_robin(self, b, cases):
-        np = self.np
-        floor_outs = [np.empty(b.n_turns) for _ in range(3)]
-
-        def floor():
-            for o in floor_outs:
-                np.copyto(o, b.distance)
-
-        fns = [floor] + [fn for fn, _ in cases]
-        for fn in fns:
-            fn()  # warm-up
-        samples = [[] for _ in fns]
-        for _ in range(self.args.repeats):
-            for i, fn in enumerate(fns):
-                t0 = time.perf_counter()
-                fn()
-                samples[i].append(time.perf_counter() - t0)
-        med = [float(np.median(s)) for s in samples]
-        self.cases.append(dict(section="floor", name="memory floor", turns=b.n_turns,
-                               lengths=b.lengths, layout=b.layout, median_s=med[0],
-                               min_s=min(samples[0]), repeats=self.args.repeats))
-        for (_, record), m, s in zip(cases, med[1:], samples[1:]):
-            record.update(median_s=m, min_s=min(s), repeats=self.args.repeats,
-                          x_floor=m / med[0])
-            self.cases.append(record)
 
     def api(self):
         from bench.data import long_table
