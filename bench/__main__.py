@@ -451,11 +451,16 @@ def markdown_summary(result) -> str:
     cases, m = result["cases"], result["machine"]
     turns = result["config"]["turns"]
     big = [c for c in cases if c.get("section") == "kernels" and c["turns"] > 1_000_000]
+    def load(key):
+        value = m.get(key)
+        return "n/a" if not value else f"{value[0]:.1f}"
+
     lines = [f"Machine: {m['cpu']}, {m['cpus_usable']} cores, {m['memory_bytes'] / 2**30:.0f} "
              f"GiB; Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}; load "
-             f"average {m['load_average_start'][0]:.1f} at start, "
-             f"{(m.get('load_average_end') or [float('nan')])[0]:.1f} at end. "
-             f"Command: `{result['command'].strip()}`.", ""]
+             f"average {load('load_average_start')} at start, {load('load_average_end')} at "
+             f"end. Command: `{result['command'].strip()}`.", ""]
+    if result.get("note"):
+        lines += [result["note"], ""]
     if big:
         n = big[0]["turns"]
         lines += [f"Kernels, {n:,} turns, float64 (median time; ratio to the memory floor):",
@@ -511,12 +516,14 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     from bench.measure import machine_info
 
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     runner = Runner(args)
     started = time.time()
     for section in SECTIONS:
         if section in args.sections:
             getattr(runner, section)()
     info = machine_info(ROOT)
+    info["load_average_start"] = load_start
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if runner._numba:
         try:

@@ -152,7 +152,6 @@ def machine_info(root):
         "pandas": _version("pandas"),
         "polars": _version("polars"),
         "mica_commit": _git_commit(root),
-        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import numba
