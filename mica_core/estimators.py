@@ -20,8 +20,9 @@ A component is ``(weight, signal, scope, baseline, scale)`` (design §4):
 
 from __future__ import annotations
 
+import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Union
 
 __all__ = [
@@ -200,6 +201,14 @@ def resolve(estimator, *, reward_given: bool, gamma=None, weight=0.5, eps=1e-6, 
             baseline="mean", scale="std", singleton="zero") -> Plan:
     """Fill an estimator's open options from the call's options."""
     est = get_estimator(estimator)
+    try:
+        return _resolve_cached(est, reward_given, gamma, weight, eps, ddof, baseline, scale,
+                               singleton)
+    except TypeError:  # an unhashable option value: resolve without the cache
+        return _resolve(est, reward_given, gamma, weight, eps, ddof, baseline, scale, singleton)
+
+
+def _resolve(est, reward_given, gamma, weight, eps, ddof, baseline, scale, singleton) -> Plan:
     g = est.gamma if gamma is None else float(gamma)
     if not 0.0 <= g <= 1.0:
         raise ValueError(f"gamma must be in [0, 1]; got {gamma!r}")
@@ -221,6 +230,11 @@ def resolve(estimator, *, reward_given: bool, gamma=None, weight=0.5, eps=1e-6, 
                                        c.scale or scale))
     return Plan(reward="given" if reward_given else est.reward, gamma=g, returns=est.returns,
                 components=tuple(comps), eps=e, ddof=int(ddof), singleton=singleton)
+
+
+# Plans are immutable; the cache key holds the Estimator itself, so re-registering a name
+# under another definition never returns a stale plan.
+_resolve_cached = functools.lru_cache(maxsize=256, typed=True)(_resolve)
 
 
 def _presets():

@@ -90,8 +90,8 @@ def check_offsets(offsets) -> np.ndarray:
         raise MicaInputError(f"must start at 0; got {int(o[0])}", column="offsets", row=0,
                              rule="start at 0")
     steps = np.diff(o)
-    bad = np.flatnonzero(steps <= 0)
-    if bad.size:
+    bad = np.flatnonzero(steps <= 0) if not (steps > 0).all() else ()
+    if len(bad):
         i = int(bad[0])
         raise MicaInputError(f"trajectory {i} has {int(steps[i])} turns; every trajectory needs "
                              f"at least one (offsets must be strictly increasing)",
@@ -130,14 +130,16 @@ def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
         raise MicaInputError(f"must be numeric; got dtype {a.dtype}", column=name, rule="dtype")
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(a)) if not allow_missing else np.zeros(0, dtype=np.int64)
-    if bad.size:
+    # Fast path first: the common all-finite case allocates no index array.
+    bad = () if allow_missing or np.isfinite(a).all() else np.flatnonzero(~np.isfinite(a))
+    if len(bad):
         v = a[bad[0]]
         raise MicaInputError(f"value {v} is not finite (NaN and infinities are rejected)",
                              column=name, row=int(bad[0]), rule="finite")
     if not allow_negative:
-        bad = np.flatnonzero(a < 0)  # NaN compares False: left to fill_missing
-        if bad.size:
+        # NaN compares False: left to fill_missing
+        bad = np.flatnonzero(a < 0) if (a < 0).any() else ()
+        if len(bad):
             raise MicaInputError(f"distance {a[bad[0]]} is negative (distances are >= 0)",
                                  column=name, row=int(bad[0]), rule="non-negative")
     return np.ascontiguousarray(a)
