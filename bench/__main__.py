@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "threshold")
@@ -190,14 +191,13 @@ class Runner:
             b = self.batch(size)
             backends = ["auto", "cython"] + (["numba"] if self._numba else [])
             for backend in backends:
-                self.timed(lambda: mc.estimate(b.offsets, b.group, distance=b.distance,
-                                               initial_distance=b.initial_distance,
-                                               backend=backend),
+                self.timed(partial(mc.estimate, b.offsets, b.group, distance=b.distance,
+                                   initial_distance=b.initial_distance, backend=backend),
                            size, section="api", name="estimate(mica) from numpy",
                            backend=backend, turns=b.n_turns, layout="contiguous")
             for shuffle in (False, True):
                 table = long_table(b, shuffle_rows=shuffle, seed=self.args.seed)
-                self.timed(lambda: mc.compute_advantages(table), size, section="api",
+                self.timed(partial(mc.compute_advantages, table), size, section="api",
                            name="compute_advantages(mica) from Arrow", backend="auto",
                            turns=b.n_turns, layout="shuffled rows" if shuffle else "sorted rows")
 
@@ -207,8 +207,8 @@ class Runner:
         np, mc = self.np, self.mc
         for size in ("small", "large"):
             b = self.batch(size)
-            mica = self.timed(lambda: mc.estimate(b.offsets, b.group, distance=b.distance,
-                                                  initial_distance=b.initial_distance),
+            mica = self.timed(partial(mc.estimate, b.offsets, b.group, distance=b.distance,
+                                      initial_distance=b.initial_distance),
                               size, section="baselines", name="mica estimate", backend="auto",
                               turns=b.n_turns)
             ref = mc.estimate(b.offsets, b.group, distance=b.distance,
@@ -225,12 +225,12 @@ class Runner:
                 del got
                 repeats_large = max(1, min(self.args.repeats, 3))
                 if size == "large":
-                    t = self.measure.time_call(lambda: run(data), repeats=repeats_large,
+                    t = self.measure.time_call(partial(run, data), repeats=repeats_large,
                                                warmup=0)
-                    rec = dict(section="baselines", name=name, turns=b.n_turns, **t)
+                    rec = {"section": "baselines", "name": name, "turns": b.n_turns, **t}
                     self.cases.append(rec)
                 else:
-                    rec = self.timed(lambda: run(data), size, section="baselines", name=name,
+                    rec = self.timed(partial(run, data), size, section="baselines", name=name,
                                      turns=b.n_turns)
                 rec["max_abs_diff_vs_mica"] = diff
                 rec["x_mica"] = rec["median_s"] / mica["median_s"]
@@ -244,16 +244,16 @@ class Runner:
             mc.estimate(b.offsets, b.group, distance=b.distance,
                         initial_distance=b.initial_distance, backend=backend)  # warm
             peak = self.measure.extra_peak_bytes(
-                lambda: mc.estimate(b.offsets, b.group, distance=b.distance,
-                                    initial_distance=b.initial_distance, backend=backend))
+                partial(mc.estimate, b.offsets, b.group, distance=b.distance,
+                        initial_distance=b.initial_distance, backend=backend))
             # The larger of the two: RSS misses memory malloc recycles from earlier calls,
             # tracemalloc misses allocations outside numpy (kernel scratch).
             extra = max(peak["rss"] or 0, peak["tracemalloc"])
-            self.cases.append(dict(section="memory", name="estimate(mica) extra peak",
-                                   backend=backend, turns=b.n_turns, output_bytes=out_bytes,
-                                   extra_peak_rss_bytes=peak["rss"],
-                                   extra_peak_traced_bytes=peak["tracemalloc"],
-                                   x_outputs=extra / out_bytes))
+            self.cases.append({"section": "memory", "name": "estimate(mica) extra peak",
+                               "backend": backend, "turns": b.n_turns,
+                               "output_bytes": out_bytes, "extra_peak_rss_bytes": peak["rss"],
+                               "extra_peak_traced_bytes": peak["tracemalloc"],
+                               "x_outputs": extra / out_bytes})
 
     def firstcall(self):
         if not self._numba:
@@ -276,9 +276,9 @@ class Runner:
             imp, first = map(float, out.stdout.split())
             runs.append({"import_mica_core_s": imp, "first_numba_call_s": first})
         warm = runs[1:]
-        self.cases.append(dict(section="firstcall", name="new process: first numba call",
-                               backend="numba", cold=runs[0], warm=warm,
-                               median_s=sorted(r["first_numba_call_s"] for r in warm)[len(warm) // 2]))
+        self.cases.append({"section": "firstcall", "name": "new process: first numba call",
+                               "backend": "numba", "cold": runs[0], "warm": warm,
+                               "median_s": sorted(r["first_numba_call_s"] for r in warm)[len(warm) // 2]})
 
     def threshold(self):
         """Cython vs all-thread Numba on ``mica`` at growing sizes: the crossover for auto."""
@@ -307,10 +307,10 @@ class Runner:
                 reps = self.measure.repeats_for(one, 0.05 if self.args.quick else 1.5, lo=3,
                                                 hi=2000)
                 row[backend] = self.measure.time_call(fn, repeats=reps, warmup=1)["median_s"]
-            self.cases.append(dict(section="threshold", name="mica kernel", turns=b.n_turns,
-                                   cython_s=row["cython"], numba_s=row["numba"],
-                                   numba_threads=self.numba_threads(),
-                                   median_s=min(row.values())))
+            self.cases.append({"section": "threshold", "name": "mica kernel", "turns": b.n_turns,
+                                   "cython_s": row["cython"], "numba_s": row["numba"],
+                                   "numba_threads": self.numba_threads(),
+                                   "median_s": min(row.values())})
 
 
 # --------------------------------------------------------------------------- report
@@ -449,16 +449,17 @@ def print_table(result, file=sys.stdout):
 def markdown_summary(result) -> str:
     """The summary tables of docs/performance.md, from a run's JSON."""
     cases, m = result["cases"], result["machine"]
-    turns = result["config"]["turns"]
     big = [c for c in cases if c.get("section") == "kernels" and c["turns"] > 1_000_000]
+
     def load(key):
         value = m.get(key)
         return "n/a" if not value else f"{value[0]:.1f}"
 
-    lines = [f"Machine: {m['cpu']}, {m['cpus_usable']} cores, {m['memory_bytes'] / 2**30:.0f} "
-             f"GiB; Python {m['python']}, numpy {m['numpy']}, numba {m['numba']}; load "
-             f"average {load('load_average_start')} at start, {load('load_average_end')} at "
-             f"end. Command: `{result['command'].strip()}`.", ""]
+    lines = [(f"Machine: {m['cpu']}, {m['cpus_usable']} cores, "
+              f"{m['memory_bytes'] / 2**30:.0f} GiB; Python {m['python']}, numpy {m['numpy']}, "
+              f"numba {m['numba']}; load average {load('load_average_start')} at start, "
+              f"{load('load_average_end')} at end. Command: `{result['command'].strip()}`."),
+             ""]
     if result.get("note"):
         lines += [result["note"], ""]
     if big:
@@ -482,10 +483,10 @@ def markdown_summary(result) -> str:
             lines += ["", f"Memory floor (uniform, contiguous): {floor['median_s'] * 1e3:.1f} ms."]
     base = [c for c in cases if c.get("section") == "baselines"]
     if base:
-        lines += ["", "Against the baselines (`mica`: `estimate`, `backend=\"auto\"`, from "
-                  "numpy arrays, validation included; baselines checked equal first):", "",
-                  "| turns | mica | numpy bincount | pandas | polars | Python loop (verl style) "
-                  "| Python lists |", "|---|---|---|---|---|---|---|"]
+        lines += ["", ("Against the baselines (`mica`: `estimate`, `backend=\"auto\"`, from "
+                       "numpy arrays, validation included; baselines checked equal first):"),
+                  "", ("| turns | mica | numpy bincount | pandas | polars | Python loop (verl "
+                       "style) | Python lists |"), "|---|---|---|---|---|---|---|"]
         for n in sorted({c["turns"] for c in base}):
             row = [f"{n:,}"]
             for name in ("mica estimate", "numpy_bincount", "pandas_groupby", "polars_window",

@@ -59,7 +59,7 @@ def make_batch(n_turns, *, lengths="uniform", layout="contiguous", per_group=PER
                dtype=np.float64, seed=0) -> Batch:
     """About ``n_turns`` turns in whole groups of ``per_group`` rollouts (at least one)."""
     rng = np.random.default_rng(seed)
-    n_groups = max(1, int(round(n_turns / (per_group * MEAN_LEN))))
+    n_groups = max(1, round(n_turns / (per_group * MEAN_LEN)))
     n_traj = n_groups * per_group
     lens = draw_lengths(rng, n_traj, lengths)
     group = np.repeat(np.arange(n_groups, dtype=np.int64), per_group)

@@ -128,7 +128,7 @@ def _version(module):
 def _git_commit(root):
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
+                             text=True, timeout=10, check=False)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

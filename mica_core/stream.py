@@ -35,7 +35,7 @@ import hashlib
 import os
 import tempfile
 import warnings
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +44,7 @@ from ._errors import MicaInputError
 from .arrow import DEFAULT_COLUMNS, compute_advantages
 from .estimators import get_estimator
 
-__all__ = ["iter_advantages", "write_advantages", "DEFAULT_BATCH_ROWS"]
+__all__ = ["DEFAULT_BATCH_ROWS", "iter_advantages", "write_advantages"]
 
 DEFAULT_BATCH_ROWS = 1 << 20
 GROUPED_RULE = "rows of a group stored together"
@@ -139,8 +139,7 @@ def _shift_rows(err: MicaInputError, base: int) -> MicaInputError:
     prefix = ", ".join(parts) + ": "
     suffix = f" (rule: {err.rule})" if err.rule else ""
     message = str(err)
-    if message.startswith(prefix):
-        message = message[len(prefix):]
+    message = message.removeprefix(prefix)
     if suffix and message.endswith(suffix):
         message = message[:-len(suffix)]
     return MicaInputError(message, column=err.column, row=err.row + base, rule=err.rule)

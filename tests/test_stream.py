@@ -82,7 +82,7 @@ def test_options_are_passed_through(tmp_path):
     table = long_table()
     path = tmp_path / "data.parquet"
     pq.write_table(table, path)
-    opts = dict(gamma=0.5, baseline="loo", singleton="raw", backend="cython")
+    opts = {"gamma": 0.5, "baseline": "loo", "singleton": "raw", "backend": "cython"}
     got = pa.concat_tables(list(iter_advantages(path, "mica_turn", batch_rows=30, **opts)))
     assert_same(got, mc.compute_advantages(table, "mica_turn", **opts))
 

@@ -17,12 +17,12 @@ from .kernels import (
 )
 
 __all__ = [
-    "ragged_group_segments",
-    "fused_group_advantages",
     "bucket_batch_moments",
     "fused_batch_advantages",
-    "ragged_run_codes",
+    "fused_group_advantages",
     "ragged_check_turns",
     "ragged_first_change",
+    "ragged_group_segments",
     "ragged_place_rows",
+    "ragged_run_codes",
 ]

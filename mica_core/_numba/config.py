@@ -18,8 +18,8 @@ import numba
 
 FASTMATH = frozenset({"nsz", "arcp", "contract", "afn"})
 
-JIT_OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy",
-                   boundscheck=False)
+JIT_OPTIONS = {"cache": True, "nogil": True, "fastmath": set(FASTMATH), "error_model": "numpy",
+                   "boundscheck": False}
 
 
 def jit(fn=None, *, parallel=False, inline=False):
