@@ -32,6 +32,7 @@ REWARD_CODES = {"idr": 0, "adr": 1, "given": 2}
 RETURNS_CODES = {"discounted": 0, "outcome": 1, "outcome_discounted": 2}
 
 _EMPTY_F64 = np.zeros(0, dtype=np.float64)
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 
 
@@ -81,6 +82,8 @@ def encode_plan(plan) -> EncodedPlan:
 
 def _values(a):
     """A kernel-ready float32/float64 contiguous array (other dtypes become float64)."""
+    if type(a) is np.ndarray and a.dtype in _KERNEL_DTYPES and a.flags.c_contiguous:
+        return a  # the usual case, validated upstream: no conversion, no new array
     a = np.asarray(a)
     if a.dtype != np.float32 and a.dtype != np.float64:
         a = a.astype(np.float64)
@@ -98,8 +101,13 @@ def run_fused(kernels, plan, ragged, distance, initial_distance, reward, out_rew
     values = _values(reward if enc.reward_kind == 2 else distance)
     # One value per trajectory: float64 always (cheap), which halves the kernel variants
     # Numba compiles; the per-turn values stay as given (float32 is read as float32).
-    initial = (np.ascontiguousarray(initial_distance, dtype=np.float64)
-               if enc.reward_kind == 0 else _EMPTY_F64)
+    if enc.reward_kind != 0:
+        initial = _EMPTY_F64
+    elif (type(initial_distance) is np.ndarray and initial_distance.dtype == np.float64
+          and initial_distance.flags.c_contiguous):
+        initial = initial_distance
+    else:
+        initial = np.ascontiguousarray(initial_distance, dtype=np.float64)
     offsets = ragged.offsets
     order = np.empty(n_traj, dtype=np.int64)
     seg_start = np.empty(ngroups + 1, dtype=np.int64)
