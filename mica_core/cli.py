@@ -89,37 +89,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _RowProgress:
-    """A row counter on stderr for streamed inputs: ``mica: 3,145,728 / 10,000,000 rows (31%)``."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-        self.t0 = time.perf_counter()
-
-    def __call__(self, rows: int):
-        if self.enabled:
-            pct = 100.0 * rows / self.total if self.total else 100.0
-            sys.stderr.write(f"\rmica: {rows:,} / {self.total:,} rows ({pct:3.0f}%) "
-                             f"{time.perf_counter() - self.t0:6.1f}s")
-            sys.stderr.flush()
-
-    def done(self):
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 class _Progress:
-    """Stage progress on stderr: ``mica: [2/4] validating 12,000,000 rows ... 0.8s``."""
+    """One updating line on stderr: ``mica: [2/3] computing 12,000,000 rows   0.8s``."""
 
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.k = enabled, total, 0
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
         self.t0 = time.perf_counter()
 
-    def stage(self, text: str):
+    def show(self, text: str):
         if self.enabled:
-            self.k += 1
-            sys.stderr.write(f"\rmica: [{self.k}/{self.total}] {text:<40} "
-                             f"{time.perf_counter() - self.t0:6.1f}s")
+            sys.stderr.write(f"\rmica: {text:<48} {time.perf_counter() - self.t0:6.1f}s")
             sys.stderr.flush()
 
     def done(self):
@@ -205,12 +184,12 @@ def _advantages(args) -> int:
     table = _read_table(args.input)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()
                                      and table.num_rows >= PROGRESS_MIN_ROWS)
-    progress = _Progress(show, 3)
-    progress.stage(f"computing {table.num_rows:,} rows")
+    progress = _Progress(show)
+    progress.show(f"[1/3] computing {table.num_rows:,} rows")
     out = compute_advantages(table, args.estimator, columns, **options)
-    progress.stage("writing " + args.output)
+    progress.show("[2/3] writing " + args.output)
     write_parquet_atomic(out, args.output, force=args.force)
-    progress.stage("done")
+    progress.show("[3/3] done")
     progress.done()
     return 0
 
@@ -245,11 +224,15 @@ def _advantages_streamed(args, columns, options) -> int:
     fmt = _input_format(args.input)
     total = _count_rows(args.input, fmt)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    progress = _RowProgress(show and total is not None, total or 0)
+    progress = _Progress(show and bool(total))
+
+    def on_chunk(rows: int):
+        progress.show(f"{rows:,} / {total:,} rows ({100.0 * rows / total:3.0f}%)")
+
     try:
         write_advantages(args.input, args.output, args.estimator, columns,
                          overwrite=args.force, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS,
-                         format=fmt, on_chunk=progress, **options)
+                         format=fmt, on_chunk=on_chunk, **options)
     except FileExistsError as exc:
         raise CliError(str(exc).replace("overwrite=True", "--force")) from None
     progress.done()
