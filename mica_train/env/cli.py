@@ -73,23 +73,15 @@ def build_parser(prog="mica env"):
 
 
 def _replay(args):
-    from mica_core._errors import MicaInputError
-
     from .engine import replay_episode, validate_end_rule
+    from .rubric import iter_jsonl
 
     validate_end_rule(args.max_turns, args.min_turns, args.success, 5, 0.05, args.epsilon)
     name = "<stdin>" if args.file == "-" else args.file
     stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
     out = []
     try:
-        for lineno, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            where = f"{name}:{lineno}: "
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MicaInputError(f"{where}not valid JSON ({e.msg})", rule="json") from None
+        for lineno, where, record in iter_jsonl(stream, name):
             result = replay_episode(record, max_turns=args.max_turns, min_turns=args.min_turns,
                                     success=args.success, epsilon=args.epsilon,
                                     on_judge_failure=args.on_judge_failure, where=where)

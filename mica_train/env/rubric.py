@@ -59,6 +59,22 @@ def input_error(message, *, column=None, row=None, rule=None):
     err.column, err.row = column, row
     return err
 
+
+def iter_jsonl(lines, name):
+    """``(lineno, where, obj)`` for each non-blank line of a JSON-lines file, where ``where``
+    is the ``"name:lineno: "`` prefix of error messages; a line that is not JSON raises."""
+    import json
+
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}: "
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise input_error(f"{where}not valid JSON ({e.msg})", rule="json") from None
+        yield lineno, where, obj
+
 PROGRESS_VALUES = {0: 0, 1: 1, 2: 3}
 """``X.Prog`` level -> state change, the same on every axis."""
 

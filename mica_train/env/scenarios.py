@@ -22,7 +22,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from .rubric import AXES, INITIAL_KEYS, initial_state, input_error, parse_initial_rubric
+from .rubric import (AXES, INITIAL_KEYS, initial_state, input_error, iter_jsonl,
+                     parse_initial_rubric)
 
 __all__ = [
     "DIFFICULTIES",
@@ -246,14 +247,7 @@ def load_scenarios(path):
     path = os.fspath(path)
     out, seen = [], set()
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}: "
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise input_error(f"{where}not valid JSON ({e.msg})", rule="json") from None
+        for _, where, obj in iter_jsonl(f, path):
             card = Scenario.from_dict(obj, where=where)
             if card.id in seen:
                 raise input_error(f"{where}duplicate scenario id {card.id!r}",
