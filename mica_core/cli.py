@@ -5,8 +5,11 @@ Arrow IPC or CSV (by extension), writes Parquet atomically (a temporary file in 
 then a rename) and keeps an existing OUT unless ``--force``. Bad input exits with status 2 and
 one line naming the column, the first offending row and the rule.
 
-``mica env ...``, the training commands (``train``, ``eval``, ``tiny-model``, ``warm-start``)
-and ``mica study`` belong to ``mica_train`` and are loaded only when used.
+Other packages add subcommands through the entry-point group ``mica.commands``: each entry
+point's name is the command, its object a callable ``main(argv: list[str]) -> int`` whose
+docstring's first line is the help text. ``mica_train`` adds ``env``, ``train``, ``eval``,
+``tiny-model``, ``warm-start`` and ``study`` this way; the core never imports it, and without
+it ``mica`` lists and runs the core commands alone.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
-ENV_COMMANDS = ("env",)
-TRAIN_COMMANDS = ("train", "eval", "tiny-model", "warm-start")
+COMMAND_GROUP = "mica.commands"
+CORE_COMMANDS = ("advantages", "estimators")
 READ_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "ipc", ".ipc": "ipc",
                    ".feather": "ipc", ".arrows": "ipc", ".csv": "csv"}
 PROGRESS_MIN_ROWS = 1_000_000
@@ -29,7 +31,31 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def plugin_commands() -> dict:
+    """``{name: entry point}`` of the subcommands other packages add (group ``mica.commands``).
+
+    Core command names cannot be taken over; of two entry points with one name the first
+    found wins."""
+    from importlib.metadata import entry_points
+
+    found = {}
+    for ep in entry_points(group=COMMAND_GROUP):
+        if ep.name not in CORE_COMMANDS and ep.name not in found:
+            found[ep.name] = ep
+    return found
+
+
+def _load_command(ep):
+    """The entry point's callable, or ``None`` when its package cannot be imported (a
+    distribution that declares the command but lacks its optional package)."""
+    try:
+        fn = ep.load()
+    except ImportError:
+        return None
+    return fn if callable(fn) else None
+
+
+def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mica",
         description="mica: multi-turn credit assignment (MICA) for RL on language models.")
@@ -78,14 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="progress on stderr (auto: for large inputs on a terminal)")
 
     sub.add_parser("estimators", help="list the registered estimators")
-    sub.add_parser("env", help="support-state environment: replay, eval (mica_train)",
-                   add_help=False)
-    for name, text in (("train", "train a LoRA policy with mica advantages (mica_train)"),
-                       ("eval", "evaluate a policy on the evaluation scenarios (mica_train)"),
-                       ("tiny-model", "build the tiny offline model and tokenizer (mica_train)"),
-                       ("warm-start", "supervised warm start of a policy (mica_train)"),
-                       ("study", "credit-assignment study over estimators (mica_train)")):
-        sub.add_parser(name, help=text, add_help=False)
+    for name, ep in sorted((plugins or {}).items()):
+        fn = _load_command(ep)
+        if fn is not None:
+            text = (fn.__doc__ or "").strip().splitlines()
+            sub.add_parser(name, help=text[0] if text else None, add_help=False)
     return p
 
 
@@ -143,24 +166,22 @@ def _read_table(path: str):
 
 
 def write_parquet_atomic(table, path: str, *, force: bool = False):
-    """Write ``table`` to ``path`` through a temporary file and a rename.
+    """Write ``table`` to ``path`` as Parquet, atomically (:mod:`mica_core.atomic`).
 
-    An existing ``path`` is kept unless ``force``; a failed write leaves nothing behind.
+    An existing ``path`` is kept unless ``force``, also when another writer creates it while
+    this one is writing; a failed write leaves nothing behind.
     """
     import pyarrow.parquet as pq
 
+    from .atomic import atomic_path
+
     if os.path.exists(path) and not force:
         raise CliError(f"{path} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".mica-", suffix=".parquet.tmp", dir=folder)
-    os.close(fd)
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path, overwrite=force, suffix=".parquet.tmp") as tmp:
+            pq.write_table(table, tmp)
+    except FileExistsError:
+        raise CliError(f"{path} exists; pass --force to overwrite it") from None
 
 
 def _advantages(args) -> int:
@@ -250,19 +271,15 @@ def _estimators() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ENV_COMMANDS:
-        from mica_train.env.cli import main as env_main
-
-        return env_main(argv[1:])
-    if argv and argv[0] == "study":
-        from mica_train.study import main as study_main
-
-        return study_main(argv[1:])
-    if argv and argv[0] in TRAIN_COMMANDS:
-        from mica_train.cli import main as train_main
-
-        return train_main(argv)
-    parser = _parser()
+    plugins = plugin_commands()
+    if argv and argv[0] in plugins:
+        fn = _load_command(plugins[argv[0]])
+        if fn is None:
+            sys.stderr.write(f"mica: error: the {argv[0]!r} command's package is not "
+                             f"installed ({plugins[argv[0]].value})\n")
+            return 2
+        return fn(argv[1:])
+    parser = _parser(plugins)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

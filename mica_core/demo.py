@@ -37,7 +37,9 @@ def sample_rollouts(n_groups=4, rollouts=6, max_turns=12, seed=0) -> pa.Table:
 
 def main(argv=None) -> int:
     import mica_core as mc
-    from mica_core.cli import write_parquet_atomic
+    import pyarrow.parquet as pq
+
+    from mica_core.atomic import atomic_path
 
     argv = sys.argv[1:] if argv is None else argv
     out = argv[0] if argv else "runs/demo/advantages.parquet"
@@ -55,10 +57,8 @@ def main(argv=None) -> int:
         corr = float(np.corrcoef(adv, r)[0, 1]) if adv.std() > 0 else float("nan")
         print(f"{name:<18}{adv[r > 0].mean():>14.3f}{adv[r < 0].mean():>14.3f}{corr:>16.3f}")
         result = result.append_column(f"advantage_{name}", res["advantage"])
-    import os
-
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_parquet_atomic(result, out, force=True)
+    with atomic_path(out, suffix=".parquet.tmp") as tmp:
+        pq.write_table(result, tmp)
     print(f"wrote {out}")
     return 0
 

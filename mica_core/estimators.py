@@ -253,6 +253,8 @@ def _presets():
         ("reinforce_pp", [C(1.0, "outcome_return", "batch")], "idr", 1.0,
          "z_batch over turns of gamma^(T-1-t) R_i"),
         ("reinforce_pp_idr", [C(1.0, "reward", "batch")], "idr", 0.85, "z_batch(r), IDR"),
+        ("mica_group_adr", [C(1.0, "reward", "group")], "adr", 0.85,
+         "z_group(r), ADR r_t = -D_t (the paper's reward ablation of mica_group)"),
     ]
     for name, comps, reward, gamma, desc in presets:
         register_estimator(name, comps, reward=reward, gamma=gamma, description=desc)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 
@@ -290,51 +289,33 @@ def write_advantages(in_path, out_path, estimator="mica",
     """
     import pyarrow.parquet as pq
 
+    from .atomic import atomic_path
+
     out_path = os.fspath(out_path)
     if os.path.exists(out_path) and not overwrite:
         raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it")
-    folder = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".mica-", suffix=".parquet.tmp", dir=folder)
-    os.close(fd)
     writer = None
     rows = 0
     try:
-        for table in iter_advantages(in_path, estimator, columns, batch_rows=batch_rows,
-                                     format=format, **options):
-            if writer is None:
-                schema = table.schema
-                writer = pq.ParquetWriter(tmp, schema, compression=compression)
-            elif table.schema != schema:
-                table = table.cast(schema)
-            writer.write_table(table)
-            rows += table.num_rows
-            if on_chunk is not None:
-                on_chunk(rows)
-        if writer is None:  # no rows: an empty file with the output columns
-            schema = _output_schema(_as_dataset(in_path, format).schema)
-            writer = pq.ParquetWriter(tmp, schema, compression=compression)
-        writer.close()
-        writer = None
-        if overwrite:
-            os.replace(tmp, out_path)
-        else:
+        with atomic_path(out_path, overwrite=overwrite, suffix=".parquet.tmp") as tmp:
             try:
-                os.link(tmp, out_path)  # fails if out_path appeared meanwhile
-            except FileExistsError:
-                raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace "
-                                      f"it") from None
-            except OSError:  # no hard links here: check, then rename
-                if os.path.exists(out_path):
-                    raise FileExistsError(f"{out_path} exists; pass overwrite=True to "
-                                          f"replace it") from None
-                os.replace(tmp, out_path)
+                for table in iter_advantages(in_path, estimator, columns,
+                                             batch_rows=batch_rows, format=format, **options):
+                    if writer is None:
+                        schema = table.schema
+                        writer = pq.ParquetWriter(tmp, schema, compression=compression)
+                    elif table.schema != schema:
+                        table = table.cast(schema)
+                    writer.write_table(table)
+                    rows += table.num_rows
+                    if on_chunk is not None:
+                        on_chunk(rows)
+                if writer is None:  # no rows: an empty file with the output columns
+                    schema = _output_schema(_as_dataset(in_path, format).schema)
+                    writer = pq.ParquetWriter(tmp, schema, compression=compression)
             finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+                if writer is not None:
+                    writer.close()
+    except FileExistsError:
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True to replace it") from None
     return rows

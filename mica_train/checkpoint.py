@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_dir, atomic_write_text
+from mica_core.atomic import atomic_dir, atomic_write_text
 
 __all__ = [
     "capture_rng_state",

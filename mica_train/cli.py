@@ -110,7 +110,7 @@ def _eval(args) -> int:
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"
     text = json.dumps(metrics, indent=2, sort_keys=True, default=str)
     if args.out:
-        from .atomic import atomic_write_text
+        from mica_core.atomic import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
     print(text)
@@ -158,6 +158,25 @@ _COMMANDS = {"train": _train, "eval": _eval, "tiny-model": _tiny_model, "warm-st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return _COMMANDS[args.command](args)
+
+
+def _subcommand(name: str, help_line: str):
+    """``mica NAME ...`` as an entry point of the ``mica.commands`` group (see pyproject)."""
+
+    def run(argv: list[str]) -> int:
+        return main([name, *argv])
+
+    run.__name__ = run.__qualname__ = name.replace("-", "_") + "_command"
+    run.__doc__ = help_line
+    return run
+
+
+train_command = _subcommand("train", "train a LoRA policy with mica advantages (mica_train)")
+eval_command = _subcommand("eval", "evaluate a policy on the evaluation scenarios (mica_train)")
+tiny_model_command = _subcommand("tiny-model",
+                                 "build the tiny offline model and tokenizer (mica_train)")
+warm_start_command = _subcommand("warm-start",
+                                 "supervised warm start of a policy (mica_train)")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
         "run_dir": str(run_dir),
         "command": "python -m mica_train.demo",
     }
-    from .atomic import atomic_write_json
+    from mica_core.atomic import atomic_write_json
 
     atomic_write_json(out / "summary.json", summary)
     if split:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path, atomic_write_text
+from mica_core.atomic import atomic_path, atomic_write_text
 
 __all__ = ["CURVES", "MetricsLogger", "plot_learning_curves", "read_metrics"]
 

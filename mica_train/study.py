@@ -273,7 +273,7 @@ def make_plan(args: argparse.Namespace) -> StudyPlan:
 # ------------------------------------------------------------------------ stages
 def prepare_warm_start(plan: StudyPlan, t0: float) -> dict:
     """Build and warm-start the tiny model once; reuse it when its settings are unchanged."""
-    from .atomic import atomic_write_json
+    from mica_core.atomic import atomic_write_json
     from .tiny import TinyModelConfig, write_tiny_model
     from .warmstart import WarmStartConfig, corpus_texts, generate_corpus, warm_start
 
@@ -313,7 +313,7 @@ def run_job(job: dict) -> dict:
     """One study job in this process: the warm-start evaluation (``estimator`` None) or a training
     run followed by its evaluation. Writes ``job['result']`` atomically and returns it."""
     _init_worker(job["threads"])
-    from .atomic import atomic_write_json
+    from mica_core.atomic import atomic_write_json
     from .config import load_config
     from .policy import load_policy, quiet_transformers
     from .study_eval import evaluate_with_behaviour as evaluate
@@ -627,7 +627,7 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from mica_core.atomic import atomic_path
 
     ests = [e for e, v in study["estimators"].items() if v["curve"].get("step")]
     if not ests:
@@ -688,7 +688,7 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
 # ------------------------------------------------------------------------ driver
 def run_study(plan: StudyPlan) -> dict:
     """Run (or resume) the study of ``plan``; writes ``OUT/study.json`` and the figure."""
-    from .atomic import atomic_write_json
+    from mica_core.atomic import atomic_write_json
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -757,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """credit-assignment study over estimators (mica_train)"""
     args = build_parser().parse_args(argv)
     if args.command is None:
         words = sys.argv[1:] if argv is None else list(argv)

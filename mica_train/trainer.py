@@ -170,7 +170,7 @@ class Trainer:
             self.elapsed = float(state.get("elapsed_seconds", 0.0))
         self.logger = None
         if self.dist.is_main:
-            from .atomic import atomic_write_json
+            from mica_core.atomic import atomic_write_json
             from .metrics import MetricsLogger
 
             self.run_dir.mkdir(parents=True, exist_ok=True)

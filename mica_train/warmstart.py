@@ -99,7 +99,7 @@ def warm_start(model_dir: str | Path, out_dir: str | Path, cfg: WarmStartConfig 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from .atomic import atomic_dir, atomic_write_json
+    from mica_core.atomic import atomic_dir, atomic_write_json
     from .policy import load_tokenizer, quiet_transformers
     from .trainer import warmup_cosine
 

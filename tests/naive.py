@@ -20,6 +20,7 @@ PRESETS = {
     "grpo": ("idr", 1.0, "outcome", [(1.0, "outcome", "group")]),
     "reinforce_pp": ("idr", 1.0, "outcome_discounted", [(1.0, "outcome_return", "batch")]),
     "reinforce_pp_idr": ("idr", 0.85, "discounted", [(1.0, "reward", "batch")]),
+    "mica_group_adr": ("adr", 0.85, "discounted", [(1.0, "reward", "group")]),
 }
 
 

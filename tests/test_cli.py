@@ -133,6 +133,50 @@ def test_env_commands_route_to_mica_train():
     assert res.returncode == 2
 
 
+# Runs the `mica` command in a process where `import mica_train` fails, as in an install that
+# has the core alone; also records whether anything imported mica_train.
+_WITHOUT_TRAIN = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "mica_train" or name.startswith("mica_train."):
+            raise ImportError("mica_train is not installed")
+sys.meta_path.insert(0, Block())
+from mica_core.cli import main
+code = main(sys.argv[1:])
+assert not any(m.startswith("mica_train") for m in sys.modules), "core imported mica_train"
+sys.exit(code)
+"""
+
+
+def test_core_commands_work_without_mica_train(tmp_path):
+    def run_core(*args):
+        return subprocess.run([sys.executable, "-c", _WITHOUT_TRAIN, *args],
+                              capture_output=True, text=True)
+
+    res = run_core("--help")
+    assert res.returncode == 0 and "advantages" in res.stdout and "estimators" in res.stdout
+    assert "train" not in res.stdout.split("options:")[0].split()  # not listed without it
+    res = run_core("estimators")
+    assert res.returncode == 0 and res.stdout.split()[0] == "mica"
+    pq.write_table(sample(), tmp_path / "in.parquet")
+    res = run_core("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"))
+    assert res.returncode == 0, res.stderr
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == sample().num_rows
+    res = run_core("train", "--help")
+    assert res.returncode == 2 and "not installed" in res.stderr
+
+
+def test_trainer_commands_come_from_entry_points():
+    from mica_core.cli import plugin_commands
+
+    found = plugin_commands()
+    assert {"env", "train", "eval", "tiny-model", "warm-start", "study"} <= set(found)
+    assert all(ep.value.startswith("mica_train") for ep in found.values())
+    res = run("--help")
+    assert res.returncode == 0 and "warm-start" in res.stdout
+
+
 def test_streamed_parquet_equals_in_memory(tmp_path):
     from mica_core.demo import sample_rollouts
 

@@ -7,11 +7,11 @@ import mica_core as mc
 from naive import flat, naive_estimate
 
 PRESETS = ["mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
-           "reinforce_pp_idr"]
+           "reinforce_pp_idr", "mica_group_adr"]
 
 
 def test_presets_listed_in_order():
-    assert mc.list_estimators()[:8] == PRESETS
+    assert mc.list_estimators()[:9] == PRESETS
     assert mc.get_estimator("grpo").gamma == 1.0
     assert mc.get_estimator("mica").gamma == 0.85
 
@@ -64,3 +64,13 @@ def test_bad_components(component, match):
 def test_unknown_estimator_lists_known():
     with pytest.raises(ValueError, match="unknown estimator 'nope'.*mica"):
         mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], estimator="nope")
+
+
+def test_mica_group_adr_is_group_zscore_of_negative_distance():
+    # The paper's reward ablation: z_group(-D_t), checked by hand on one group of two
+    # one-turn rollouts (distances 1 and 3: rewards -1 and -3, mean -2, std sqrt(2)).
+    res = mc.estimate([0, 1, 2], ["g", "g"], distance=[1.0, 3.0], initial_distance=[5.0, 5.0],
+                      estimator="mica_group_adr")
+    np.testing.assert_allclose(res.reward, [-1.0, -3.0])
+    z = 1.0 / (np.sqrt(2.0) + 1e-6)
+    np.testing.assert_allclose(res.advantage, [z, -z], rtol=1e-12)

@@ -53,6 +53,7 @@ __all__ = [
     "compute_grpo_advantage",
     "compute_mapo_advantage",
     "compute_mica_adr_advantage",
+    "compute_mica_group_adr_advantage",
     "compute_mica_advantage",
     "compute_mica_group_advantage",
     "compute_mica_turn_advantage",
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
-           "reinforce_pp_idr")
+           "reinforce_pp_idr", "mica_group_adr")
 OPTIONS = ("gamma", "weight", "eps", "ddof", "baseline", "scale", "singleton")
 TOP_LEVEL = ("gamma", "weight", "eps")
 
@@ -193,6 +194,7 @@ compute_mapo_advantage = verl_estimator("mapo")
 compute_grpo_advantage = verl_estimator("grpo")
 compute_reinforce_pp_advantage = verl_estimator("reinforce_pp")
 compute_reinforce_pp_idr_advantage = verl_estimator("reinforce_pp_idr")
+compute_mica_group_adr_advantage = verl_estimator("mica_group_adr")
 
 
 def register_with_verl(estimators=None) -> dict:

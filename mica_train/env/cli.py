@@ -131,7 +131,9 @@ def _scenarios(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mica env`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """support-state environment: replay, eval, scenarios (mica_train)
+
+    Runs ``mica env`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

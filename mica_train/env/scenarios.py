@@ -22,6 +22,8 @@ import os
 import random
 from dataclasses import dataclass, field
 
+from mica_core.atomic import atomic_write_text
+
 from .rubric import (AXES, INITIAL_KEYS, initial_state, input_error, iter_jsonl,
                      parse_initial_rubric)
 
@@ -226,17 +228,9 @@ def _held_out_signatures():
 
 # ---------------------------------------------------------------------- files
 def save_scenarios(scenarios, path):
-    """Write cards as JSONL, one per line (atomically: a temporary file is renamed)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for s in scenarios:
-                f.write(json.dumps(s.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write cards as JSONL, one per line, atomically (:mod:`mica_core.atomic`)."""
+    atomic_write_text(path, "".join(json.dumps(s.to_dict(), ensure_ascii=False) + "\n"
+                                    for s in scenarios))
 
 
 def load_scenarios(path):

@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from mica_train.atomic import atomic_dir, atomic_write_text
 from mica_train.checkpoint import latest_checkpoint
 from mica_train.tiny import TinyModelConfig, write_tiny_model
 from mica_train.warmstart import corpus_texts, generate_corpus
@@ -93,33 +92,6 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, lora):
     ma, mb = _metrics(full), _metrics(broken)
     assert [r["step"] for r in mb] == [1, 2, 3, 4]  # no step applied or logged twice
     assert ma == mb
-
-
-def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
-    target = tmp_path / "ckpt"
-    with atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("old")
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
-        (tmp / "a.txt").write_text("half")
-        raise RuntimeError("killed while writing")
-    assert (target / "a.txt").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
-    with atomic_dir(target) as tmp:
-        (tmp / "b.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
-
-
-def test_atomic_write_text_replaces_whole_file(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    atomic_write_text(path, "1\n")
-    with pytest.raises(RuntimeError):
-        from mica_train.atomic import atomic_path
-
-        with atomic_path(path) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError
-    assert path.read_text() == "1\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
 def test_latest_checkpoint_ignores_incomplete_directories(tmp_path):

@@ -1,0 +1,186 @@
+"""Atomic writes: a reader (or a resumed run) sees the old content or the new, never a part.
+
+Every writer in mica (the ``mica advantages`` output, streamed Parquet, trainer configs,
+metrics, checkpoints, scenario files, study results) goes through this module:
+
+- the content is written to a hidden temporary sibling (``.NAME.XXXX.tmp``, same folder, so
+  the final move stays on one file system), flushed to disk, then moved into place;
+- ``overwrite=True`` publishes with ``os.replace`` (atomic on POSIX);
+- ``overwrite=False`` publishes with ``os.link``, which fails when the target exists, so two
+  writers racing for the same path cannot both succeed: exactly one wins, the other gets
+  :class:`FileExistsError` and the winner's file stays whole. File systems without hard
+  links fall back to check-then-rename (documented race);
+- the file gets the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask),
+  not ``mkstemp``'s private ``0o600``;
+- on any exception, ``KeyboardInterrupt`` and ``SystemExit`` included, the temporary file is
+  removed. SIGTERM reaches this cleanup when the program turns it into an exception (the
+  ``mica`` command does: see :func:`mica_core.cli.main`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "default_file_mode",
+]
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open(path, "w")``: ``0o666`` less the umask."""
+    return 0o666 & ~_current_umask()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exists_error(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} exists; it was not replaced")
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # atomic and exclusive: fails if path exists, even if just created
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError:  # no hard links on this file system: check, then rename
+        if os.path.lexists(path):
+            raise _exists_error(path) from None
+        os.replace(tmp, path)
+    else:
+        os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True,
+                suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary file path beside ``path``; on success it becomes ``path``.
+
+    Write the content to the yielded path (any writer that takes a path: pyarrow, torch,
+    matplotlib). On leaving the block without an exception the file is flushed, given the
+    default mode and moved to ``path``; on an exception it is removed.
+
+    Args:
+      path: the destination. Its folder is created if missing.
+      overwrite: replace an existing ``path``; ``False`` raises :class:`FileExistsError`
+        instead, also when another writer created ``path`` while this one was writing.
+      suffix: of the temporary name (``.tmp``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, default_file_mode())
+        _fsync_file(tmp)
+        _publish(tmp, path, overwrite)
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, overwrite: bool = True) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, overwrite: bool = True) -> None:
+    """Write ``obj`` as indented, key-sorted JSON (plus a newline) atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n",
+                      overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
+
+    An existing ``path`` is first renamed aside and removed only after the new directory is
+    in place, so an interruption leaves the old or the new directory (plus, at worst, a
+    hidden leftover that the next call for the same ``path`` removes). Files get the default
+    file mode and folders ``0o777`` less the umask, as ``mkdir`` would give them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        file_mode = default_file_mode()
+        dir_mode = 0o777 & ~_current_umask()
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, file_mode)
+                _fsync_file(f)
+            elif f.is_dir():
+                os.chmod(f, dir_mode)
+        os.chmod(tmp, dir_mode)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
