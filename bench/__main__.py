@@ -140,13 +140,10 @@ class Runner:
         return out
 
     def run_kernel(self, backend, threads, plan, ragged, b, outs):
-        from mica_core.api import _backend_module
+        from mica_core.api import run_plan
 
-        mod = _backend_module(backend)
-        if backend == "numba":
-            return lambda: mod.run(plan, ragged, b.distance, b.initial_distance, None, *outs,
-                                   num_threads=threads)
-        return lambda: mod.run(plan, ragged, b.distance, b.initial_distance, None, *outs)
+        return lambda: run_plan(plan, ragged, b.distance, b.initial_distance, None, backend,
+                                out=outs, num_threads=threads)
 
     def floor(self, size, b):
         np = self.np
@@ -163,7 +160,7 @@ class Runner:
 
     def kernels(self):
         from mica_core.estimators import resolve
-        from mica_core.layout import make_ragged
+        from mica_core.validate import make_ragged
 
         np = self.np
         for size in ("small", "large"):
@@ -286,7 +283,7 @@ class Runner:
             return
         from bench.data import make_batch
         from mica_core.estimators import resolve
-        from mica_core.layout import make_ragged
+        from mica_core.validate import make_ragged
 
         np = self.np
         plan = resolve("mica", reward_given=False)

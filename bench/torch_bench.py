@@ -88,7 +88,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from mica_core import _backend_torch as tb
+    import mica_core as mc
 
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                        else ("cpu" if args.device == "auto" else args.device))
@@ -121,7 +121,7 @@ def main(argv=None):
                                                    deterministic=True)))
         for label, extra in variants:
             def call(name=name, extra=extra):
-                return tb.estimate(estimator=name, **base, **extra)
+                return mc.estimate(estimator=name, **base, **extra)
 
             call()  # warm-up (allocator, kernels)
             med, times = timer(call, args.repeats)

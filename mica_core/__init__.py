@@ -6,7 +6,8 @@ imports numba or torch.
 """
 
 from ._errors import MicaInputError
-from .api import EstimateResult, estimate
+from ._result import EstimateResult
+from .api import estimate
 from .arrow import compute_advantages, ragged_from_table
 from .estimators import (
     Component,

@@ -1,5 +1,6 @@
 """The Numba backend: the kernels of :mod:`mica_core._numba` (a parallel mirror of the Cython
-kernels), driven exactly as the Cython backend drives ``mica_core._ext``.
+kernels), driven by :func:`mica_core._fused.run_fused` exactly as the Cython backend drives
+``mica_core._ext``.
 
 Compiled code is cached on disk (``cache=True``), so only the very first call on a machine
 compiles; a new process loads the cache. Threads: numba's pool, ``NUMBA_NUM_THREADS`` or
@@ -8,7 +9,7 @@ compiles; a new process loads the cache. Threads: numba's pool, ``NUMBA_NUM_THRE
 
 from __future__ import annotations
 
-from ._backend_cython import run_fused
+from ._fused import run_fused
 
 try:
     import numba

@@ -1,65 +1,71 @@
-"""The numpy backend: vectorized, readable; the in-package reference for the compiled ones."""
+"""The numpy backend: vectorized, readable; the in-package reference for the compiled ones.
+
+Its operations are the named functions of :mod:`mica_core.signals` and
+:mod:`mica_core.normalize`, run by the shared plan interpreter (:mod:`mica_core._interpret`).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from . import signals
+from ._interpret import interpret
 from .normalize import bucket_zscore, scope_labels
 
+__all__ = ["NumpyOps", "run"]
 
-def outcome_returns(offsets, outcome, gamma):
-    """``gamma^(T-1-t) * R_i`` for every row (reverse recursion, no negative powers)."""
-    lengths = np.diff(offsets)
-    out = np.repeat(np.asarray(outcome, dtype=np.float64), lengths)
-    ends = offsets[1:]
-    for k in range(1, int(lengths.max()) if lengths.size else 0):
-        rows = (ends - 1 - k)[lengths > k]
-        out[rows] = gamma * out[rows + 1]
-    return out
+
+class NumpyOps:
+    """The interpreter's operations on numpy arrays for one validated batch (float64)."""
+
+    def __init__(self, ragged, distance=None, initial_distance=None, reward=None):
+        self.offsets, self.group, self.ngroups = ragged.offsets, ragged.group, ragged.ngroups
+        self.lengths = np.diff(self.offsets)
+        self.distance, self.initial_distance, self.reward = distance, initial_distance, reward
+
+    def given_reward(self):
+        return np.asarray(self.reward, dtype=np.float64)
+
+    def incremental_distance_reward(self):
+        return signals.incremental_distance_reward(self.offsets, self.distance,
+                                                   self.initial_distance)
+
+    def absolute_distance_reward(self):
+        return signals.absolute_distance_reward(self.distance)
+
+    def discounted_returns(self, r, gamma):
+        return signals.discounted_returns(self.offsets, r, gamma)
+
+    def trajectory_outcome(self, r):
+        return signals.trajectory_outcome(self.offsets, r)
+
+    def outcome_returns(self, outcome, gamma):
+        return signals.outcome_returns(self.offsets, outcome, gamma)
+
+    def per_row(self, x):
+        return np.repeat(x, self.lengths)
+
+    def scope_labels(self, scope, *, per_trajectory=False):
+        return scope_labels(scope, self.offsets, self.group, self.ngroups,
+                            per_trajectory=per_trajectory)
+
+    @staticmethod
+    def bucket_zscore(values, labels, nbuckets, **options):
+        return bucket_zscore(values, labels, nbuckets, **options)
+
+    @staticmethod
+    def zeros_like(x):
+        return np.zeros_like(x, dtype=np.float64)
+
+    @staticmethod
+    def add_scaled(acc, x, weight):
+        acc += weight * x
+        return acc
 
 
 def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return, out_adv):
     """Fill ``out_reward``, ``out_return``, ``out_adv`` (float64 ``[n_rows]``) for ``plan``."""
-    offsets, group, ngroups = ragged.offsets, ragged.group, ragged.ngroups
-    if plan.reward == "given":
-        r = np.asarray(reward, dtype=np.float64)
-    elif plan.reward == "idr":
-        r = signals.incremental_distance_reward(offsets, distance, initial_distance)
-    else:
-        r = signals.absolute_distance_reward(distance)
+    r, ret, adv = interpret(plan, NumpyOps(ragged, distance, initial_distance, reward))
     out_reward[:] = r
-    lengths = np.diff(offsets)
-    cache = {}
-
-    def signal(name):
-        if name not in cache:
-            if name == "return":
-                cache[name] = signals.discounted_returns(offsets, r, plan.gamma)
-            elif name == "outcome":
-                cache[name] = signals.trajectory_outcome(offsets, r)
-            elif name == "outcome_return":
-                cache[name] = outcome_returns(offsets, signal("outcome"), plan.gamma)
-            else:
-                cache[name] = r
-        return cache[name]
-
-    if plan.returns == "discounted":
-        out_return[:] = signal("return")
-    elif plan.returns == "outcome":
-        out_return[:] = np.repeat(signal("outcome"), lengths)
-    else:
-        out_return[:] = signal("outcome_return")
-
-    out_adv[:] = 0.0
-    for comp in plan.components:
-        values = signal(comp.signal)
-        per_traj = comp.signal == "outcome" and comp.scope != "turn"
-        if comp.signal == "outcome" and comp.scope == "turn":
-            values = np.repeat(values, lengths)
-        labels, nb = scope_labels(comp.scope, offsets, group, ngroups, per_trajectory=per_traj)
-        z = bucket_zscore(values, labels, nb, baseline=comp.baseline, scale=comp.scale,
-                          ddof=plan.ddof, eps=plan.eps, singleton=plan.singleton)
-        if per_traj:
-            z = np.repeat(z, lengths)
-        out_adv += comp.weight * z
+    out_return[:] = ret
+    out_adv[:] = adv

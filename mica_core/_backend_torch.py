@@ -1,11 +1,12 @@
 """The torch backend: every estimator on torch tensors, CPU or CUDA, on the input's device.
 
-Two entry points share one implementation (:func:`compute`):
+Two entry points share one implementation (:func:`compute`, the shared plan interpreter of
+:mod:`mica_core._interpret` over :class:`TorchOps`), both reached from :mod:`mica_core.api`
+after :mod:`mica_core.validate` has checked the input:
 
-- :func:`estimate`, reached from :func:`mica_core.estimate` when an input is a torch tensor;
-  it validates, factorizes groups and returns tensors on the input's device.
-- :func:`run`, reached from ``mica_core.api.run_plan`` for ``backend="torch"`` on numpy input
-  that is already validated; it computes on the CPU and fills the caller's float64 arrays.
+- :func:`run_tensors`, for torch tensors: returns tensors on the input's device.
+- :func:`run`, for ``backend="torch"`` on host input: computes on the CPU and fills the
+  caller's float64 arrays.
 
 Layout. Rows are CSR as everywhere in mica (``offsets``, design §5). Per-trajectory scans work
 on a turn-major padded copy ``P[t, i]`` (``max_turns x n_traj``, zeros past each trajectory's
@@ -50,14 +51,12 @@ import warnings
 import numpy as np
 import torch
 
-from ._errors import MicaInputError
-from .estimators import resolve
+from ._interpret import interpret
 
 __all__ = [
     "bucket_sum",
     "bucket_zscore",
     "compute",
-    "estimate",
     "ragged_discounted_returns",
     "ragged_incremental_distance_reward",
     "ragged_outcome",
@@ -65,17 +64,14 @@ __all__ = [
     "ragged_row_trajectory",
     "ragged_turn_index",
     "run",
+    "run_tensors",
     "scope_labels",
+    "TorchOps",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
 # Work dtype and small helpers
-
-
-def work_dtype(device) -> torch.dtype:
-    """float64 wherever the device has it; MPS has no float64."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def deterministic_default(deterministic):
@@ -344,85 +340,85 @@ def scope_labels(scope, traj, t, group, ngroups, max_turns, *, per_trajectory=Fa
 
 
 # ---------------------------------------------------------------------------------------------
-# The shared implementation
+# The interpreter's operations, and the entry points
+
+
+class TorchOps:
+    """The interpreter's operations (:mod:`mica_core._interpret`) on trusted tensors.
+
+    ``offsets`` int64 ``[n_traj + 1]`` and ``group`` int64 codes ``[n_traj]`` in
+    ``0 .. ngroups-1`` on one device; ``max_turns`` at least the longest trajectory; value
+    tensors in the work dtype (:func:`mica_core.validate.work_dtype`).
+    """
+
+    def __init__(self, offsets, group, ngroups, max_turns, distance=None,
+                 initial_distance=None, reward=None, *, deterministic=False):
+        values = reward if reward is not None else distance
+        self.offsets, self.group, self.ngroups = offsets, group, int(ngroups)
+        self.T = int(max_turns)
+        self.n_traj = offsets.shape[0] - 1
+        self.traj = ragged_row_trajectory(offsets, values.shape[0])
+        self.t = ragged_turn_index(offsets, self.traj)
+        self.pos = padded_positions(self.traj, self.t, self.n_traj)
+        self.distance, self.initial_distance, self.reward = distance, initial_distance, reward
+        self.deterministic = deterministic
+
+    def given_reward(self):
+        return self.reward
+
+    def incremental_distance_reward(self):
+        return ragged_incremental_distance_reward(self.distance, self.initial_distance,
+                                                  self.traj, self.t)
+
+    def absolute_distance_reward(self):
+        return -self.distance
+
+    def discounted_returns(self, r, gamma):
+        return ragged_discounted_returns(r, self.pos, self.T, self.n_traj, gamma)
+
+    def trajectory_outcome(self, r):
+        return ragged_outcome(r, self.pos, self.T, self.n_traj)
+
+    def outcome_returns(self, outcome, gamma):
+        return ragged_outcome_returns(outcome, self.offsets, self.pos, self.T, gamma)
+
+    def per_row(self, x):
+        return x.index_select(0, self.traj)
+
+    def scope_labels(self, scope, *, per_trajectory=False):
+        return scope_labels(scope, self.traj, self.t, self.group, self.ngroups, self.T,
+                            per_trajectory=per_trajectory)
+
+    def bucket_zscore(self, values, labels, nbuckets, **options):
+        return bucket_zscore(values, labels, nbuckets, deterministic=self.deterministic,
+                             **options)
+
+    @staticmethod
+    def zeros_like(x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def add_scaled(acc, x, weight):
+        return acc.add_(x, alpha=weight)
 
 
 def compute(plan, offsets, group, ngroups, max_turns, distance=None, initial_distance=None,
             reward=None, *, deterministic=False):
-    """Run a resolved plan on trusted tensors; returns ``(reward, returns, advantage)``.
-
-    Args:
-      plan: :class:`mica_core.estimators.Plan`.
-      offsets: int64 ``[n_traj + 1]``; group: int64 codes ``[n_traj]`` in ``0 .. ngroups-1``;
-        all on one device.
-      max_turns: an int at least the longest trajectory (the padded length).
-      distance / initial_distance / reward: float tensors in the work dtype.
-
-    Returns three tensors ``[n_rows]`` in the work dtype on the inputs' device.
-    """
+    """Run a resolved plan on trusted tensors; returns ``(reward, returns, advantage)``,
+    three tensors ``[n_rows]`` in the work dtype on the inputs' device (see
+    :class:`TorchOps` for the arguments)."""
     values = reward if reward is not None else distance
-    n_rows = values.shape[0]
-    n_traj = offsets.shape[0] - 1
-    if n_rows == 0:
+    if values.shape[0] == 0:
         e = values.new_zeros(0)
         return e, e.clone(), e.clone()
-    traj = ragged_row_trajectory(offsets, n_rows)
-    t = ragged_turn_index(offsets, traj)
-    if plan.reward == "given":
-        r = reward
-    elif plan.reward == "idr":
-        r = ragged_incremental_distance_reward(distance, initial_distance, traj, t)
-    else:
-        r = -distance
-    T = int(max_turns)
-    pos = padded_positions(traj, t, n_traj)
-    cache = {}
-
-    def signal(name):
-        if name not in cache:
-            if name == "reward":
-                cache[name] = r
-            elif name == "return":
-                cache[name] = ragged_discounted_returns(r, pos, T, n_traj, plan.gamma)
-            elif name == "outcome":
-                cache[name] = ragged_outcome(r, pos, T, n_traj)
-            else:  # outcome_return
-                cache[name] = ragged_outcome_returns(signal("outcome"), offsets, pos, T,
-                                                     plan.gamma)
-        return cache[name]
-
-    if plan.returns == "discounted":
-        ret = signal("return")
-    elif plan.returns == "outcome":
-        ret = signal("outcome").index_select(0, traj)
-    else:
-        ret = signal("outcome_return")
-
-    adv = torch.zeros_like(r)
-    for comp in plan.components:
-        v = signal(comp.signal)
-        per_traj = comp.signal == "outcome" and comp.scope != "turn"
-        if comp.signal == "outcome" and comp.scope == "turn":
-            v = v.index_select(0, traj)
-        labels, nb = scope_labels(comp.scope, traj, t, group, ngroups, T,
-                                  per_trajectory=per_traj)
-        z = bucket_zscore(v, labels, nb, baseline=comp.baseline, scale=comp.scale,
-                          ddof=plan.ddof, eps=plan.eps, singleton=plan.singleton,
-                          deterministic=deterministic)
-        if per_traj:
-            z = z.index_select(0, traj)
-        adv.add_(z, alpha=comp.weight)
-    return r, ret, adv
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point for numpy input (api.run_plan with backend="torch")
+    return interpret(plan, TorchOps(offsets, group, ngroups, max_turns, distance,
+                                    initial_distance, reward, deterministic=deterministic))
 
 
 def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return, out_adv):
     """Fill ``out_reward``, ``out_return``, ``out_adv`` (float64 numpy ``[n_rows]``) for ``plan``.
 
-    Same interface as ``_backend_numpy.run``; computes on the CPU in float64.
+    The ``backend="torch"`` path for validated host input: computes on the CPU in float64.
     """
     offsets = torch.from_numpy(np.ascontiguousarray(ragged.offsets, dtype=np.int64))
     group = torch.from_numpy(np.ascontiguousarray(ragged.group, dtype=np.int64))
@@ -444,278 +440,12 @@ def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return
     out_adv[:] = adv.numpy()
 
 
-# ---------------------------------------------------------------------------------------------
-# Entry point for torch input (mica_core.estimate)
-
-
-def _is_tensor(x):
-    return isinstance(x, torch.Tensor)
-
-
-def _values_tensor(x, name, n, device, wdt):
-    """Shape and dtype checks on the host (no data access); returns the work-dtype tensor."""
-    if not _is_tensor(x):
-        a = np.asarray(x)
-        if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
-            raise MicaInputError(f"must be numeric; got dtype {a.dtype}", column=name,
-                                 rule="dtype")
-        x = torch.as_tensor(a)
-    if x.ndim != 1 or (n is not None and x.shape[0] != n):
-        raise MicaInputError(f"needs shape ({n},); got {tuple(x.shape)}", column=name,
-                             rule="length")
-    if x.dtype == torch.bool or x.is_complex():
-        raise MicaInputError(f"must be numeric; got dtype {x.dtype}", column=name, rule="dtype")
-    return x.to(device=device, dtype=wdt)
-
-
-def _out_dtype(values, initial_distance):
-    """The numpy path's rule: float32 values give float32 unless ``initial_distance`` is
-    float64; float64 and integers give float64; float16/bfloat16 give float32."""
-    def kind(x):
-        if x is None:
-            return None
-        dt = x.dtype if _is_tensor(x) else np.asarray(x).dtype
-        if dt in (torch.float32, torch.float16, torch.bfloat16, np.float32, np.float16):
-            return "f32"
-        return "f64"
-    k = kind(values)
-    if k == "f32" and kind(initial_distance) != "f64":
-        return torch.float32
-    return torch.float64
-
-
-def _offsets_tensor(offsets, device):
-    """Offsets as int64 on ``device``. Tensors (any device) are checked later with the other
-    device-side checks; host data (lists, numpy) is checked here, on the host."""
-    if _is_tensor(offsets):
-        o = offsets
-        if o.ndim != 1 or o.shape[0] == 0:
-            raise MicaInputError(f"must be a 1-D array of length n_traj + 1 >= 1; got shape "
-                                 f"{tuple(o.shape)}", column="offsets", rule="shape")
-        if o.is_floating_point() or o.dtype == torch.bool or o.is_complex():
-            raise MicaInputError(f"must hold integers; got dtype {o.dtype}", column="offsets",
-                                 rule="dtype")
-        return o.to(device=device, dtype=torch.int64), None
-    from .layout import check_offsets
-
-    host = check_offsets(offsets)
-    return torch.from_numpy(host).to(device), host
-
-
-def _group_tensor(group, n_traj, device, ngroups):
-    """Group codes int64 on ``device`` and their count.
-
-    Tensors (any device): codes as given when ``ngroups`` is passed (checked later with the other
-    device checks), else ``torch.unique`` (one sync). Anything else: factorized on the host.
-    """
-    if _is_tensor(group):
-        if group.ndim != 1 or group.shape[0] != n_traj:
-            raise MicaInputError(f"needs one label per trajectory ({n_traj}); got shape "
-                                 f"{tuple(group.shape)}", column="group", rule="length")
-        if ngroups is not None:
-            if group.is_floating_point() or group.dtype == torch.bool or group.is_complex():
-                raise MicaInputError(f"codes with ngroups= must be integers; got dtype "
-                                     f"{group.dtype}", column="group", rule="dtype")
-            return group.to(device=device, dtype=torch.int64), int(ngroups), True
-        if group.is_floating_point():
-            bad = (~torch.isfinite(group)).nonzero()
-            if bad.numel():
-                raise MicaInputError("labels must not be NaN or infinite", column="group",
-                                     row=int(bad[0, 0]), rule="finite")
-        uniq, codes = torch.unique(group, return_inverse=True)
-        return codes.to(device=device, dtype=torch.int64), int(uniq.shape[0]), False
-    from .layout import make_ragged
-
-    g = group
-    if ngroups is not None:
-        g = np.asarray(g)
-        if g.ndim != 1 or len(g) != n_traj:
-            raise MicaInputError(f"needs one label per trajectory ({n_traj}); got shape "
-                                 f"{g.shape}", column="group", rule="length")
-        if g.dtype.kind not in "iu":
-            raise MicaInputError(f"codes with ngroups= must be integers; got dtype {g.dtype}",
-                                 column="group", rule="dtype")
-        bad = np.flatnonzero((g < 0) | (g >= ngroups))
-        if bad.size:
-            raise MicaInputError(f"code {g[bad[0]]} is outside 0 .. ngroups-1 = "
-                                 f"{int(ngroups) - 1}", column="group", row=int(bad[0]),
-                                 rule="codes in range")
-        return torch.from_numpy(g.astype(np.int64)).to(device), int(ngroups), False
-    ragged = make_ragged(np.arange(n_traj + 1), g)  # factorizes; offsets here are a stand-in
-    return torch.from_numpy(ragged.group).to(device), ragged.ngroups, False
-
-
-def _first_index(bad):
-    """Index of the first True in ``bad`` as a 0-d tensor (``len(bad)`` when none); no sync."""
-    n = bad.shape[0]
-    idx = torch.arange(n, dtype=torch.int64, device=bad.device)
-    return torch.where(bad, idx, n).min() if n else torch.zeros((), dtype=torch.int64,
-                                                                 device=bad.device)
-
-
-def _device_checks(checks, offsets, lengths, max_turns_needed):
-    """Evaluate every device-side check with one host copy; raise on the first failure."""
-    scalars = [c[1] for c in checks]
-    if max_turns_needed:
-        scalars.append(lengths.max() if lengths.numel() else
-                       torch.ones((), dtype=torch.int64, device=offsets.device))
-    if not scalars:
-        return None
-    got = torch.stack([s.to(torch.int64) for s in scalars]).tolist()  # the one sync
-    for (kind, _, sentinel, raise_fn), v in zip(checks, got):
-        if v != sentinel:
-            raise_fn(v)
-    return got[-1] if max_turns_needed else None
-
-
-def estimate(offsets, group, *, distance=None, initial_distance=None, reward=None,
-             estimator="mica", gamma=None, weight=0.5, eps=1e-6, ddof=1, baseline="mean",
-             scale="std", singleton="zero", ngroups=None, max_turns=None, validate=True,
-             deterministic=None):
-    """:func:`mica_core.estimate` on torch tensors; outputs on the values' device.
-
-    Options beyond ``mica_core.estimate`` (the sync-free path on CUDA, see the module
-    docstring):
-
-      ngroups: with ``group`` an int64 tensor of codes ``0 .. ngroups-1``, skips factorizing.
-      max_turns: an upper bound on trajectory length (the padded length); skips measuring it.
-      validate: ``False`` skips the device-side checks (finite values, non-negative
-        distances, offsets, codes in range, ``max_turns`` large enough) and their sync.
-      deterministic: fixed-order bucket sums on CUDA; ``None`` follows
-        ``torch.are_deterministic_algorithms_enabled()``.
-
-    Returns :class:`mica_core.EstimateResult` of tensors.
-    """
-    from .api import EstimateResult
-
-    values_in = reward if reward is not None else distance
-    if reward is not None and (distance is not None or initial_distance is not None):
-        raise MicaInputError("pass either reward or distance (+ initial_distance), not both",
-                             column="reward", rule="exclusive inputs")
-    if values_in is None:
-        raise MicaInputError("one of distance or reward is required", column="distance",
-                             rule="required")
-    plan = resolve(estimator, reward_given=reward is not None, gamma=gamma, weight=weight,
-                   eps=eps, ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
-    if plan.reward == "idr" and reward is None and initial_distance is None:
-        raise MicaInputError("IDR needs initial_distance (one value per trajectory)",
-                             column="initial_distance", rule="required")
-
-    tensors = [x for x in (values_in, initial_distance, offsets) if _is_tensor(x)]
-    if _is_tensor(values_in):
-        device = values_in.device
-    elif tensors:
-        device = tensors[0].device
-    else:
-        device = torch.device("cpu")
-    wdt = work_dtype(device)
-    out_dt = _out_dtype(values_in, initial_distance if reward is None else None)
-
-    o, host_offsets = _offsets_tensor(offsets, device)
-    n_traj = o.shape[0] - 1
-    vname = "reward" if reward is not None else "distance"
-    n_rows = values_in.shape[0] if _is_tensor(values_in) else len(np.asarray(values_in))
-    v = _values_tensor(values_in, vname, None, device, wdt)
-    if host_offsets is not None and int(host_offsets[-1]) != n_rows:
-        raise MicaInputError(f"needs shape ({int(host_offsets[-1])},) (offsets[-1]); got "
-                             f"({n_rows},)", column=vname, rule="length")
-    d0 = None
-    if initial_distance is not None and reward is None:
-        d0 = _values_tensor(initial_distance, "initial_distance", n_traj, device, wdt)
-    g, ng, device_codes = _group_tensor(group, n_traj, device, ngroups)
-    if ngroups is not None and int(ngroups) < 1 and n_traj > 0:
-        raise MicaInputError(f"ngroups must be >= 1; got {ngroups}", column="group",
-                             rule="codes in range")
-
-    lengths = o[1:] - o[:-1]
-    if host_offsets is not None:
-        diffs = np.diff(host_offsets)
-        longest = int(diffs.max()) if diffs.size else 1
-        if max_turns is None:
-            max_turns = longest
-        elif validate and longest > int(max_turns):
-            i = int(np.flatnonzero(diffs > int(max_turns))[0])
-            _raise(f"trajectory {i} has {int(diffs[i])} turns, more than max_turns="
-                   f"{int(max_turns)}", "offsets", i + 1, "max_turns")
-    checks = []
-    if validate:
-        checks = _value_checks(v, vname, d0, reward is None)
-        if host_offsets is None:
-            checks += _offsets_checks(o, lengths, n_rows)
-        if device_codes:
-            checks += _group_checks(g, ng)
-        if max_turns is not None and host_offsets is None:
-            mt = int(max_turns)
-            checks.append(("max_turns", _first_index(lengths > mt), n_traj,
-                           lambda i, mt=mt: _raise(f"trajectory {i} has more turns than "
-                                                   f"max_turns={mt}", "offsets", i + 1,
-                                                   "max_turns")))
-    measured = _device_checks(checks, o, lengths, max_turns is None)
-    if max_turns is None:
-        max_turns = measured
-    max_turns = max(int(max_turns), 1)
-
-    dist = None if reward is not None else v
-    rew = v if reward is not None else None
-    r, ret, adv = compute(plan, o, g, ng, max_turns, dist, d0, rew,
+def run_tensors(plan, inputs, *, deterministic=None):
+    """``(reward, returns, advantage)`` tensors for validated torch input
+    (:class:`mica_core.validate.TorchInputs`), cast to its output dtype."""
+    r, ret, adv = compute(plan, inputs.offsets, inputs.group, inputs.ngroups, inputs.max_turns,
+                          inputs.distance, inputs.initial_distance, inputs.reward,
                           deterministic=deterministic_default(deterministic))
-    if out_dt != r.dtype:
-        r, ret, adv = r.to(out_dt), ret.to(out_dt), adv.to(out_dt)
-    return EstimateResult(r, ret, adv)
-
-
-def _raise(message, column, row, rule):
-    raise MicaInputError(message, column=column, row=row, rule=rule)
-
-
-def _value_checks(v, name, d0, distances):
-    """``(kind, first-bad-index tensor, no-failure sentinel, raise_fn)`` for each value check."""
-    checks = []
-
-    def finite(x, col):
-        def fail(i):
-            _raise(f"value {float(x[i].cpu())} is not finite (NaN and infinities are "
-                   f"rejected)", col, i, "finite")
-        return ("finite", _first_index(~torch.isfinite(x)), x.shape[0], fail)
-
-    def nonneg(x, col):
-        def fail(i):
-            _raise(f"distance {float(x[i].cpu())} is negative (distances are >= 0)", col, i,
-                   "non-negative")
-        return ("non-negative", _first_index(x < 0), x.shape[0], fail)
-
-    checks.append(finite(v, name))
-    if distances:
-        checks.append(nonneg(v, name))
-    if d0 is not None:
-        checks.append(finite(d0, "initial_distance"))
-        checks.append(nonneg(d0, "initial_distance"))
-    return checks
-
-
-def _offsets_checks(o, lengths, n_rows):
-    n_traj = lengths.shape[0]
-    first = o[0]
-
-    def start_fail(v):
-        _raise(f"must start at 0; got {int(o[0].cpu())}", "offsets", 0, "start at 0")
-
-    def step_fail(i):
-        _raise(f"trajectory {i} has {int(lengths[i].cpu())} turns; every trajectory needs at "
-               f"least one (offsets must be strictly increasing)", "offsets", i + 1,
-               "strictly increasing")
-
-    def end_fail(v):
-        _raise(f"offsets[-1] = {v} but the values have {n_rows} rows", "offsets", n_traj,
-               "length")
-
-    return [("start", first, 0, start_fail),
-            ("steps", _first_index(lengths <= 0), n_traj, step_fail),
-            ("end", o[-1], n_rows, end_fail)]
-
-
-def _group_checks(g, ngroups):
-    def fail(i):
-        _raise(f"code {int(g[i].cpu())} is outside 0 .. ngroups-1 = {ngroups - 1}", "group", i,
-               "codes in range")
-    return [("codes", _first_index((g < 0) | (g >= ngroups)), g.shape[0], fail)]
+    if inputs.out_dtype != r.dtype:
+        r, ret, adv = r.to(inputs.out_dtype), ret.to(inputs.out_dtype), adv.to(inputs.out_dtype)
+    return r, ret, adv

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import _compiled
 from ._errors import MicaInputError
 from .api import run_plan
 from .estimators import resolve
@@ -124,13 +125,9 @@ def _numpy(col, name, *, kind="float"):
     return a
 
 
-def _fast_kernels():
-    """The compiled single-pass checks of ``mica_core._ext`` (``None`` when not built)."""
-    try:
-        from . import _ext
-    except ImportError:  # pragma: no cover - only without the compiled kernels
-        return None
-    return _ext
+def _reader_kernels():
+    """The compiled single-pass checks (``None`` on a broken install: numpy fallbacks run)."""
+    return _compiled.ext
 
 
 def _int_ids(col):
@@ -146,7 +143,7 @@ def _run_codes(a: np.ndarray):
     order of first appearance, and ``starts`` [n_ids + 1] the first row of each run. ``None``
     when some id comes back after another one."""
     n = len(a)
-    ext = _fast_kernels()
+    ext = _reader_kernels()
     if ext is not None:
         codes = np.empty(n, dtype=np.int64)
         starts = np.empty(n + 1, dtype=np.int64)
@@ -291,7 +288,7 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
     gcol = _column(table, cols["group"], "group")
     tcol = _column(table, cols["traj"], "trajectory")
     turn = _numpy(_column(table, cols["turn"], "turn"), cols["turn"], kind="int")
-    ext = _fast_kernels()
+    ext = _reader_kernels()
     tids = _int_ids(tcol)
     runs = _run_codes(tids) if tids is not None else None
     if runs is not None and ext is not None:

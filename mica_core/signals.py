@@ -19,6 +19,7 @@ __all__ = [
     "absolute_distance_reward",
     "discounted_returns",
     "trajectory_outcome",
+    "outcome_returns",
     "turn_index",
 ]
 
@@ -131,3 +132,22 @@ def trajectory_outcome(offsets, reward):
     lengths = np.diff(offsets)
     traj = np.repeat(np.arange(len(lengths)), lengths)
     return np.bincount(traj, weights=r, minlength=len(lengths)).astype(np.float64)
+
+
+def outcome_returns(offsets, outcome, gamma):
+    """The return of a sparse reward paying ``R_i`` on the last turn (REINFORCE++)::
+
+        G_t = gamma^(T_i - 1 - t) * R_i
+
+    by the reverse recursion from the last turn (no negative powers). Returns float64
+    ``[n_turns]``.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    out = np.repeat(np.asarray(outcome, dtype=np.float64), lengths)
+    ends = offsets[1:]
+    gamma = float(gamma)
+    for k in range(1, int(lengths.max()) if lengths.size else 0):
+        rows = (ends - 1 - k)[lengths > k]
+        out[rows] = gamma * out[rows + 1]
+    return out

@@ -11,7 +11,7 @@ import pytest
 
 import mica_core as mc
 from mica_core.estimators import resolve
-from mica_core.layout import make_ragged
+from mica_core.validate import make_ragged
 
 numba = pytest.importorskip("numba")
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from naive import PRESETS, flat, naive_estimate
-from strategies import options, ragged_batches
+from strategies import grid_options, ragged_batches
 
 import mica_core as mc
 from mica_core import _backend_torch as tb
@@ -56,64 +56,24 @@ def _run(mode, offsets, groups, name, opts, *, dist=None, init=None, rew=None, d
         o = np.asarray(offsets)
         codes = groups
     g = torch.as_tensor(codes, device=device) if not isinstance(codes, list) else codes
-    return tb.estimate(o, g, estimator=name, **values, **extra, **opts)
+    return mc.estimate(o, g, estimator=name, **values, **extra, **opts)
 
 
-def _tolerance(opts):
-    if opts.get("eps", 1e-6) == 0.0:
-        return dict(rtol=1e-9, atol=1e-9)
-    return dict(rtol=1e-10, atol=1e-10)
-
-
-@settings(max_examples=80, deadline=None)
-@given(batch=ragged_batches(), name=st.sampled_from(PRESET_NAMES), opts=options,
-       mode=st.sampled_from(MODES))
-def test_torch_float64_matches_naive(batch, name, opts, mode):
-    trajs, offsets, groups, dist, init = batch
-    if opts.get("eps", 1e-6) == 0.0:
-        opts = dict(opts, scale="none")  # z with eps=0 is undefined on zero-variance buckets
-    res = _run(mode, offsets, groups, name, opts, dist=dist, init=init)
-    want = naive_estimate(trajs, name, **opts)
-    for got in res:
+@settings(max_examples=60, deadline=None)
+@given(batch=ragged_batches(), name=st.sampled_from(PRESET_NAMES), opts=grid_options,
+       mode=st.sampled_from(MODES), given_rewards=st.booleans())
+def test_torch_options_match_naive(batch, name, opts, mode, given_rewards):
+    """The torch-only options (codes + ngroups + max_turns, validate=False, deterministic,
+    host offsets) against tests/naive.py; plain tensors in are covered for every backend in
+    tests/test_backends.py."""
+    rew = batch.distance - 5.0 if given_rewards else None
+    values = dict(rew=rew) if given_rewards else dict(dist=batch.distance,
+                                                      init=batch.initial_distance)
+    res = _run(mode, batch.offsets, batch.group, name, opts, **values)
+    want = naive_estimate(batch.trajs(reward=rew), name, **opts)
+    for k, got in enumerate(res):
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
-    scale = max(1.0, float(np.abs(flat(want, 1)).max(initial=0)))
-    np.testing.assert_allclose(res.reward.numpy(), flat(want, 0), rtol=1e-10, atol=1e-10 * scale)
-    np.testing.assert_allclose(res.returns.numpy(), flat(want, 1), rtol=1e-10,
-                               atol=1e-10 * scale)
-    np.testing.assert_allclose(res.advantage.numpy(), flat(want, 2), **_tolerance(opts))
-
-
-@settings(max_examples=40, deadline=None)
-@given(batch=ragged_batches(rewards=True), name=st.sampled_from(PRESET_NAMES), opts=options,
-       mode=st.sampled_from(MODES))
-def test_torch_given_rewards_match_naive(batch, name, opts, mode):
-    trajs, offsets, groups, _, _ = batch
-    if opts.get("eps", 1e-6) == 0.0:
-        opts = dict(opts, scale="none")
-    rew = np.array([x for tr in trajs for x in tr["rewards"]], dtype=np.float64)
-    res = _run(mode, offsets, groups, name, opts, rew=rew)
-    want = naive_estimate(trajs, name, **opts)
-    scale = max(1.0, float(np.abs(flat(want, 1)).max(initial=0)))
-    np.testing.assert_allclose(res.returns.numpy(), flat(want, 1), rtol=1e-10,
-                               atol=1e-10 * scale)
-    np.testing.assert_allclose(res.advantage.numpy(), flat(want, 2), **_tolerance(opts))
-
-
-@settings(max_examples=40, deadline=None)
-@given(batch=ragged_batches(), name=st.sampled_from(PRESET_NAMES))
-def test_torch_float32_in_float32_out(batch, name):
-    trajs, offsets, groups, dist, init = batch
-    d32, i32 = dist.astype(np.float32), init.astype(np.float32)
-    for tr, start, end, d0 in zip(trajs, offsets[:-1], offsets[1:], i32):
-        tr["distances"] = [float(x) for x in d32[start:end]]
-        tr["initial_distance"] = float(d0)
-    res = mc.estimate(torch.from_numpy(offsets), groups, distance=torch.from_numpy(d32),
-                      initial_distance=torch.from_numpy(i32), estimator=name)
-    want = naive_estimate(trajs, name)
-    assert all(x.dtype == torch.float32 for x in res)
-    scale = max(1.0, float(np.abs(flat(want, 1)).max(initial=0)))
-    np.testing.assert_allclose(res.returns.numpy(), flat(want, 1), rtol=1e-5, atol=1e-6 * scale)
-    np.testing.assert_allclose(res.advantage.numpy(), flat(want, 2), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got.numpy(), flat(want, k), rtol=1e-12, atol=1e-12)
 
 
 def test_output_dtype_follows_numpy_rule():
@@ -128,22 +88,6 @@ def test_output_dtype_follows_numpy_rule():
     assert mc.estimate(o, [0, 0], reward=torch.tensor([1, 2, 3])).advantage.dtype \
         == torch.float64
     assert mc.estimate(o, [0, 0], reward=d32.half()).advantage.dtype == torch.float32
-
-
-@settings(max_examples=40, deadline=None)
-@given(batch=ragged_batches(), name=st.sampled_from(PRESET_NAMES), opts=options)
-def test_backend_torch_on_numpy_equals_numpy_backend(batch, name, opts):
-    """backend="torch" for numpy input (api.run_plan -> _backend_torch.run)."""
-    _, offsets, groups, dist, init = batch
-    if opts.get("eps", 1e-6) == 0.0:
-        opts = dict(opts, scale="none")
-    a = mc.estimate(offsets, groups, distance=dist, initial_distance=init, estimator=name,
-                    backend="numpy", **opts)
-    b = mc.estimate(offsets, groups, distance=dist, initial_distance=init, estimator=name,
-                    backend="torch", **opts)
-    for x, y in zip(a, b):
-        assert isinstance(y, np.ndarray) and y.dtype == np.float64
-        np.testing.assert_allclose(y, x, **_tolerance(opts))
 
 
 def test_compute_advantages_table_with_torch_backend():
@@ -206,15 +150,13 @@ def test_ragged_scans_match_loops(data, gamma):
 @settings(max_examples=60, deadline=None)
 @given(values=st.lists(st.sampled_from([0.0, 1.0, -2.5, 1e3, 7.25]) |
                        st.floats(-100, 100, allow_nan=False, width=32), max_size=40),
-       nb=st.integers(1, 6), seed=st.integers(0, 2**16), opts=options,
+       nb=st.integers(1, 6), seed=st.integers(0, 2**16), opts=grid_options,
        deterministic=st.booleans())
 def test_bucket_zscore_matches_loop(values, nb, seed, opts, deterministic):
     x = torch.tensor(values, dtype=torch.float64)
     labels = torch.as_tensor(np.random.default_rng(seed).integers(0, nb, size=len(values)),
                              dtype=torch.int64)
     kw = {k: opts[k] for k in ("baseline", "scale", "ddof", "eps", "singleton") if k in opts}
-    if kw.get("eps", 1e-6) == 0.0:
-        kw["scale"] = "none"
     torch.testing.assert_close(tb.bucket_sum(x, labels, nb),
                                tb.bucket_sum_loop(x, labels, nb), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(
@@ -260,9 +202,9 @@ def test_deterministic_mode_is_bitwise_repeatable_and_close_to_default():
     d = torch.as_tensor(rng.random(int(offsets[-1])) * 5)
     d0 = torch.as_tensor(rng.random(400) * 5)
     kw = dict(distance=d, initial_distance=d0, ngroups=37)
-    a = tb.estimate(offsets, group, deterministic=True, **kw)
-    b = tb.estimate(offsets, group, deterministic=True, **kw)
-    c = tb.estimate(offsets, group, deterministic=False, **kw)
+    a = mc.estimate(offsets, group, deterministic=True, **kw)
+    b = mc.estimate(offsets, group, deterministic=True, **kw)
+    c = mc.estimate(offsets, group, deterministic=False, **kw)
     assert torch.equal(a.advantage, b.advantage)
     torch.testing.assert_close(a.advantage, c.advantage, rtol=1e-12, atol=1e-12)
 
@@ -284,7 +226,7 @@ def _bad(match, **kw):
     if base.pop("host_offsets", False):
         offsets = offsets.numpy()
     with pytest.raises(mc.MicaInputError, match=match) as info:
-        tb.estimate(offsets, group, **base)
+        mc.estimate(offsets, group, **base)
     return info.value
 
 
@@ -315,7 +257,7 @@ def test_bad_input_names_column_row_and_rule(host_offsets):
 
 def test_validate_false_skips_value_checks():
     nan = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)
-    res = tb.estimate(torch.tensor([0, 2, 3]), torch.tensor([0, 1]), ngroups=2, max_turns=2,
+    res = mc.estimate(torch.tensor([0, 2, 3]), torch.tensor([0, 1]), ngroups=2, max_turns=2,
                       distance=nan, initial_distance=torch.ones(2, dtype=torch.float64),
                       validate=False)
     assert torch.isnan(res.reward[1])
@@ -349,7 +291,7 @@ def test_cuda_sync_free_path_matches_numpy(name, dtype):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        res = tb.estimate(o, g, distance=dd, initial_distance=dd0, estimator=name,
+        res = mc.estimate(o, g, distance=dd, initial_distance=dd0, estimator=name,
                           ngroups=int(group.max()) + 1, max_turns=T, validate=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -372,8 +314,8 @@ def test_cuda_api_path_and_deterministic_mode(name):
     np.testing.assert_allclose(res.advantage.cpu().numpy(), want.advantage, rtol=1e-10,
                                atol=1e-10)
     o, g = torch.as_tensor(offsets, device=dev), torch.as_tensor(group, device=dev)
-    a = tb.estimate(o, g, deterministic=True, **args)
-    b = tb.estimate(o, g, deterministic=True, **args)
+    a = mc.estimate(o, g, deterministic=True, **args)
+    b = mc.estimate(o, g, deterministic=True, **args)
     assert torch.equal(a.advantage, b.advantage)
     np.testing.assert_allclose(a.advantage.cpu().numpy(), want.advantage, rtol=1e-10,
                                atol=1e-10)
@@ -384,7 +326,7 @@ def test_cuda_validation_raises_like_cpu():
     dev = torch.device("cuda")
     d = torch.tensor([1.0, float("inf"), 2.0], device=dev, dtype=torch.float64)
     with pytest.raises(mc.MicaInputError) as info:
-        tb.estimate(torch.tensor([0, 2, 3], device=dev), torch.tensor([0, 1], device=dev),
+        mc.estimate(torch.tensor([0, 2, 3], device=dev), torch.tensor([0, 1], device=dev),
                     ngroups=2, distance=d,
                     initial_distance=torch.ones(2, device=dev, dtype=torch.float64))
     assert (info.value.column, info.value.row) == ("distance", 1)
@@ -392,7 +334,7 @@ def test_cuda_validation_raises_like_cpu():
 
 def test_math_sanity_of_turn_buckets():
     """Two groups, turn scope: each (group, turn) bucket is normalized on its own."""
-    res = tb.estimate(torch.tensor([0, 2, 4, 5]), ["a", "a", "b"],
+    res = mc.estimate(torch.tensor([0, 2, 4, 5]), ["a", "a", "b"],
                       reward=torch.tensor([1.0, 0.0, 3.0, 0.0, 7.0], dtype=torch.float64),
                       estimator="mica_turn", gamma=0.5, eps=0.0, scale="none")
     # G: traj0 [1, 0], traj1 [3, 0], traj2 [7]; group a turn 0: 1 vs 3 -> -1, +1

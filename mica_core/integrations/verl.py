@@ -128,7 +128,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
     import numpy as np
     import torch
 
-    from .. import _backend_torch
+    from ..api import estimate
     from ..tokens import broadcast_to_tokens, turn_rewards_from_tokens
 
     opts = options_from_config(estimator, config, kwargs)
@@ -146,7 +146,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
             raise MicaInputError("this row has no assistant token (response_mask is all 0): "
                                  "it has no turn to credit", column="response_mask",
                                  row=int(empty[0]), rule="at least one turn")
-        res = _backend_torch.estimate(spans.offsets, labels, reward=reward,
+        res = estimate(spans.offsets, labels, reward=reward,
                                       estimator=estimator, max_turns=int(per_row.max()),
                                       **opts)
         advantages = broadcast_to_tokens(res.advantage, response_mask, validate=False)

@@ -1,0 +1,135 @@
+"""The driver shared by both compiled backends: a plan encoded for the fused kernels, run.
+
+A plan runs as (see ``kernels/_ext.pyx``):
+
+1. ``ragged_group_segments``: one segment of trajectories per group; the rollouts of a group
+   are usually adjacent and then no reordering happens, else a counting sort by group code.
+2. ``fused_group_advantages``: one pass per group for rewards, returns, the statistics of
+   every ``turn``/``group`` component and their share of the advantage.
+3. Only for components with scope ``batch``: ``bucket_batch_moments`` merges the groups'
+   partial moments, then ``fused_batch_advantages`` adds their terms.
+
+The Cython module ``mica_core._ext`` and the Numba module ``mica_core._numba`` expose the
+same kernels (names and argument order), so :func:`run_fused` drives either.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["EncodedPlan", "encode_plan", "run_fused"]
+
+SIGNAL_CODES = {"reward": 0, "return": 1, "outcome": 2, "outcome_return": 3}
+SCOPE_CODES = {"turn": 0, "group": 1, "batch": 2}
+REWARD_CODES = {"idr": 0, "adr": 1, "given": 2}
+RETURNS_CODES = {"discounted": 0, "outcome": 1, "outcome_discounted": 2}
+
+_EMPTY_F64 = np.zeros(0, dtype=np.float64)
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+
+
+class EncodedPlan(NamedTuple):
+    """A :class:`mica_core.estimators.Plan` as the kernels read it."""
+
+    reward_kind: int
+    returns_kind: int
+    gamma: float
+    spec: np.ndarray  # int64 [ncomp, 4]: signal, scope, loo, scale by std
+    weight: np.ndarray  # float64 [ncomp]
+    eps: float
+    ddof: int
+    singleton_raw: bool
+    need_return: bool  # some component or the return output uses G_t
+    need_oret: bool  # ... gamma^(T-1-t) R_i
+    need_outcome: bool  # ... R_i
+    has_batch: bool
+    has_local: bool  # some component has scope turn or group
+
+
+@lru_cache(maxsize=512)
+def encode_plan(plan) -> EncodedPlan:
+    comps = plan.components
+    spec = np.array([[SIGNAL_CODES[c.signal], SCOPE_CODES[c.scope], c.baseline == "loo",
+                      c.scale == "std"] for c in comps], dtype=np.int64).reshape(len(comps), 4)
+    weight = np.array([c.weight for c in comps], dtype=np.float64)
+    spec.setflags(write=False)
+    weight.setflags(write=False)
+    signals = {c.signal for c in comps}
+    return EncodedPlan(
+        reward_kind=REWARD_CODES[plan.reward],
+        returns_kind=RETURNS_CODES[plan.returns],
+        gamma=float(plan.gamma),
+        spec=spec,
+        weight=weight,
+        eps=float(plan.eps),
+        ddof=int(plan.ddof),
+        singleton_raw=plan.singleton == "raw",
+        need_return="return" in signals or plan.returns == "discounted",
+        need_oret="outcome_return" in signals or plan.returns == "outcome_discounted",
+        need_outcome=bool(signals & {"outcome", "outcome_return"}) or plan.returns == "outcome",
+        has_batch=any(c.scope == "batch" for c in comps),
+        has_local=any(c.scope != "batch" for c in comps),
+    )
+
+
+def _values(a):
+    """A kernel-ready float32/float64 contiguous array (other dtypes become float64)."""
+    if type(a) is np.ndarray and a.dtype in _KERNEL_DTYPES and a.flags.c_contiguous:
+        return a  # the usual case, validated upstream: no conversion, no new array
+    a = np.asarray(a)
+    if a.dtype != np.float32 and a.dtype != np.float64:
+        a = a.astype(np.float64)
+    return np.ascontiguousarray(a)
+
+
+def run_fused(kernels, plan, ragged, distance, initial_distance, reward, out_reward,
+              out_return, out_adv):
+    """Fill the float64 outputs for ``plan`` with the fused ``kernels`` module."""
+    n_traj, ngroups = ragged.n_traj, ragged.ngroups
+    if n_traj == 0:
+        return
+    enc = encode_plan(plan)
+    n = ragged.n_rows
+    values = _values(reward if enc.reward_kind == 2 else distance)
+    # One value per trajectory: float64 always (cheap), which halves the kernel variants
+    # Numba compiles; the per-turn values stay as given (float32 is read as float32).
+    if enc.reward_kind != 0:
+        initial = _EMPTY_F64
+    elif (type(initial_distance) is np.ndarray and initial_distance.dtype == np.float64
+          and initial_distance.flags.c_contiguous):
+        initial = initial_distance
+    else:
+        initial = np.ascontiguousarray(initial_distance, dtype=np.float64)
+    offsets = ragged.offsets
+    order = np.empty(n_traj, dtype=np.int64)
+    seg_start = np.empty(ngroups + 1, dtype=np.int64)
+    contiguous, max_len = kernels.ragged_group_segments(offsets, ragged.group, ngroups, order,
+                                                        seg_start)
+    if contiguous:
+        order = _EMPTY_I64
+    if enc.returns_kind == 0:
+        sig_return = out_return
+    else:
+        sig_return = np.empty(n) if enc.need_return else _EMPTY_F64
+    if enc.returns_kind == 2:
+        sig_oret = out_return
+    else:
+        sig_oret = np.empty(n) if enc.need_oret else _EMPTY_F64
+    outcome = np.empty(n_traj) if enc.need_outcome else _EMPTY_F64
+    ncomp = len(enc.weight)
+    batch_part = np.empty(ngroups * ncomp * 4) if enc.has_batch else _EMPTY_F64
+    kernels.fused_group_advantages(
+        offsets, order, seg_start, values, initial, enc.reward_kind, enc.returns_kind,
+        enc.gamma, enc.spec, enc.weight, enc.eps, enc.ddof, enc.singleton_raw, int(max_len),
+        out_reward, out_return, sig_return, sig_oret, outcome, out_adv, batch_part)
+    if enc.has_batch:
+        batch_params = np.zeros(3 * ncomp)
+        kernels.bucket_batch_moments(batch_part, enc.spec, enc.eps, enc.ddof,
+                                     enc.singleton_raw, batch_params)
+        kernels.fused_batch_advantages(offsets, enc.spec, enc.weight, batch_params, out_reward,
+                                       sig_return, sig_oret, outcome, not enc.has_local,
+                                       out_adv)

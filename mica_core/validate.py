@@ -1,0 +1,546 @@
+"""Validation and conversion of every input kind, in one place, with one set of messages.
+
+Design §7: invalid input raises :class:`mica_core.MicaInputError` naming the column (or
+argument), the first offending row and the rule. Every message mica writes for a rule that
+more than one input path shares is built by one function in the first section below; the
+array paths (:func:`numpy_inputs`, :func:`torch_inputs`) and the Arrow reader
+(:mod:`mica_core.arrow`) call them. After this module, nothing checks again: backends and
+kernels trust what they are given.
+
+- Host data (numpy arrays, lists, Arrow-backed views): :func:`make_ragged` checks ``offsets``
+  and factorizes ``group``; :func:`numpy_inputs` checks the value arrays and returns them
+  as contiguous float32/float64.
+- Torch tensors: :func:`torch_inputs` checks shapes and dtypes on the host and the values on
+  the device, with at most one device-to-host copy for all checks together (see
+  docs/torch.md for the sync-free path, ``validate=False``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._errors import MicaInputError
+from .layout import ON_MISSING, Ragged, fill_missing
+
+__all__ = [
+    "NumpyInputs",
+    "TorchInputs",
+    "check_offsets",
+    "check_values",
+    "factorize",
+    "make_ragged",
+    "numpy_inputs",
+    "torch_inputs",
+]
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def not_finite(column, row, value) -> MicaInputError:
+    return MicaInputError(f"value {value} is not finite (NaN and infinities are rejected)",
+                          column=column, row=row, rule="finite")
+
+
+def negative_distance(column, row, value) -> MicaInputError:
+    return MicaInputError(f"distance {value} is negative (distances are >= 0)", column=column,
+                          row=row, rule="non-negative")
+
+
+def wrong_length(column, expected, shape) -> MicaInputError:
+    """``expected`` rows in a 1-D array (``None``: any number of rows, but 1-D). Per-turn
+    arrays have ``offsets[-1]`` rows, per-trajectory arrays one row per trajectory."""
+    if expected is None:
+        return MicaInputError(f"needs a 1-D array; got shape {tuple(shape)}", column=column,
+                              rule="shape")
+    why = "one per trajectory" if column == "initial_distance" else "offsets[-1]"
+    return MicaInputError(f"needs shape ({expected},) ({why}); got {tuple(shape)}",
+                          column=column, rule="length")
+
+
+def not_numeric(column, dtype) -> MicaInputError:
+    return MicaInputError(f"must be numeric; got dtype {dtype}", column=column, rule="dtype")
+
+
+def exclusive_inputs() -> MicaInputError:
+    return MicaInputError("pass either reward or distance (+ initial_distance), not both",
+                          column="reward", rule="exclusive inputs")
+
+
+def values_required() -> MicaInputError:
+    return MicaInputError("one of distance or reward is required", column="distance",
+                          rule="required")
+
+
+def initial_distance_required() -> MicaInputError:
+    return MicaInputError("IDR needs initial_distance (one value per trajectory)",
+                          column="initial_distance", rule="required")
+
+
+def offsets_shape(shape) -> MicaInputError:
+    return MicaInputError(f"must be a 1-D array of length n_traj + 1 >= 1; got shape "
+                          f"{tuple(shape)}", column="offsets", rule="shape")
+
+
+def offsets_dtype(dtype) -> MicaInputError:
+    return MicaInputError(f"must hold integers; got dtype {dtype}", column="offsets",
+                          rule="dtype")
+
+
+def offsets_start(value) -> MicaInputError:
+    return MicaInputError(f"must start at 0; got {value}", column="offsets", row=0,
+                          rule="start at 0")
+
+
+def empty_trajectory(traj, turns) -> MicaInputError:
+    return MicaInputError(f"trajectory {traj} has {turns} turns; every trajectory needs at "
+                          f"least one (offsets must be strictly increasing)", column="offsets",
+                          row=traj + 1, rule="strictly increasing")
+
+
+def offsets_end(value, n_rows, n_traj) -> MicaInputError:
+    return MicaInputError(f"offsets[-1] = {value} but the values have {n_rows} rows",
+                          column="offsets", row=n_traj, rule="length")
+
+
+def too_many_turns(traj, turns, max_turns) -> MicaInputError:
+    text = f"has {turns} turns, more" if turns is not None else "has more turns"
+    return MicaInputError(f"trajectory {traj} {text} than max_turns={max_turns}",
+                          column="offsets", row=traj + 1, rule="max_turns")
+
+
+def group_length(n_traj, shape) -> MicaInputError:
+    return MicaInputError(f"needs one label per trajectory ({n_traj}); got shape "
+                          f"{tuple(shape)}", column="group", rule="length")
+
+
+def code_out_of_range(row, code, ngroups) -> MicaInputError:
+    return MicaInputError(f"code {code} is outside 0 .. ngroups-1 = {ngroups - 1}",
+                          column="group", row=row, rule="codes in range")
+
+
+def codes_not_integer(dtype) -> MicaInputError:
+    return MicaInputError(f"codes with ngroups= must be integers; got dtype {dtype}",
+                          column="group", rule="dtype")
+
+
+def label_not_finite(column, row) -> MicaInputError:
+    return MicaInputError("labels must not be NaN or infinite", column=column, row=row,
+                          rule="finite")
+
+
+def label_null(column, row) -> MicaInputError:
+    return MicaInputError("labels must not be null", column=column, row=row, rule="not null")
+
+
+def check_on_missing(on_missing) -> bool:
+    """``True`` for ``"carry"``; a ``ValueError`` for anything but ``"raise"``/``"carry"``."""
+    if on_missing not in ON_MISSING:
+        raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}; got "
+                         f"{on_missing!r}")
+    return on_missing == "carry"
+
+
+# --------------------------------------------------------------------------- host data
+
+
+def factorize(labels, name="group"):
+    """Integer codes for any labels (numbers or strings), in order of first appearance.
+
+    Returns ``(codes int64, uniques)``.
+    """
+    a = np.asarray(labels)
+    if a.ndim != 1:
+        raise MicaInputError(f"must be one-dimensional, got shape {a.shape}", column=name,
+                             rule="shape")
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64), a
+    if a.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(a))
+        if bad.size:
+            raise label_not_finite(name, int(bad[0]))
+    if a.dtype == object:
+        bad = [i for i, v in enumerate(a) if v is None]
+        if bad:
+            raise label_null(name, bad[0])
+        a = a.astype(str)
+    uniques, first, inverse = np.unique(a, return_index=True, return_inverse=True)
+    # Renumber so codes follow first appearance (stable, like pandas.factorize).
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.reshape(-1)].astype(np.int64), uniques[order]
+
+
+def check_offsets(offsets) -> np.ndarray:
+    """``offsets`` as contiguous int64, starting at 0 and strictly increasing."""
+    o = np.asarray(offsets)
+    if o.ndim != 1 or o.size == 0:
+        raise offsets_shape(o.shape)
+    if o.dtype.kind not in "iu":
+        if not (o.dtype.kind == "f" and np.all(np.isfinite(o)) and np.all(o == np.round(o))):
+            raise offsets_dtype(o.dtype)
+    o = o.astype(np.int64, copy=False)
+    if o[0] != 0:
+        raise offsets_start(int(o[0]))
+    steps = np.diff(o)
+    if not (steps > 0).all():
+        i = int(np.flatnonzero(steps <= 0)[0])
+        raise empty_trajectory(i, int(steps[i]))
+    return np.ascontiguousarray(o)
+
+
+def group_codes(group, n_traj) -> tuple[np.ndarray, int]:
+    """``(codes int64 [n_traj], ngroups)`` for any host labels, one per trajectory."""
+    g = np.asarray(group)
+    if g.ndim != 1 or len(g) != n_traj:
+        raise group_length(n_traj, g.shape)
+    if g.dtype.kind in "iu" and (g.size == 0 or (g.min() >= 0
+                                                 and g.max() < max(n_traj, 1) * 4 + 16)):
+        # Small non-negative integer codes: keep them, compact unused ones away.
+        used = np.zeros(int(g.max()) + 1 if g.size else 0, dtype=bool)
+        used[g] = True
+        remap = np.cumsum(used) - 1
+        return np.ascontiguousarray(remap[g].astype(np.int64)), int(used.sum())
+    codes, uniques = factorize(g, "group")
+    return np.ascontiguousarray(codes), len(uniques)
+
+
+def make_ragged(offsets, group) -> Ragged:
+    """Validated CSR layout from ``offsets`` and per-trajectory ``group`` labels."""
+    o = check_offsets(offsets)
+    codes, ngroups = group_codes(group, len(o) - 1)
+    return Ragged(o, codes, ngroups)
+
+
+def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
+    """Validate a flat per-row (or per-trajectory) float array; returns it as float32/float64.
+
+    ``allow_missing`` lets NaN and infinities through (to be filled by ``fill_missing``)."""
+    a = np.asarray(x)
+    if a.ndim != 1 or len(a) != n:
+        raise wrong_length(name, n, a.shape)
+    if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
+        raise not_numeric(name, a.dtype)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float64)
+    # Fast path first: the common all-finite case allocates no index array.
+    if not allow_missing and not np.isfinite(a).all():
+        i = int(np.flatnonzero(~np.isfinite(a))[0])
+        raise not_finite(name, i, a[i])
+    if not allow_negative and (a < 0).any():  # NaN compares False: left to fill_missing
+        i = int(np.flatnonzero(a < 0)[0])
+        raise negative_distance(name, i, a[i])
+    return np.ascontiguousarray(a)
+
+
+class NumpyInputs(NamedTuple):
+    """Validated host inputs: the layout, the value arrays (``None`` when not given) and the
+    dtype the outputs are returned in."""
+
+    ragged: Ragged
+    distance: np.ndarray | None
+    initial_distance: np.ndarray | None
+    reward: np.ndarray | None
+    out_dtype: Any
+
+
+def numpy_inputs(plan, offsets, group, distance, initial_distance, reward,
+                 on_missing="raise") -> NumpyInputs:
+    """Check host inputs for ``plan`` (a resolved :class:`mica_core.estimators.Plan`).
+
+    Output dtype: float32 when the per-turn values are float32 (and ``initial_distance``, if
+    given, is not float64), else float64.
+    """
+    carry = check_on_missing(on_missing)
+    ragged = make_ragged(offsets, group)
+    n, n_traj = ragged.n_rows, ragged.n_traj
+    if reward is not None:
+        if distance is not None or initial_distance is not None:
+            raise exclusive_inputs()
+        r = check_values(reward, "reward", n, allow_missing=carry)
+        r = fill_missing(r, ragged.offsets) if carry else r
+        return NumpyInputs(ragged, None, None, r, r.dtype)
+    if distance is None:
+        raise values_required()
+    d = check_values(distance, "distance", n, allow_negative=False, allow_missing=carry)
+    if plan.reward == "idr" and initial_distance is None:
+        raise initial_distance_required()
+    d0 = None
+    if initial_distance is not None:
+        d0 = check_values(initial_distance, "initial_distance", n_traj, allow_negative=False)
+    out_dtype = np.float64 if d0 is not None and d0.dtype == np.float64 else d.dtype
+    if carry:
+        firsts = d[ragged.offsets[:-1]]
+        if d0 is None and n and not np.isfinite(firsts).all():
+            first = int(np.flatnonzero(~np.isfinite(firsts))[0])
+            raise MicaInputError("missing on a first turn and no initial_distance to carry",
+                                 column="distance", row=int(ragged.offsets[first]),
+                                 rule="finite")
+        d = fill_missing(d, ragged.offsets, d0 if d0 is not None else d)
+    return NumpyInputs(ragged, d, d0, None, out_dtype)
+
+
+# --------------------------------------------------------------------------- torch tensors
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def is_torch(x) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch)."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "device")
+
+
+def work_dtype(device):
+    """float64 wherever the device has it; MPS has no float64."""
+    torch = _torch()
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+class TorchInputs(NamedTuple):
+    """Validated tensors on one device, in the work dtype (float64; float32 on MPS)."""
+
+    offsets: Any  # int64 [n_traj + 1]
+    group: Any  # int64 codes [n_traj] in 0 .. ngroups-1
+    ngroups: int
+    max_turns: int  # at least the longest trajectory, at least 1
+    distance: Any
+    initial_distance: Any
+    reward: Any
+    out_dtype: Any
+
+
+def _values_tensor(x, name, n, device, wdt):
+    """Shape and dtype checks on the host (no data access); returns the work-dtype tensor."""
+    torch = _torch()
+    if not is_torch(x):
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
+            raise not_numeric(name, a.dtype)
+        x = torch.as_tensor(a)
+    if x.ndim != 1 or (n is not None and x.shape[0] != n):
+        raise wrong_length(name, n, x.shape)
+    if x.dtype == torch.bool or x.is_complex():
+        raise not_numeric(name, x.dtype)
+    return x.to(device=device, dtype=wdt)
+
+
+def _out_dtype(values, initial_distance):
+    """The host path's rule: float32 values give float32 unless ``initial_distance`` is
+    float64; float64 and integers give float64; float16/bfloat16 give float32."""
+    torch = _torch()
+
+    def kind(x):
+        if x is None:
+            return None
+        dt = x.dtype if is_torch(x) else np.asarray(x).dtype
+        if dt in (torch.float32, torch.float16, torch.bfloat16, np.float32, np.float16):
+            return "f32"
+        return "f64"
+
+    if kind(values) == "f32" and kind(initial_distance) != "f64":
+        return torch.float32
+    return torch.float64
+
+
+def _offsets_tensor(offsets, device):
+    """Offsets as int64 on ``device``. Tensors (any device) are checked later with the other
+    device-side checks; host data is checked here, on the host."""
+    torch = _torch()
+    if is_torch(offsets):
+        o = offsets
+        if o.ndim != 1 or o.shape[0] == 0:
+            raise offsets_shape(o.shape)
+        if o.is_floating_point() or o.dtype == torch.bool or o.is_complex():
+            raise offsets_dtype(o.dtype)
+        return o.to(device=device, dtype=torch.int64), None
+    host = check_offsets(offsets)
+    return torch.from_numpy(host).to(device), host
+
+
+def _group_tensor(group, n_traj, device, ngroups):
+    """Group codes int64 on ``device``, their count, and whether the codes still need the
+    device-side range check.
+
+    Tensors: codes as given when ``ngroups`` is passed, else ``torch.unique`` (one sync).
+    Host labels: factorized on the host (or range-checked there when ``ngroups`` is given).
+    """
+    torch = _torch()
+    if is_torch(group):
+        if group.ndim != 1 or group.shape[0] != n_traj:
+            raise group_length(n_traj, group.shape)
+        if ngroups is not None:
+            if group.is_floating_point() or group.dtype == torch.bool or group.is_complex():
+                raise codes_not_integer(group.dtype)
+            return group.to(device=device, dtype=torch.int64), int(ngroups), True
+        if group.is_floating_point():
+            bad = (~torch.isfinite(group)).nonzero()
+            if bad.numel():
+                raise label_not_finite("group", int(bad[0, 0]))
+        uniq, codes = torch.unique(group, return_inverse=True)
+        return codes.to(device=device, dtype=torch.int64), int(uniq.shape[0]), False
+    if ngroups is not None:
+        g = np.asarray(group)
+        if g.ndim != 1 or len(g) != n_traj:
+            raise group_length(n_traj, g.shape)
+        if g.dtype.kind not in "iu":
+            raise codes_not_integer(g.dtype)
+        bad = np.flatnonzero((g < 0) | (g >= ngroups))
+        if bad.size:
+            raise code_out_of_range(int(bad[0]), g[bad[0]], int(ngroups))
+        return torch.from_numpy(g.astype(np.int64)).to(device), int(ngroups), False
+    codes, ng = group_codes(group, n_traj)
+    return torch.from_numpy(codes).to(device), ng, False
+
+
+def _first_index(bad):
+    """Index of the first True in ``bad`` as a 0-d tensor (``len(bad)`` when none); no sync."""
+    torch = _torch()
+    n = bad.shape[0]
+    if not n:
+        return torch.zeros((), dtype=torch.int64, device=bad.device)
+    idx = torch.arange(n, dtype=torch.int64, device=bad.device)
+    return torch.where(bad, idx, n).min()
+
+
+class _Check(NamedTuple):
+    """A device-side check: ``value`` (0-d tensor) equals ``ok`` unless it failed, and
+    ``fail(value)`` raises the rule's error."""
+
+    value: Any
+    ok: int
+    fail: Any
+
+
+def _value_checks(v, name, d0, distances):
+    def finite(x, col):
+        def fail(i):
+            raise not_finite(col, i, float(x[i].cpu()))
+        return _Check(_first_index(~_torch().isfinite(x)), x.shape[0], fail)
+
+    def nonneg(x, col):
+        def fail(i):
+            raise negative_distance(col, i, float(x[i].cpu()))
+        return _Check(_first_index(x < 0), x.shape[0], fail)
+
+    checks = [finite(v, name)]
+    if distances:
+        checks.append(nonneg(v, name))
+    if d0 is not None:
+        checks += [finite(d0, "initial_distance"), nonneg(d0, "initial_distance")]
+    return checks
+
+
+def _offsets_checks(o, lengths, n_rows):
+    n_traj = lengths.shape[0]
+
+    def start_fail(v):
+        raise offsets_start(v)
+
+    def step_fail(i):
+        raise empty_trajectory(i, int(lengths[i].cpu()))
+
+    def end_fail(v):
+        raise offsets_end(v, n_rows, n_traj)
+
+    return [_Check(o[0], 0, start_fail),
+            _Check(_first_index(lengths <= 0), n_traj, step_fail),
+            _Check(o[-1], n_rows, end_fail)]
+
+
+def _group_checks(g, ngroups):
+    def fail(i):
+        raise code_out_of_range(i, int(g[i].cpu()), ngroups)
+    return [_Check(_first_index((g < 0) | (g >= ngroups)), g.shape[0], fail)]
+
+
+def _run_device_checks(checks, lengths, measure_max_turns):
+    """Evaluate every device-side check with one host copy; raise on the first failure.
+    Returns the longest trajectory when ``measure_max_turns``."""
+    torch = _torch()
+    scalars = [c.value for c in checks]
+    if measure_max_turns:
+        scalars.append(lengths.max() if lengths.numel() else
+                       torch.ones((), dtype=torch.int64, device=lengths.device))
+    if not scalars:
+        return None
+    got = torch.stack([s.to(torch.int64) for s in scalars]).tolist()  # the one sync
+    for check, v in zip(checks, got):
+        if v != check.ok:
+            check.fail(v)
+    return got[-1] if measure_max_turns else None
+
+
+def torch_inputs(plan, offsets, group, distance, initial_distance, reward, *, ngroups=None,
+                 max_turns=None, validate=True) -> TorchInputs:
+    """Check and convert torch input for ``plan``; computation happens on the values' device.
+
+    ``ngroups``: with ``group`` an int64 tensor of codes ``0 .. ngroups-1``, skips
+    factorizing. ``max_turns``: an upper bound on trajectory length (skips measuring it).
+    ``validate=False`` skips the device-side checks (finite values, non-negative distances,
+    offsets, codes in range, ``max_turns`` large enough) and their sync: bad input then gives
+    wrong numbers or a device-side assertion, not an error.
+    """
+    torch = _torch()
+    values_in = reward if reward is not None else distance
+    if reward is not None and (distance is not None or initial_distance is not None):
+        raise exclusive_inputs()
+    if values_in is None:
+        raise values_required()
+    if plan.reward == "idr" and reward is None and initial_distance is None:
+        raise initial_distance_required()
+    tensors = [x for x in (values_in, initial_distance, offsets) if is_torch(x)]
+    device = values_in.device if is_torch(values_in) else (
+        tensors[0].device if tensors else torch.device("cpu"))
+    wdt = work_dtype(device)
+    out_dt = _out_dtype(values_in, initial_distance if reward is None else None)
+
+    o, host_offsets = _offsets_tensor(offsets, device)
+    n_traj = o.shape[0] - 1
+    vname = "reward" if reward is not None else "distance"
+    v = _values_tensor(values_in, vname, None, device, wdt)
+    n_rows = v.shape[0]
+    if host_offsets is not None and int(host_offsets[-1]) != n_rows:
+        raise wrong_length(vname, int(host_offsets[-1]), (n_rows,))
+    d0 = None
+    if initial_distance is not None and reward is None:
+        d0 = _values_tensor(initial_distance, "initial_distance", n_traj, device, wdt)
+    g, ng, device_codes = _group_tensor(group, n_traj, device, ngroups)
+    if ngroups is not None and int(ngroups) < 1 and n_traj > 0:
+        raise MicaInputError(f"ngroups must be >= 1; got {ngroups}", column="group",
+                             rule="codes in range")
+
+    lengths = o[1:] - o[:-1]
+    if host_offsets is not None:
+        diffs = np.diff(host_offsets)
+        longest = int(diffs.max()) if diffs.size else 1
+        if max_turns is None:
+            max_turns = longest
+        elif validate and longest > int(max_turns):
+            i = int(np.flatnonzero(diffs > int(max_turns))[0])
+            raise too_many_turns(i, int(diffs[i]), int(max_turns))
+    checks = []
+    if validate:
+        checks = _value_checks(v, vname, d0, reward is None)
+        if host_offsets is None:
+            checks += _offsets_checks(o, lengths, n_rows)
+            if max_turns is not None:
+                mt = int(max_turns)
+
+                def fail(i, mt=mt):
+                    raise too_many_turns(i, None, mt)
+                checks.append(_Check(_first_index(lengths > mt), n_traj, fail))
+        if device_codes:
+            checks += _group_checks(g, ng)
+    measured = _run_device_checks(checks, lengths, max_turns is None)
+    if max_turns is None:
+        max_turns = measured
+    if reward is not None:
+        return TorchInputs(o, g, ng, max(int(max_turns), 1), None, None, v, out_dt)
+    return TorchInputs(o, g, ng, max(int(max_turns), 1), v, d0, None, out_dt)
