@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-main test-verl test-fast bench clean
+.PHONY: setup demo test test-main test-verl test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ test-main: $(STAMP)
 
 test-verl:
 	bash scripts/test-verl.sh
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m "not slow"

@@ -14,7 +14,7 @@ from ._fused import run_fused
 try:
     import numba
 except ImportError as exc:  # pragma: no cover - exercised only without numba installed
-    raise ImportError("backend='numba' needs numba: pip install 'mica[numba]' (or use "
+    raise ImportError("backend='numba' needs numba: pip install 'mica-credit[numba]' (or use "
                       "backend='cython')") from exc
 
 from . import _numba

@@ -36,9 +36,9 @@ def sample_rollouts(n_groups=4, rollouts=6, max_turns=12, seed=0) -> pa.Table:
 
 
 def main(argv=None) -> int:
-    import mica_core as mc
     import pyarrow.parquet as pq
 
+    import mica_core as mc
     from mica_core.atomic import atomic_path
 
     argv = sys.argv[1:] if argv is None else argv

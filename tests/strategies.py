@@ -10,9 +10,10 @@ from typing import NamedTuple
 
 import numpy as np
 from hypothesis import strategies as st
-from naive import PRESETS
 
 from mica_core.estimators import Component, Estimator
+
+from naive import PRESETS
 
 
 class Batch(NamedTuple):

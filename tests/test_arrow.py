@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mica_core as mc
-from naive import flat, naive_estimate
+
+from naive import naive_estimate
 
 
 def batch(seed=0, n_groups=5, per_group=4, max_len=6):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from naive import flat, naive_estimate
 from strategies import ESTIMATORS, Batch, any_options, estimator_of, grid_options, ragged_batches
 

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 
 import mica_core as mc
+
 from strategies import ragged_batches
 
 

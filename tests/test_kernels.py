@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import ESTIMATORS, estimator_of
 
 import mica_core as mc
 from mica_core import _autoselect
 from mica_core.estimators import resolve
 from mica_core.validate import make_ragged
+
+from strategies import ESTIMATORS, estimator_of
 
 try:
     import numba  # noqa: F401

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import mica_core as mc
+
 from naive import flat, naive_estimate
 
 PRESETS = ["mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",

@@ -7,6 +7,7 @@ import pytest
 
 import mica_core as mc
 from mica_core.normalize import bucket_zscore
+
 from naive import zscore
 
 

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from naive import PRESETS, flat, naive_estimate
-from strategies import grid_options, ragged_batches
-
 import mica_core as mc
 from mica_core import _backend_torch as tb
+
+from naive import PRESETS, flat, naive_estimate
+from strategies import grid_options, ragged_batches
 
 PRESET_NAMES = sorted(PRESETS)
 CUDA = torch.cuda.is_available()
