@@ -295,6 +295,10 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
                      column="turn_distances", row_offset=0):
     """Spread per-turn advantages over the tokens of each completion's turns.
 
+    ``A[b, j] = a[b, k]`` when token ``j`` of completion ``b`` belongs to its turn ``k``
+    (``loss_mask[b, j] != 0``), else ``0``. This is the tensor TRL's loss multiplies with its
+    per-token ratios, in place of the per-completion ``advantages.unsqueeze(1)``.
+
     Args:
       turn_advantage: flat ``[n_turns]`` (numpy or torch), completion 0's turns first.
       counts: int ``[B]`` turns per completion (the per-turn signal's lengths).
