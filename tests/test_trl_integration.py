@@ -47,6 +47,16 @@ def _quiet(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # A 64-wide model gains nothing from intra-op threads, and on a busy 2-core machine
+    # spinning threads made each training run several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(tokenizer):
     from mica_train.tiny import TinyModelConfig, build_tiny_model
 
