@@ -1,0 +1,198 @@
+"""``MicaGRPOTrainer`` and ``MicaGRPOConfig``: the TRL classes of :mod:`mica_core.integrations.trl`.
+
+Imported on first access of those names (this module imports TRL). The two override points in
+TRL's ``GRPOTrainer`` (read in TRL 1.16's ``trl/trainer/grpo_trainer.py``):
+
+- ``_calculate_rewards(inputs, prompts, completions, completion_ids_list)``: where TRL hands
+  reward functions their view of the batch (input columns with the rollout's extra fields
+  merged in, ``environments``). Here the per-turn signal fields are read (and
+  ``turn_signals_func`` called with the same arguments), gathered across processes as TRL
+  gathers rewards (a group's completions may sit on several processes), and mica's per-turn
+  advantages computed for the whole generation batch. TRL's reward functions then run as usual.
+- ``_generate_and_score_completions(inputs)``: TRL's output dict holds ``advantages [B]``;
+  they are replaced by mica's ``[B, L]`` token advantages, spread over the turns of
+  ``completion_mask * tool_mask``. TRL's ``_compute_loss`` uses ``[B, L]`` advantages as they
+  are (it unsqueezes only 1-D ones), and its buffering (``steps_per_generation``,
+  ``num_iterations``) shuffles and splits them with the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from accelerate.utils import gather_object
+from trl import GRPOConfig, GRPOTrainer
+
+from .. import estimate, trajectory_outcome
+from .._errors import MicaInputError
+from ._trl_signals import (
+    FIELDS,
+    MICA_DEFAULTS,
+    collect_turn_signals,
+    mica_options,
+    token_advantages,
+)
+
+__all__ = ["MicaGRPOConfig", "MicaGRPOTrainer"]
+
+D = MICA_DEFAULTS
+
+
+@dataclass
+class MicaGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus mica's estimator options (``mica_*``); see docs/trl.md.
+
+    TRL's own options keep their meaning. ``scale_rewards`` sets mica's ``scale`` unless
+    ``mica_scale`` is given; TRL's reward normalization (``multi_objective_aggregation``,
+    ``reward_weights``) applies only to the reward functions TRL logs, not to the advantages.
+    """
+
+    mica_estimator: str = field(default=D["mica_estimator"], metadata={
+        "help": "mica estimator (registry name): mica, mica_turn, mica_group, mica_adr, mapo, "
+                "grpo, reinforce_pp, reinforce_pp_idr, mica_group_adr, or one registered with "
+                "mica_core.register_estimator."})
+    mica_gamma: float | None = field(default=D["mica_gamma"], metadata={
+        "help": "Discount of the per-turn return; None takes the preset's (0.85; grpo and "
+                "reinforce_pp: 1.0)."})
+    mica_weight: float = field(default=D["mica_weight"], metadata={
+        "help": "w of the two-component presets (mica, mica_adr, mapo)."})
+    mica_eps: float = field(default=D["mica_eps"], metadata={
+        "help": "Added to the std in every z-score (TRL's GRPO adds 1e-4)."})
+    mica_ddof: int = field(default=D["mica_ddof"], metadata={
+        "help": "Delta degrees of freedom of the std (1, as TRL's nanstd)."})
+    mica_baseline: str = field(default=D["mica_baseline"], metadata={
+        "help": "'mean' or 'loo' (leave-one-out mean of the others)."})
+    mica_scale: str | None = field(default=D["mica_scale"], metadata={
+        "help": "'std' or 'none'; None follows scale_rewards ('group' -> 'std', 'none' -> "
+                "'none'; 'batch' is refused)."})
+    mica_singleton: str = field(default=D["mica_singleton"], metadata={
+        "help": "A normalization bucket of one element: 'zero' or 'raw' (the value itself)."})
+    mica_state_weights: list[float] | None = field(default=D["mica_state_weights"], metadata={
+        "help": "Axis weights of distance_from_state for turn_states (default all ones)."})
+    mica_state_epsilon: float = field(default=D["mica_state_epsilon"], metadata={
+        "help": "Zone width of distance_from_state's hinge for turn_states."})
+    mica_state_kind: str = field(default=D["mica_state_kind"], metadata={
+        "help": "'hinge' (EMPA's zone hinge) or 'norm' for turn_states."})
+
+
+class MicaGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` with mica's per-turn advantages on each turn's tokens.
+
+    Takes every argument of ``GRPOTrainer`` plus ``turn_signals_func``; ``args`` may be a
+    :class:`MicaGRPOConfig` (mica's options) or a plain ``GRPOConfig`` (mica's defaults).
+
+    Args:
+      turn_signals_func: optional, called once per generation batch on each process with TRL's
+        reward-function arguments (``prompts``, ``completions``, ``completion_ids``, every input
+        column including the rollout's extra fields, ``trainer_state`` and, with an
+        ``environment_factory``, ``environments``); returns ``{field: list with one entry per
+        completion}`` with the fields of :mod:`mica_core.integrations.trl`. Its fields win over
+        input columns of the same name.
+      reward_funcs: as in TRL; they are evaluated and logged but do not enter the advantages.
+        When omitted, ``mica_outcome`` (each completion's sum of mica turn rewards, i.e.
+        ``D_{-1} - D_{T-1}`` under IDR) is logged as the reward.
+
+    Per-token advantages: float32 ``[B, L]`` in the output of
+    ``_generate_and_score_completions`` under ``"advantages"``, which TRL's loss multiplies
+    with its per-token ratios.
+    """
+
+    def __init__(self, model, reward_funcs=None, args=None, *more, turn_signals_func=None,
+                 **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(
+                getattr(model, "config", None), "_name_or_path", "") or "model"
+            args = MicaGRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
+        self.mica_options = mica_options(args)
+        self.turn_signals_func = turn_signals_func
+        self._mica_batch = None
+        if reward_funcs is None:
+            reward_funcs = [self._outcome_reward_func()]
+        super().__init__(model, reward_funcs, args, *more, **kwargs)
+
+    def _outcome_reward_func(self):
+        trainer = self
+
+        def mica_outcome(prompts, completions, **kwargs):
+            batch = trainer._mica_batch
+            return batch["outcome"][batch["rows"]].tolist()
+
+        return mica_outcome
+
+    def _turn_signal_fields(self, inputs, prompts, completions, completion_ids_list):
+        """Signal fields of this process's completions: input columns, then the function's."""
+        fields = {k: [x.get(k) for x in inputs] for k in FIELDS if any(k in x for x in inputs)}
+        if self.turn_signals_func is None:
+            return fields
+        skip = ("prompt", "completion", "completion_ids")
+        kwargs = {k: [x.get(k) for x in inputs] for k in inputs[0] if k not in skip}
+        kwargs["trainer_state"] = self.state
+        if getattr(self, "environments", None) is not None:
+            kwargs["environments"] = self.environments
+        out = self.turn_signals_func(prompts=prompts, completions=completions,
+                                     completion_ids=completion_ids_list, **kwargs)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"turn_signals_func must return a dict of fields; got "
+                            f"{type(out).__name__}")
+        for key, values in out.items():
+            if key not in FIELDS:
+                raise MicaInputError(f"turn_signals_func returned an unknown field; known: "
+                                     f"{', '.join(FIELDS)}", column=key, rule="known field")
+            if values is not None and len(values) != len(prompts):
+                raise MicaInputError(f"turn_signals_func returned {len(values)} entries for "
+                                     f"{len(prompts)} completions", column=key,
+                                     rule="one entry per completion")
+        fields.update({k: v for k, v in out.items() if v is not None})
+        return fields
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        local = self._turn_signal_fields(inputs, prompts, completions, completion_ids_list)
+        rows = gather_object([{k: v[i] for k, v in local.items()} for i in range(len(prompts))])
+        fields = {k: [r.get(k) for r in rows] for k in FIELDS if any(k in r for r in rows)}
+        state = {key[len("mica_state_"):]: getattr(self.args, key, MICA_DEFAULTS[key])
+                 for key in ("mica_state_weights", "mica_state_epsilon", "mica_state_kind")}
+        signals = collect_turn_signals(fields, len(rows), state_weights=state["weights"],
+                                       state_epsilon=state["epsilon"], state_kind=state["kind"])
+        options = dict(self.mica_options)
+        group = np.arange(len(rows)) // group_size  # TRL's groups: consecutive completions
+        result = estimate(signals.offsets, group, estimator=options.pop("estimator"),
+                          **signals.estimate_inputs(), **options)
+        start = self.accelerator.process_index * len(prompts)
+        self._mica_batch = {
+            "signals": signals,
+            "result": result,
+            "outcome": trajectory_outcome(signals.offsets, result.reward),
+            "rows": slice(start, start + len(prompts)),
+        }
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        batch, self._mica_batch = self._mica_batch, None
+        signals, result, rows = batch["signals"], batch["result"], batch["rows"]
+        offsets = signals.offsets
+        completion_mask = output["completion_mask"]
+        loss_mask = completion_mask
+        if output.get("tool_mask") is not None:
+            loss_mask = completion_mask * output["tool_mask"]
+        skip = (completion_mask.sum(1) == 0) if self.mask_truncated_completions else None
+        output["advantages"] = token_advantages(
+            result.advantage[offsets[rows.start]:offsets[rows.stop]],
+            signals.counts[rows], loss_mask,
+            turn_starts=None if signals.turn_starts is None else signals.turn_starts[rows],
+            skip_rows=skip, column=signals.source, row_offset=rows.start)
+
+        # TRL logged one advantage per completion; log mica's, one per turn.
+        n = len(signals.counts)
+        logged = self._logs["advantages"]
+        for _ in range(min(n, len(logged))):
+            logged.pop()
+        logged.extend(result.advantage[offsets[b]:offsets[b + 1]].tolist() for b in range(n))
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["mica/turns/mean"].append(float(signals.counts.mean()))
+        self._metrics[mode]["mica/outcome/mean"].append(float(batch["outcome"].mean()))
+        return output
