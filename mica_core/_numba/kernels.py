@@ -34,9 +34,9 @@ def ragged_incremental_distance_reward(offsets, distance, initial_distance, out)
     (:func:`mica_core.signals.incremental_distance_reward`)."""
     for i in prange(offsets.shape[0] - 1):
         a, b = offsets[i], offsets[i + 1]
-        out[a] = np.float64(initial_distance[i]) - np.float64(distance[a])
+        out[a] = float(initial_distance[i]) - float(distance[a])
         for k in range(a + 1, b):
-            out[k] = np.float64(distance[k - 1]) - np.float64(distance[k])
+            out[k] = float(distance[k - 1]) - float(distance[k])
 
 
 @jit(parallel=True)
@@ -73,32 +73,33 @@ def ragged_outcome_returns(offsets, outcome, gamma, out):
 
 
 @jit
-def _bucket_sum(values, labels, nbuckets):
-    out = np.zeros(nbuckets)
-    for k in range(values.shape[0]):
-        out[labels[k]] += values[k]
-    return out
-
-
-@jit
 def bucket_zscore(x, labels, nbuckets, loo, scale_std, ddof, eps, singleton_raw, out):
     """z of every element within its bucket (:func:`mica_core.normalize.bucket_zscore`):
     the corrected two-pass moments, leave-one-out as ``n/(n-1) (x - mean)``, singletons 0 or
-    raw."""
+    raw. Bucket sums run in row order, as ``numpy.bincount``'s."""
     n = x.shape[0]
     count = np.zeros(nbuckets)
+    total = np.zeros(nbuckets)
     for k in range(n):
         count[labels[k]] += 1.0
-    safe = np.where(count > 0, count, 1.0)
-    mean0 = _bucket_sum(x, labels, nbuckets) / safe
-    d = np.empty(n)
+        total[labels[k]] += x[k]
+    safe = np.empty(nbuckets)
+    mean0 = np.empty(nbuckets)
+    for b in range(nbuckets):
+        safe[b] = count[b] if count[b] > 0 else 1.0
+        mean0[b] = total[b] / safe[b]
+    c = np.zeros(nbuckets)
+    q = np.zeros(nbuckets)
     for k in range(n):
-        d[k] = x[k] - mean0[labels[k]]
-    c = _bucket_sum(d, labels, nbuckets)
-    m2 = _bucket_sum(d * d, labels, nbuckets) - c * c / safe
-    m2 = np.maximum(m2, 0.0)
-    shift = c / safe
-    std = np.sqrt(m2 / np.where(count - ddof > 0, count - ddof, 1.0))
+        d = x[k] - mean0[labels[k]]
+        c[labels[k]] += d
+        q[labels[k]] += d * d
+    shift = np.empty(nbuckets)
+    std = np.empty(nbuckets)
+    for b in range(nbuckets):
+        m2 = max(q[b] - c[b] * c[b] / safe[b], 0.0)
+        shift[b] = c[b] / safe[b]
+        std[b] = np.sqrt(m2 / (count[b] - ddof if count[b] - ddof > 0 else 1.0))
     for k in range(n):
         b = labels[k]
         nb = count[b]
