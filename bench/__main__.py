@@ -1,29 +1,31 @@
-"""Micro-benchmarks of mica_core on the CPU: every backend on every preset, the baselines a
-user would otherwise write, the memory floor, peak memory and the Numba start-up cost.
+"""Micro-benchmarks of mica_core on the CPU: every backend on every preset, against the
+memory floor, the API at training-batch size, the baselines a user would otherwise write,
+peak memory, first calls in a new process, and the command line on a large Parquet file.
 
     make bench                       # = python -m bench: the full run (10M turns; minutes)
     python -m bench --quick          # small sizes, few repeats: a smoke test (seconds)
     python -m bench --turns 2000000 --repeats 9 --sections kernels,baselines
-    python -m bench --sections threshold    # Cython vs parallel Numba: backend="auto"'s switch
+    python -m bench --sections threshold    # 1 vs all threads: the parallel threshold
 
 Batches (bench/data.py): groups of 8 rollouts, lengths uniform in 1..45 (``uniform``) or
 log-normal with the same mean (``skewed``); rollouts of a group adjacent (``contiguous``) or
 permuted so the groups interleave (``shuffled``); float64 distances unless ``--dtype``.
 
-Everything runs in one process. Each case is warmed up (JIT compiled or loaded from the
-cache, caches filled), then timed ``--repeats`` times; the table shows medians. Ratios:
+Everything runs in one process (first calls and the command line in new ones). Each case is
+warmed up, then timed ``--repeats`` times; the table shows medians. Ratios:
 
-- kernels: the time of ``backend.run`` (outputs preallocated, as ``estimate`` hands them
-  over) divided by the memory floor of the same batch: one ``np.copyto`` of the distance
-  column into each of the three float64 output arrays;
+- kernels: the time of ``run_plan`` on validated input, allocating its three outputs as
+  ``estimate`` does, divided by the floor measured in the same run on the same number of
+  threads: allocating three fresh float64 arrays of the batch's length and writing them;
 - baselines: baseline time divided by mica's ``estimate`` (``backend="auto"``) on the same
-  batch, after checking that the baseline's reward, return and advantage equal mica's.
+  batch, after checking that the baseline's reward, return and advantage equal mica's;
+- cli: ``mica advantages`` on a Parquet file divided by pyarrow reading the columns mica reads
+  and writing three float64 columns of the same length.
 
-Sections: ``kernels``, ``api`` (``estimate`` from numpy arrays, ``compute_advantages`` from
-Arrow tables), ``baselines``, ``memory`` (extra peak memory of ``estimate``), ``firstcall``
-(a new process's first Numba call, cache warm), ``threshold``. Results, with the machine's
-description and load, go to ``bench/results/<name>.json`` (``--out``), and the targets of
-docs/performance.md are evaluated at the end (only on a full-size run).
+Sections: ``kernels``, ``api``, ``baselines``, ``memory``, ``firstcall``, ``cli``,
+``threshold``. Results, with the machine's description and load, go to
+``bench/results/<name>.json`` (``--out``); the targets of docs/performance.md are evaluated
+at the end (only on a full-size run).
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ import time
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "threshold")
+SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "cli", "threshold")
 PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
-           "reinforce_pp_idr")
+           "reinforce_pp_idr", "mica_group_adr")
 SMALL_GROUPS = 64  # 64 groups of 8 rollouts: about 12k turns
 LAYOUTS = (("uniform", "contiguous"), ("skewed", "contiguous"), ("uniform", "shuffled"))
 
@@ -128,33 +130,60 @@ class Runner:
         self.cases.append(record)
         return record
 
+    def threads(self):
+        """Threads a parallel case uses: every core available to the process."""
+        from mica_core._autoselect import available_threads
+
+        return available_threads()
+
     def numba_threads(self):
         return self._numba.config.NUMBA_NUM_THREADS if self._numba else 0
 
     def kernel_backends(self):
-        out = [("numpy", None), ("cython", None)]
+        out = [("numpy", None), ("cython", 1)]
+        if self.threads() > 1:
+            out.append(("cython", self.threads()))
         if self._numba:
             out.append(("numba", 1))
             if self.numba_threads() > 1:
                 out.append(("numba", self.numba_threads()))
         return out
 
-    def run_kernel(self, backend, threads, plan, ragged, b, outs):
+    def run_kernel(self, backend, threads, plan, ragged, b, outs=None):
+        """``run_plan`` on validated input; fresh outputs unless ``outs`` is given."""
         from mica_core.api import run_plan
 
         return lambda: run_plan(plan, ragged, b.distance, b.initial_distance, None, backend,
                                 out=outs, num_threads=threads)
 
-    def floor(self, size, b):
+    def floor(self, size, b, threads=1):
+        """Allocate three fresh float64 arrays of ``b.n_turns`` and write them, on ``threads``
+        threads (each writes its share of every array): what any estimator's outputs cost."""
         np = self.np
-        outs = [np.empty(b.n_turns) for _ in range(3)]
+        n = b.n_turns
+        pool = None
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-        def copy():
-            for o in outs:
-                np.copyto(o, b.distance)
+            pool = ThreadPoolExecutor(threads)
+            bounds = np.linspace(0, n, threads + 1).astype(np.int64)
 
-        return self.timed(copy, size, section="floor", name="memory floor", turns=b.n_turns,
-                          lengths=b.lengths, layout=b.layout)
+        def fresh():
+            outs = [np.empty(n) for _ in range(3)]
+            if pool is None:
+                for o in outs:
+                    o.fill(1.0)
+            else:  # numpy's fill releases the GIL: the threads write in parallel
+                list(pool.map(lambda k: [o[bounds[k]:bounds[k + 1]].fill(1.0) for o in outs],
+                              range(threads)))
+            return outs
+
+        try:
+            return self.timed(fresh, size, section="floor", name="memory floor", turns=n,
+                              lengths=b.lengths, layout=b.layout, threads=threads)
+        finally:
+            if pool is not None:
+                pool.shutdown()
 
     # ------------------------------------------------------------------ sections
 
@@ -162,36 +191,39 @@ class Runner:
         from mica_core.estimators import resolve
         from mica_core.validate import make_ragged
 
-        np = self.np
         for size in ("small", "large"):
             for lengths, layout in LAYOUTS:
                 b = self.batch(size, lengths, layout)
                 ragged = make_ragged(b.offsets, b.group)
-                floor = self.floor(size, b)["median_s"]
-                outs = [np.empty(b.n_turns) for _ in range(3)]
+                floors = {t: self.floor(size, b, t)["median_s"]
+                          for t in sorted({1, self.threads()})}
                 for backend, threads in self.kernel_backends():
                     if backend == "numpy" and size == "large" and layout != "contiguous":
                         continue  # the reference backend: timed on the main layout only
                     for preset in self.args.presets:
                         plan = resolve(preset, reward_given=False)
-                        rec = self.timed(self.run_kernel(backend, threads, plan, ragged, b,
-                                                         outs), size, section="kernels",
-                                         name=preset, backend=backend, threads=threads,
-                                         turns=b.n_turns, lengths=lengths, layout=layout)
-                        rec["x_floor"] = rec["median_s"] / floor
+                        rec = self.timed(self.run_kernel(backend, threads, plan, ragged, b),
+                                         size, section="kernels", name=preset,
+                                         backend=backend, threads=threads, turns=b.n_turns,
+                                         lengths=lengths, layout=layout)
+                        rec["x_floor"] = rec["median_s"] / floors.get(threads or 1, floors[1])
 
     def api(self):
         from bench.data import long_table
 
-        mc = self.mc
+        np, mc = self.np, self.mc
         for size in ("small", "large"):
             b = self.batch(size)
-            backends = ["auto", "cython"] + (["numba"] if self._numba else [])
-            for backend in backends:
+            for backend in ["auto", "cython"] + (["numba"] if self._numba else []):
                 self.timed(partial(mc.estimate, b.offsets, b.group, distance=b.distance,
                                    initial_distance=b.initial_distance, backend=backend),
                            size, section="api", name="estimate(mica) from numpy",
                            backend=backend, turns=b.n_turns, layout="contiguous")
+            outs = tuple(np.empty(b.n_turns) for _ in range(3))
+            self.timed(partial(mc.estimate, b.offsets, b.group, distance=b.distance,
+                               initial_distance=b.initial_distance, out=outs),
+                       size, section="api", name="estimate(mica, out=) from numpy",
+                       backend="auto", turns=b.n_turns, layout="contiguous")
             for shuffle in (False, True):
                 table = long_table(b, shuffle_rows=shuffle, seed=self.args.seed)
                 self.timed(partial(mc.compute_advantages, table), size, section="api",
@@ -236,8 +268,7 @@ class Runner:
         np, mc = self.np, self.mc
         b = self.batch("large")
         out_bytes = 3 * b.n_turns * np.dtype(self.dtype).itemsize
-        backends = ["auto", "cython"] + (["numba"] if self._numba else [])
-        for backend in backends:
+        for backend in ["auto", "cython"] + (["numba"] if self._numba else []):
             mc.estimate(b.offsets, b.group, distance=b.distance,
                         initial_distance=b.initial_distance, backend=backend)  # warm
             peak = self.measure.extra_peak_bytes(
@@ -253,33 +284,106 @@ class Runner:
                                "x_outputs": extra / out_bytes})
 
     def firstcall(self):
-        if not self._numba:
-            return
+        """A new process's first call of every path ``backend="auto"`` can choose, on writable
+        numpy arrays and on read-only Arrow-backed ones: nothing may wait for a compiler."""
+        from mica_core._autoselect import PARALLEL_MIN_ROWS
+
         code = (
-            "import time, sys\n"
+            "import sys, time\n"
             "t0 = time.perf_counter()\n"
-            "import numpy as np, mica_core as mc\n"
+            "import numpy as np, pyarrow as pa, mica_core as mc\n"
+            "sys.path.insert(0, sys.argv[2])\n"
+            "from bench.data import long_table, make_batch\n"
             "t1 = time.perf_counter()\n"
-            "o = np.array([0, 2, 5]); d = np.array([1.0, 0.5, 2.0, 1.5, 1.0])\n"
-            "mc.estimate(o, [0, 0], distance=d, initial_distance=np.array([2.0, 2.5]),"
-            " backend='numba')\n"
+            "b = make_batch(int(sys.argv[3]))\n"
+            "path = sys.argv[1]\n"
+            "if path == 'numpy':\n"
+            "    args = (b.offsets, b.group, b.distance, b.initial_distance)\n"
+            "else:\n"
+            "    t = long_table(b)\n"
+            "if path == 'arrow_readonly_numpy':\n"
+            "    cols = [t[c].to_numpy() for c in ('distance',)]\n"
+            "    assert not cols[0].flags.writeable\n"
+            "    args = (b.offsets, b.group, cols[0], b.initial_distance)\n"
             "t2 = time.perf_counter()\n"
-            "print(t1 - t0, t2 - t1)\n")
+            "if path == 'compute_advantages':\n"
+            "    mc.compute_advantages(t)\n"
+            "else:\n"
+            "    mc.estimate(args[0], args[1], distance=args[2], initial_distance=args[3])\n"
+            "t3 = time.perf_counter()\n"
+            "print(t1 - t0, t3 - t2)\n")
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        runs = []
-        for _ in range(2 if self.args.quick else 4):  # the first may compile (cold cache)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 env=env, cwd=ROOT, check=True)
-            imp, first = map(float, out.stdout.split())
-            runs.append({"import_mica_core_s": imp, "first_numba_call_s": first})
-        warm = runs[1:]
-        self.cases.append({"section": "firstcall", "name": "new process: first numba call",
-                               "backend": "numba", "cold": runs[0], "warm": warm,
-                               "median_s": sorted(r["first_numba_call_s"] for r in warm)[len(warm) // 2]})
+        small, large = 12_000, (PARALLEL_MIN_ROWS * 2 if not self.args.quick else 20_000)
+        for path in ("numpy", "arrow_readonly_numpy", "compute_advantages"):
+            for turns in (small, large):
+                out = subprocess.run([sys.executable, "-c", code, path, ROOT, str(turns)],
+                                     capture_output=True, text=True, env=env, cwd=ROOT,
+                                     check=True)
+                imp, first = map(float, out.stdout.split())
+                self.cases.append({"section": "firstcall", "name": f"first call: {path}",
+                                   "backend": "auto", "turns": turns,
+                                   "import_s": imp, "median_s": first})
+
+    def cli(self):
+        """``mica advantages`` on a Parquet file of the large batch, against pyarrow reading the
+        columns it reads and writing three float64 columns; peak resident memory of each."""
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        from bench.data import long_table
+
+        b = self.batch("large")
+        tmp = tempfile.mkdtemp(prefix="mica-bench-")
+        src = os.path.join(tmp, "in.parquet")
+        pq.write_table(long_table(b), src)
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        mica_code = ("import resource, sys, time\n"
+                     "from mica_core.cli import main\n"
+                     "t = time.perf_counter()\n"
+                     "rc = main(['advantages', sys.argv[1], sys.argv[2], '--force'])\n"
+                     "t = time.perf_counter() - t\n"
+                     "assert rc == 0\n"
+                     "print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+        arrow_code = ("import resource, sys, time\n"
+                      "import numpy as np, pyarrow as pa, pyarrow.parquet as pq\n"
+                      "t = time.perf_counter()\n"
+                      "cols = ['group_id', 'traj_id', 'turn', 'distance', 'initial_distance']\n"
+                      "tab = pq.read_table(sys.argv[1], columns=cols)\n"
+                      "n = tab.num_rows\n"
+                      "out = pa.table({k: np.full(n, 1.0) for k in "
+                      "('reward', 'return', 'advantage')})\n"
+                      "pq.write_table(out, sys.argv[2])\n"
+                      "t = time.perf_counter() - t\n"
+                      "print(t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+        try:
+            for name, code in (("mica advantages", mica_code), ("pyarrow read+write", arrow_code)):
+                times, peaks = [], []
+                for _ in range(max(2, min(self.args.repeats, 3))):
+                    out = subprocess.run([sys.executable, "-c", code, src,
+                                          os.path.join(tmp, "out.parquet")],
+                                         capture_output=True, text=True, env=env, cwd=tmp,
+                                         check=True)
+                    t, peak = out.stdout.split()
+                    times.append(float(t))
+                    peaks.append(int(peak))
+                times.sort()
+                self.cases.append({"section": "cli", "name": name, "turns": b.n_turns,
+                                   "median_s": times[len(times) // 2], "times_s": times,
+                                   "peak_rss_bytes": max(peaks),
+                                   "input_bytes": os.path.getsize(src)})
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        mica, arrow = (_find(self.cases, section="cli", name=n) for n in
+                       ("mica advantages", "pyarrow read+write"))
+        mica["x_pyarrow"] = mica["median_s"] / arrow["median_s"]
 
     def threshold(self):
-        """Cython vs all-thread Numba on ``mica`` at growing sizes: the crossover for auto."""
-        if not self._numba:
+        """The ``mica`` kernel on 1 thread and on all threads at growing sizes: where ``auto``
+        starts using threads."""
+        if self.threads() < 2:
             return
         from bench.data import make_batch
         from mica_core.estimators import resolve
@@ -295,19 +399,18 @@ class Runner:
             ragged = make_ragged(b.offsets, b.group)
             outs = [np.empty(b.n_turns) for _ in range(3)]
             row = {}
-            for backend, threads in (("cython", None), ("numba", self.numba_threads())):
-                fn = self.run_kernel(backend, threads, plan, ragged, b, outs)
+            for threads in (1, self.threads()):
+                fn = self.run_kernel("cython", threads, plan, ragged, b, outs)
                 fn()
                 t0 = time.perf_counter()
                 fn()
                 one = time.perf_counter() - t0
                 reps = self.measure.repeats_for(one, 0.05 if self.args.quick else 1.5, lo=3,
                                                 hi=2000)
-                row[backend] = self.measure.time_call(fn, repeats=reps, warmup=1)["median_s"]
+                row[threads] = self.measure.time_call(fn, repeats=reps, warmup=1)["median_s"]
             self.cases.append({"section": "threshold", "name": "mica kernel", "turns": b.n_turns,
-                                   "cython_s": row["cython"], "numba_s": row["numba"],
-                                   "numba_threads": self.numba_threads(),
-                                   "median_s": min(row.values())})
+                               "one_thread_s": row[1], "all_threads_s": row[self.threads()],
+                               "threads": self.threads(), "median_s": min(row.values())})
 
 
 # --------------------------------------------------------------------------- report
@@ -320,65 +423,48 @@ def _find(cases, **match):
     return None
 
 
-def evaluate_targets(cases, turns, numba_threads):
+def evaluate_targets(cases, turns, threads):
     """The targets of docs/performance.md, from a full-size run."""
     t = {}
 
-    def kern(backend, threads, layout="contiguous", lengths="uniform", name="mica"):
-        return _find(cases, section="kernels", name=name, backend=backend, threads=threads,
+    def kern(th, layout="contiguous", lengths="uniform", name="mica"):
+        return _find(cases, section="kernels", name=name, backend="cython", threads=th,
                      turns=turns, layout=layout, lengths=lengths)
 
-    cy = kern("cython", None)
-    nb1 = kern("numba", 1)
-    nb2 = kern("numba", numba_threads) if numba_threads > 1 else None
-    if cy:
-        t["mica_1_thread_cython_x_floor"] = {"value": cy["x_floor"], "target": 3.0,
-                                             "met": cy["x_floor"] <= 3.0}
-    if nb1:
-        t["mica_1_thread_numba_x_floor"] = {"value": nb1["x_floor"], "target": 3.0,
-                                            "met": nb1["x_floor"] <= 3.0}
-    if nb2:
-        t["mica_numba_2_threads_x_floor"] = {"value": nb2["x_floor"], "target": 2.0,
-                                             "met": nb2["x_floor"] <= 2.0}
-    shuffled = [c for c in (kern("cython", None, layout="shuffled"),
-                            kern("numba", numba_threads, layout="shuffled") if nb2 else None)
-                if c]
+    def target(name, case, key, goal, *, at_most=True, scale=1.0, **extra):
+        if case is None or case.get(key) is None:
+            return
+        v = case[key] * scale
+        t[name] = {"value": v, "target": goal, "met": v <= goal if at_most else v >= goal,
+                   **extra}
+
+    target("mica_1_thread_x_floor", kern(1), "x_floor", 1.5)
+    if threads > 1:
+        target(f"mica_{threads}_threads_x_floor", kern(threads), "x_floor", 1.5)
+    shuffled = [c for c in (kern(1, "shuffled"), kern(threads, "shuffled")) if c]
     if shuffled:
         best = min(shuffled, key=lambda c: c["x_floor"])
-        t["mica_shuffled_x_floor"] = {"value": best["x_floor"], "target": 10.0,
-                                      "met": best["x_floor"] <= 10.0,
-                                      "backend": best["backend"], "threads": best["threads"]}
-    for name in ("pandas_groupby", "polars_window"):
-        c = _find(cases, section="baselines", name=name, turns=turns)
-        if c:
-            t[f"speedup_vs_{name}"] = {"value": c["x_mica"], "target": 50.0,
-                                       "met": c["x_mica"] >= 50.0}
-    small = [c for c in cases if c.get("section") == "baselines" and c.get("name") ==
-             "python_loop" and c.get("turns") != turns]
-    if small:
-        c = small[0]
-        t["speedup_vs_python_loop_12k"] = {"value": c["x_mica"], "target": 500.0,
-                                           "met": c["x_mica"] >= 500.0, "turns": c["turns"]}
-    est = [c for c in cases if c.get("section") == "api" and c.get("backend") == "auto"
-           and c.get("name", "").startswith("estimate") and c.get("turns") != turns]
-    if est:
-        v = est[0]["median_s"] * 1e6
-        t["estimate_12k_us"] = {"value": v, "target": 100.0, "met": v <= 100.0,
-                                "turns": est[0]["turns"]}
-    arrow = [c for c in cases if c.get("section") == "api" and c.get("layout") ==
-             "sorted rows" and c.get("turns") != turns]
-    if arrow:
-        v = arrow[0]["median_s"] * 1e6
-        t["compute_advantages_12k_us"] = {"value": v, "target": 300.0, "met": v <= 300.0,
-                                          "turns": arrow[0]["turns"]}
-    mem = _find(cases, section="memory", backend="auto")
-    if mem and mem.get("x_outputs") is not None:
-        t["extra_peak_x_outputs"] = {"value": mem["x_outputs"], "target": 3.0,
-                                     "met": mem["x_outputs"] <= 3.0}
-    first = _find(cases, section="firstcall")
+        target("mica_shuffled_x_floor", best, "x_floor", 4.0, threads=best["threads"])
+
+    def small(name, **match):
+        found = [c for c in cases if c.get("section") == "api" and c.get("name") == name
+                 and c.get("turns") != turns and all(c.get(k) == v for k, v in match.items())]
+        return found[0] if found else None
+
+    target("estimate_12k_us", small("estimate(mica) from numpy", backend="auto"), "median_s",
+           50.0, scale=1e6)
+    target("estimate_out_12k_us", small("estimate(mica, out=) from numpy"), "median_s", 50.0,
+           scale=1e6)
+    target("compute_advantages_12k_us", small("compute_advantages(mica) from Arrow",
+                                              layout="sorted rows"), "median_s", 150.0,
+           scale=1e6)
+    first = [c for c in cases if c.get("section") == "firstcall"]
     if first:
-        t["first_numba_call_s"] = {"value": first["median_s"], "target": 1.0,
-                                   "met": first["median_s"] <= 1.0}
+        worst = max(first, key=lambda c: c["median_s"])
+        target("first_call_s", worst, "median_s", 2.0, path=worst["name"],
+               turns=worst["turns"])
+    target("cli_parquet_x_pyarrow", _find(cases, section="cli", name="mica advantages"),
+           "x_pyarrow", 2.0)
     return t
 
 
@@ -398,10 +484,12 @@ def print_table(result, file=sys.stdout):
     m = result["machine"]
     w(f"mica bench: {m['cpu']}, {m['cpus_usable']} usable cores, numba threads "
       f"{m.get('numba_threads')}, load {m.get('load_average_start')}\n")
-    sections = [("floor", "memory floor"), ("kernels", "kernels (backend.run, outputs given)"),
+    sections = [("floor", "memory floor: three fresh float64 arrays written"),
+                ("kernels", "kernels (run_plan, fresh outputs)"),
                 ("api", "API"), ("baselines", "baselines (mica: estimate, backend='auto')"),
-                ("memory", "peak memory"), ("firstcall", "first Numba call in a new process"),
-                ("threshold", "auto threshold: Cython vs parallel Numba, mica kernel")]
+                ("memory", "peak memory"), ("firstcall", "first call in a new process"),
+                ("cli", "command line on a Parquet file"),
+                ("threshold", "parallel threshold: the mica kernel on 1 and on all threads")]
     for key, title in sections:
         rows = [c for c in cases if c.get("section") == key]
         if not rows:
@@ -415,7 +503,7 @@ def print_table(result, file=sys.stdout):
                   f"  {c['x_floor']:6.2f}x floor\n")
             elif key == "floor":
                 w(f"  {c['turns']:>10,} {c['lengths']:>7} {c['layout']:>10}  "
-                  f"{_fmt_time(c['median_s'])}\n")
+                  f"@{c['threads']:<8} {_fmt_time(c['median_s'])}\n")
             elif key == "api":
                 w(f"  {c['turns']:>10,} {c['name']:<38} {c['backend']:<7} "
                   f"{c['layout']:<13}{_fmt_time(c['median_s'])}\n")
@@ -429,13 +517,16 @@ def print_table(result, file=sys.stdout):
                   f"{(rss or 0) / 2**20:.1f} MiB, traced "
                   f"{c['extra_peak_traced_bytes'] / 2**20:.1f} MiB\n")
             elif key == "firstcall":
-                warm = ", ".join(f"{r['first_numba_call_s']:.2f}" for r in c["warm"])
-                w(f"  cold cache {c['cold']['first_numba_call_s']:.2f} s; warm cache {warm} s "
-                  f"(import mica_core {c['warm'][0]['import_mica_core_s']:.2f} s)\n")
+                w(f"  {c['turns']:>10,} {c['name']:<40}{_fmt_time(c['median_s'])} "
+                  f"(imports {c['import_s']:.2f} s)\n")
+            elif key == "cli":
+                ratio = f"  {c['x_pyarrow']:.2f}x pyarrow" if "x_pyarrow" in c else ""
+                w(f"  {c['turns']:>10,} {c['name']:<20}{_fmt_time(c['median_s'])}  peak "
+                  f"{c['peak_rss_bytes'] / 2**20:,.0f} MiB{ratio}\n")
             elif key == "threshold":
-                faster = "numba" if c["numba_s"] < c["cython_s"] else "cython"
-                w(f"  {c['turns']:>10,}  cython{_fmt_time(c['cython_s'])}  "
-                  f"numba@{c['numba_threads']}{_fmt_time(c['numba_s'])}  -> {faster}\n")
+                faster = "threads" if c["all_threads_s"] < c["one_thread_s"] else "1 thread"
+                w(f"  {c['turns']:>10,}  1 thread{_fmt_time(c['one_thread_s'])}  "
+                  f"{c['threads']} threads{_fmt_time(c['all_threads_s'])}  -> {faster}\n")
     if result.get("targets"):
         w("\n== targets\n")
         for name, v in result["targets"].items():
@@ -461,23 +552,33 @@ def markdown_summary(result) -> str:
         lines += [result["note"], ""]
     if big:
         n = big[0]["turns"]
-        lines += [f"Kernels, {n:,} turns, float64 (median time; ratio to the memory floor):",
-                  "", "| preset | layout | cython | numba, 1 thread | numba, 2 threads |",
-                  "|---|---|---|---|---|"]
+        configs = [("cython", 1), ("cython", m.get("cpus_usable") or 2), ("numba", 1),
+                   ("numba", m.get("numba_threads") or 2), ("numpy", None)]
+        configs = [cfg for cfg in dict.fromkeys(configs)
+                   if any(c["backend"] == cfg[0] and c["threads"] == cfg[1] for c in big)]
+        head = [f"{b}{'' if t is None else f', {t} thread' + ('s' if t > 1 else '')}"
+                for b, t in configs]
+        lines += [(f"Kernels, {n:,} turns, float64 (median time; ratio to the floor on as many "
+                   f"threads: three fresh float64 arrays written):"), "",
+                  "| preset | layout | " + " | ".join(head) + " |",
+                  "|---|---|" + "---|" * len(configs)]
         layouts = sorted({(c["lengths"], c["layout"]) for c in big},
                          key=lambda x: (x[1] != "contiguous", x[0] != "uniform"))
         for lengths, layout in layouts:
             for preset in dict.fromkeys(c["name"] for c in big):
                 row = [preset, f"{lengths}, {layout}"]
-                for backend, threads in (("cython", None), ("numba", 1), ("numba", 2)):
+                for backend, threads in configs:
                     c = _find(big, name=preset, backend=backend, threads=threads,
                               lengths=lengths, layout=layout)
                     row.append("-" if c is None else
                                f"{c['median_s'] * 1e3:.1f} ms ({c['x_floor']:.2f}x)")
                 lines.append("| " + " | ".join(row) + " |")
-        floor = _find(cases, section="floor", turns=n, lengths="uniform", layout="contiguous")
-        if floor:
-            lines += ["", f"Memory floor (uniform, contiguous): {floor['median_s'] * 1e3:.1f} ms."]
+        floors = [c for c in cases if c.get("section") == "floor" and c["turns"] == n
+                  and c["lengths"] == "uniform" and c["layout"] == "contiguous"]
+        if floors:
+            lines += ["", "Floor (uniform, contiguous): " + ", ".join(
+                f"{c['median_s'] * 1e3:.1f} ms on {c['threads']} thread"
+                f"{'s' if c['threads'] > 1 else ''}" for c in floors) + "."]
     base = [c for c in cases if c.get("section") == "baselines"]
     if base:
         lines += ["", ("Against the baselines (`mica`: `estimate`, `backend=\"auto\"`, from "
@@ -538,7 +639,7 @@ def main(argv=None):
         "cases": runner.cases,
         "targets": ({} if args.quick else
                     evaluate_targets(runner.cases, runner.batch("large").n_turns,
-                                     runner.numba_threads())),
+                                     runner.threads())),
     }
     out = args.out or os.path.join(
         ROOT, "bench", "results",

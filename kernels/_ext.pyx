@@ -33,6 +33,7 @@ vectorizes (``restrict`` pointers, ``-fno-math-errno -fno-trapping-math``); a gr
 bucket uses scalar running sums over the group's rows.
 """
 
+from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
@@ -62,6 +63,21 @@ cdef extern from *:
     void mica_prefetch_read(const void* p) noexcept nogil
     void mica_prefetch_write(const void* p) noexcept nogil
 
+cdef extern from *:
+    """
+    #ifndef MICA_OPENMP
+    #define MICA_OPENMP 0
+    #endif
+    """
+    int MICA_OPENMP
+
+
+def built_with_openmp():
+    """Whether these kernels were compiled with OpenMP (else ``num_threads`` is ignored and
+    every pass runs on the calling thread)."""
+    return MICA_OPENMP == 1
+
+
 ctypedef fused values_t:
     float
     double
@@ -81,6 +97,7 @@ cdef enum:
     SCOPE_TURN = 0
     SCOPE_GROUP = 1
     SCOPE_BATCH = 2
+    SCOPE_KEY = 3
 
 cdef enum:
     REWARD_IDR = 0
@@ -91,6 +108,13 @@ cdef enum:
     RETURNS_DISCOUNTED = 0
     RETURNS_OUTCOME = 1
     RETURNS_OUTCOME_DISCOUNTED = 2
+
+# Groups per task of the parallel group pass: enough to amortize a task's scratch block, few
+# enough to balance skewed groups over the threads.
+cdef enum:
+    SEGMENTS_PER_TASK = 64
+    # Trajectories per task of the parallel batch pass.
+    TRAJ_PER_TASK = 4096
 
 # Columns of ``spec`` (int64 [ncomp, 4]) and slots of the per-bucket parameters.
 cdef enum:
@@ -366,56 +390,149 @@ cdef inline void _adv_flat2(bint assign, double wa, cdptr xa, double ma, double 
             out[k] = out[k] + wa * (((xa[k] - ma) - sa) * fa)
 
 
-cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
-                   const values_t* values, const initial_t* initial, int reward_kind,
-                   int returns_kind, double gamma, const i64* spec, const double* weight,
-                   Py_ssize_t ncomp, double eps, int ddof, bint singleton_raw,
-                   double* out_reward, double* out_return, double* sig_return,
-                   bint need_return, double* sig_oret, bint need_oret, double* outcome,
-                   bint need_outcome, double* out_adv, double* batch_part, Py_ssize_t seg,
-                   double* scratch, const double* table, i64* slots,
-                   i64 max_len) noexcept nogil:
-    """One group: the trajectories ``order[t0:t1]`` (or ``t0 .. t1-1``).
+cdef struct _GroupPass:
+    # The arguments of fused_group_advantages that every group reads (see its docstring).
+    const i64* offsets
+    const i64* order
+    bint has_order
+    const i64* seg_start
+    Py_ssize_t nseg
+    int reward_kind
+    int returns_kind
+    double gamma
+    const i64* spec
+    const double* weight
+    Py_ssize_t ncomp
+    double eps
+    int ddof
+    bint singleton_raw
+    i64 max_len
+    double* out_reward
+    double* out_return
+    double* sig_return
+    double* sig_oret
+    double* outcome
+    double* out_adv
+    double* batch_part
+    const double* table  # _count_table of the largest group
+    const i64* key  # [n_rows] key bucket codes (NULL without a key component)
+    i64 nkeys
+    double* key_stats  # [C][4 nkeys] per key component: count, mean0, shift, mult
 
-    ``scratch`` holds ``cnt`` [max_len] (turn bucket sizes), ``inv`` [3 max_len] (their
-    ``1/n``, ``1/(n - ddof)``, ``n/(n - 1)`` from ``table``), the per-turn sums of the
-    reward, the return and the outcome return [3 max_len], then per component three per-turn
-    arrays ``p0, p1, p2`` [max_len], and ``tot`` [ncomp]. A component whose signal is per row
-    accumulates per turn index whatever its scope: for ``turn`` these are its buckets; for
-    ``group`` and ``batch`` the per-turn partial sums add up to the one bucket, whose
-    parameters are then broadcast over the turns. So all row components share the same
+
+cdef struct _Scratch:
+    # The one statement of a group pass's scratch layout: one block of doubles and one of
+    # int64 per task (a run of groups), laid out by _scratch_layout; L = the longest
+    # trajectory, C = the number of components.
+    double* cnt  # [L] size of turn bucket t (trajectories of the group longer than t)
+    double* inv  # [3 L] per turn: 1/n, 1/(n - ddof), n/(n - 1), from the count table
+    double* sums  # [3 L] per-turn sums of reward, return, outcome return; zero between groups
+    double* comp  # [C][3 L] per component: mean0, then shift, then mult (per turn, or in [0])
+    double* ones  # [L] 1.0: the factor of a bucket without leave-one-out
+    double* tot  # [C] the group's total of each row component's signal
+    double* flat_c  # [C] sum(x - mean0) of a component with one bucket in the group
+    double* flat_q  # [C] sum((x - mean0)^2) of the same
+    i64* row_comps  # [C] components whose signal is per row
+    i64* local_comps  # [C] turn and group components, in advantage order
+    i64* turn_comps  # [C] components with scope turn
+    i64* flat_local  # [C] components with scope group
+
+
+cdef inline Py_ssize_t _scratch_doubles(i64 max_len, Py_ssize_t ncomp) noexcept nogil:
+    return max_len * (8 + 3 * ncomp) + 3 * ncomp
+
+
+cdef inline void _scratch_layout(double* d, i64* k, i64 max_len, Py_ssize_t ncomp,
+                                 _Scratch* sc) noexcept nogil:
+    """Point ``sc`` into the blocks ``d`` (:func:`_scratch_doubles` doubles) and ``k``
+    (``4 C`` int64), and initialize what must start set: ``sums`` zero, ``ones`` one."""
+    cdef i64 t
+    sc.cnt = d
+    sc.inv = d + max_len
+    sc.sums = d + 4 * max_len
+    sc.comp = d + 7 * max_len
+    sc.ones = d + (7 + 3 * ncomp) * max_len
+    sc.tot = d + (8 + 3 * ncomp) * max_len
+    sc.flat_c = sc.tot + ncomp
+    sc.flat_q = sc.tot + 2 * ncomp
+    sc.row_comps = k
+    sc.local_comps = k + ncomp
+    sc.turn_comps = k + 2 * ncomp
+    sc.flat_local = k + 3 * ncomp
+    for t in range(3 * max_len):
+        sc.sums[t] = 0.0
+    for t in range(max_len):
+        sc.ones[t] = 1.0
+
+
+cdef void _segment(const _GroupPass* gp, const values_t* values, const initial_t* initial,
+                   Py_ssize_t seg, const _Scratch* sc) noexcept nogil:
+    """One group: the trajectories ``order[t0:t1]`` (or ``t0 .. t1-1``) of segment ``seg``.
+
+    Scratch (:class:`_Scratch`): ``cnt`` and ``inv`` describe the turn buckets; ``sums``
+    receives the per-turn sums of the reward, the return and the outcome return; each
+    component has three per-turn arrays ``p0, p1, p2`` in ``comp``. A component whose signal
+    is per row accumulates per turn index whatever its scope: for ``turn`` these are its
+    buckets; for ``group`` and ``batch`` the per-turn partial sums add up to the one bucket,
+    whose parameters are then broadcast over the turns. So all row components share the same
     loops, two components per loop.
     """
+    cdef const i64* offsets = gp.offsets
+    cdef const i64* order = gp.order
+    cdef bint has_order = gp.has_order
+    cdef i64 t0 = gp.seg_start[seg]
+    cdef i64 t1 = gp.seg_start[seg + 1]
+    cdef int reward_kind = gp.reward_kind
+    cdef int returns_kind = gp.returns_kind
+    cdef double gamma = gp.gamma
+    cdef const i64* spec = gp.spec
+    cdef const double* weight = gp.weight
+    cdef Py_ssize_t ncomp = gp.ncomp
+    cdef double eps = gp.eps
+    cdef int ddof = gp.ddof
+    cdef bint singleton_raw = gp.singleton_raw
+    cdef double* out_reward = gp.out_reward
+    cdef double* out_return = gp.out_return
+    cdef double* sig_return = gp.sig_return
+    cdef bint need_return = gp.sig_return != NULL
+    cdef double* sig_oret = gp.sig_oret
+    cdef bint need_oret = gp.sig_oret != NULL
+    cdef double* outcome = gp.outcome
+    cdef bint need_outcome = gp.outcome != NULL
+    cdef double* out_adv = gp.out_adv
+    cdef double* batch_part = gp.batch_part
+    cdef const double* table = gp.table
+    cdef i64 max_len = gp.max_len
     cdef i64 j, i, k, a, b, t, glen = 0, nrows = 0
     cdef Py_ssize_t ci, cj, u, nrow = 0, nlocal = 0
     cdef int sig, scope
     cdef bint assign = True
     cdef double acc, ret, g1, g2, r, rn, c1, c2, d0, x, d, n, m, w, cc, qq
     cdef double gamma2 = gamma * gamma
-    cdef double* cnt = scratch
-    cdef double* inv = scratch + max_len
-    cdef double* sums = scratch + 5 * max_len
-    cdef double* sums_r = sums
-    cdef double* sums_g = sums + max_len
-    cdef double* sums_o = sums + 2 * max_len
+    cdef double* cnt = sc.cnt
+    cdef double* inv = sc.inv
+    cdef double* sums_r = sc.sums
+    cdef double* sums_g = sc.sums + max_len
+    cdef double* sums_o = sc.sums + 2 * max_len
     cdef bint sum_reward = False, sum_return = False, sum_oret = False
-    cdef double* tot = scratch + max_len * (8 + 3 * ncomp)
+    cdef double* tot = sc.tot
+    cdef double* comp = sc.comp
     cdef double* p0
     cdef double* p1
     cdef double* p2
     cdef double* q0
     cdef double* xs
     cdef double* xt
-    cdef i64* row_comps = slots
-    cdef i64* local_comps = slots + ncomp
-    cdef i64* turn_comps = slots + 2 * ncomp
+    cdef i64* row_comps = sc.row_comps
+    cdef i64* local_comps = sc.local_comps
+    cdef i64* turn_comps = sc.turn_comps
     cdef Py_ssize_t nturn
     cdef double acc8[8]
-    cdef double* flat_c = tot + ncomp
-    cdef const double* ones = tot + 3 * ncomp
-    cdef i64* flat_local = slots + 3 * ncomp
+    cdef double* flat_c = sc.flat_c
+    cdef const double* ones = sc.ones
+    cdef i64* flat_local = sc.flat_local
     cdef Py_ssize_t nflat = 0
-    cdef double* flat_q = tot + 2 * ncomp
+    cdef double* flat_q = sc.flat_q
 
     # Which signals need per-turn sums (the first pass of every row component using them).
     for ci in range(ncomp):
@@ -528,7 +645,9 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
         inv[2 * glen + t] = table[k + 2]
 
     for ci in range(ncomp):
-        p0 = scratch + max_len * (8 + 3 * ci)
+        if spec[ci * SPEC_WIDTH + SPEC_SCOPE] == SCOPE_KEY:
+            continue  # keyed buckets: _key_component, after the others
+        p0 = comp + 3 * max_len * ci
         p1 = p0 + max_len
         p2 = p1 + max_len
         if spec[ci * SPEC_WIDTH + SPEC_SCOPE] == SCOPE_TURN or \
@@ -551,7 +670,7 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     # Row components: the means from the signal's per-turn sums.
     for u in range(nrow):
         ci = row_comps[u]
-        p0 = scratch + max_len * (8 + 3 * ci)
+        p0 = comp + 3 * max_len * ci
         xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], sums_r, sums_g, sums_o)
         if spec[ci * SPEC_WIDTH + SPEC_SCOPE] == SCOPE_TURN:
             for t in range(glen):
@@ -585,7 +704,7 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
             continue
         xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                          sig_oret)
-        m = scratch[max_len * (8 + 3 * ci)]
+        m = comp[3 * max_len * ci]
         for t in range(8):
             acc8[t] = 0.0
         if has_order:
@@ -599,12 +718,12 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     u = 0
     while u < nturn:
         ci = turn_comps[u]
-        p0 = scratch + max_len * (8 + 3 * ci)
+        p0 = comp + 3 * max_len * ci
         xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                          sig_oret)
         if u + 1 < nturn:
             cj = turn_comps[u + 1]
-            q0 = scratch + max_len * (8 + 3 * cj)
+            q0 = comp + 3 * max_len * cj
             xt = _row_signal(<int>spec[cj * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                              sig_oret)
             for j in range(t0, t1):
@@ -623,7 +742,7 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     for u in range(nrow):
         ci = row_comps[u]
         scope = <int>spec[ci * SPEC_WIDTH + SPEC_SCOPE]
-        p0 = scratch + max_len * (8 + 3 * ci)
+        p0 = comp + 3 * max_len * ci
         p1 = p0 + max_len
         p2 = p1 + max_len
         if scope == SCOPE_TURN:
@@ -653,12 +772,12 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
     u = 0
     while u < nlocal + nflat:
         ci = local_comps[u]
-        p0 = scratch + max_len * (8 + 3 * ci)
+        p0 = comp + 3 * max_len * ci
         xs = _row_signal(<int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                          sig_oret)
         cj = local_comps[u + 1] if u + 1 < nlocal + nflat else -1
         if cj >= 0:
-            q0 = scratch + max_len * (8 + 3 * cj)
+            q0 = comp + 3 * max_len * cj
             xt = _row_signal(<int>spec[cj * SPEC_WIDTH + SPEC_SIGNAL], out_reward, sig_return,
                              sig_oret)
         if u + 1 < nlocal:  # turn + turn
@@ -702,9 +821,9 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
         if spec[ci * SPEC_WIDTH + SPEC_SIGNAL] != SIG_OUTCOME:
             continue
         scope = <int>spec[ci * SPEC_WIDTH + SPEC_SCOPE]
-        if scope == SCOPE_BATCH:
+        if scope == SCOPE_BATCH or scope == SCOPE_KEY:
             continue
-        p0 = scratch + max_len * (8 + 3 * ci)
+        p0 = comp + 3 * max_len * ci
         p1 = p0 + max_len
         p2 = p1 + max_len
         w = weight[ci]
@@ -723,6 +842,72 @@ cdef void _segment(const i64* offsets, const i64* order, bint has_order, i64 t0,
                 for k in range(a, b):
                     out_adv[k] = (0.0 if assign else out_adv[k]) + d
         assign = False
+    for ci in range(ncomp):
+        if spec[ci * SPEC_WIDTH + SPEC_SCOPE] != SCOPE_KEY:
+            continue
+        sig = <int>spec[ci * SPEC_WIDTH + SPEC_SIGNAL]
+        _key_component(offsets, order, has_order, t0, t1, sig == SIG_OUTCOME,
+                       _row_signal(sig, out_reward, sig_return, sig_oret), outcome, gp.key,
+                       gp.key_stats + ci * 4 * gp.nkeys, gp.nkeys,
+                       spec[ci * SPEC_WIDTH + SPEC_LOO], spec[ci * SPEC_WIDTH + SPEC_STD], ddof,
+                       eps, singleton_raw, weight[ci], assign, out_adv)
+        assign = False
+
+
+cdef void _key_component(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
+                         bint per_traj, const double* xs, const double* outcome,
+                         const i64* key, double* stats, i64 nkeys, bint loo, bint scale_std,
+                         int ddof, double eps, bint singleton_raw, double w, bint assign,
+                         double* out_adv) noexcept nogil:
+    """A component with scope ``key`` over one group: buckets are the group's key codes (each
+    code belongs to one group, so groups on different threads never share a bucket).
+
+    ``stats`` holds four arrays of ``nkeys``: count, mean0, shift, mult; they start at zero.
+    Sums run in row order within the group (the order of ``numpy.bincount``); the values are
+    the row signal ``xs`` or, with ``per_traj``, the trajectory's outcome on each of its rows.
+    """
+    cdef double* cnt = stats
+    cdef double* mean0 = stats + nkeys
+    cdef double* shift = stats + 2 * nkeys
+    cdef double* mult = stats + 3 * nkeys
+    cdef i64 j, i, k, kb
+    cdef double x, d, n
+    for j in range(t0, t1):  # counts, and sums in mean0
+        i = order[j] if has_order else j
+        for k in range(offsets[i], offsets[i + 1]):
+            kb = key[k]
+            cnt[kb] += 1.0
+            mean0[kb] = mean0[kb] + (outcome[i] if per_traj else xs[k])
+    for j in range(t0, t1):  # means, once per bucket (a negative count marks it done)
+        i = order[j] if has_order else j
+        for k in range(offsets[i], offsets[i + 1]):
+            kb = key[k]
+            if cnt[kb] > 0.0:
+                mean0[kb] = mean0[kb] / cnt[kb]
+                cnt[kb] = -cnt[kb]
+    for j in range(t0, t1):  # sums of the deviations and their squares
+        i = order[j] if has_order else j
+        for k in range(offsets[i], offsets[i + 1]):
+            kb = key[k]
+            d = (outcome[i] if per_traj else xs[k]) - mean0[kb]
+            shift[kb] += d
+            mult[kb] += d * d
+    for j in range(t0, t1):  # parameters, once per bucket
+        i = order[j] if has_order else j
+        for k in range(offsets[i], offsets[i + 1]):
+            kb = key[k]
+            if cnt[kb] < 0.0:
+                n = -cnt[kb]
+                _bucket_params(n, mean0[kb], shift[kb], mult[kb], loo, scale_std, ddof, eps,
+                               singleton_raw, &mean0[kb], &shift[kb], &mult[kb])
+                cnt[kb] = n
+    for j in range(t0, t1):
+        i = order[j] if has_order else j
+        for k in range(offsets[i], offsets[i + 1]):
+            kb = key[k]
+            x = outcome[i] if per_traj else xs[k]
+            out_adv[k] = (0.0 if assign else out_adv[k]) \
+                + w * (((x - mean0[kb]) - shift[kb]) * mult[kb])
 
 
 cdef void _outcome_stats(const i64* offsets, const i64* order, bint has_order, i64 t0, i64 t1,
@@ -776,6 +961,40 @@ cdef double* _ptr(double[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] else NULL
 
 
+cdef void _group_pass_range(const _GroupPass* gp, const values_t* values,
+                            const initial_t* initial, Py_ssize_t s0, Py_ssize_t s1,
+                            int* failed) noexcept nogil:
+    """Segments ``s0 .. s1-1``, one after the other, with a scratch block of their own (one
+    task of the parallel group pass, or the whole pass on one thread)."""
+    cdef _Scratch sc
+    cdef Py_ssize_t s, kk
+    cdef i64 k0, k1
+    cdef double* d = <double*>malloc(_scratch_doubles(gp.max_len, gp.ncomp) * sizeof(double))
+    cdef i64* k = <i64*>malloc((4 * gp.ncomp + 1) * sizeof(i64))
+    if d == NULL or k == NULL:
+        free(d)
+        free(k)
+        failed[0] = 1
+        return
+    _scratch_layout(d, k, gp.max_len, gp.ncomp, &sc)
+    for s in range(s0, s1):
+        if gp.has_order and s + 1 < s1:
+            # Interleaved groups: the next group's rollouts lie anywhere in memory, so ask
+            # for their rows now (the hardware prefetcher cannot guess them).
+            for kk in range(gp.seg_start[s + 1], gp.seg_start[s + 2]):
+                k0 = gp.offsets[gp.order[kk]]
+                k1 = gp.offsets[gp.order[kk] + 1]
+                while k0 < k1:
+                    mica_prefetch_read(&values[k0])
+                    mica_prefetch_write(&gp.out_reward[k0])
+                    mica_prefetch_write(&gp.out_return[k0])
+                    mica_prefetch_write(&gp.out_adv[k0])
+                    k0 += 8
+        _segment(gp, values, initial, s, &sc)
+    free(k)
+    free(d)
+
+
 def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
                            const i64[::1] seg_start, const values_t[::1] values,
                            const initial_t[::1] initial_distance, int reward_kind,
@@ -783,7 +1002,8 @@ def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
                            const double[::1] weight, double eps, int ddof, bint singleton_raw,
                            i64 max_len, double[::1] out_reward, double[::1] out_return,
                            double[::1] sig_return, double[::1] sig_oret, double[::1] outcome,
-                           double[::1] out_adv, double[::1] batch_part):
+                           double[::1] out_adv, double[::1] batch_part, int num_threads=1,
+                           const i64[::1] key=None, double[::1] key_stats=None):
     """The group pass: signals, turn/group statistics and advantages, batch partials.
 
     Args:
@@ -809,60 +1029,69 @@ def fused_group_advantages(const i64[::1] offsets, const i64[::1] order,
         untouched when there are none.
       batch_part: ``[ngroups * ncomp * 4]`` per group and batch component: count, sum,
         ``sum(x - m_g)``, ``sum((x - m_g)^2)`` with ``m_g = sum/count``.
+      key: ``[n_rows]`` key bucket codes (one per (group, key) pair) for components with
+        scope ``key`` (3); ``key_stats``: zeros ``[ncomp * 4 * nkeys]``, their statistics.
+      num_threads: groups are spread over this many OpenMP threads (1: no thread is
+        started). A group is computed by one thread, in the same order of operations
+        whatever the thread count, so the result is bit-identical for every ``num_threads``.
     """
-    cdef Py_ssize_t nseg = seg_start.shape[0] - 1, ncomp = spec.shape[0], s, ci
+    cdef Py_ssize_t nseg = seg_start.shape[0] - 1, ncomp = spec.shape[0], s
     cdef bint has_order = order.shape[0] > 0
-    cdef i64 max_group = 0, kk, k0, k1
-    cdef i64* slots
-    cdef double* scratch
+    cdef i64 max_group = 0
     cdef double* table
-    cdef double* sig_return_p = _ptr(sig_return)
-    cdef double* sig_oret_p = _ptr(sig_oret)
-    cdef double* outcome_p = _ptr(outcome)
-    cdef double* batch_p = _ptr(batch_part)
-    cdef const i64* order_p = &order[0] if has_order else NULL
-    cdef const initial_t* init_p = &initial_distance[0] if initial_distance.shape[0] else NULL
+    cdef int failed[1]
+    cdef _GroupPass gp
+    cdef const values_t* vals
+    cdef const initial_t* init
     if offsets.shape[0] <= 1:
         return
+    vals = &values[0]
+    init = &initial_distance[0] if initial_distance.shape[0] else NULL
+    failed[0] = 0
+    gp.offsets = &offsets[0]
+    gp.order = &order[0] if has_order else NULL
+    gp.has_order = has_order
+    gp.seg_start = &seg_start[0]
+    gp.nseg = nseg
+    gp.reward_kind = reward_kind
+    gp.returns_kind = returns_kind
+    gp.gamma = gamma
+    gp.spec = &spec[0, 0]
+    gp.weight = &weight[0]
+    gp.ncomp = ncomp
+    gp.eps = eps
+    gp.ddof = ddof
+    gp.singleton_raw = singleton_raw
+    gp.max_len = max_len
+    gp.out_reward = &out_reward[0]
+    gp.out_return = &out_return[0]
+    gp.sig_return = _ptr(sig_return)
+    gp.sig_oret = _ptr(sig_oret)
+    gp.outcome = _ptr(outcome)
+    gp.out_adv = &out_adv[0]
+    gp.batch_part = _ptr(batch_part)
+    gp.key = &key[0] if key is not None and key.shape[0] else NULL
+    gp.key_stats = _ptr(key_stats) if key_stats is not None else NULL
+    gp.nkeys = key_stats.shape[0] // (4 * ncomp) if key_stats is not None and ncomp else 0
+    for s in range(nseg):
+        if seg_start[s + 1] - seg_start[s] > max_group:
+            max_group = seg_start[s + 1] - seg_start[s]
+    table = <double*>malloc(3 * (max_group + 1) * sizeof(double))
+    if table == NULL:
+        raise MemoryError()
     with nogil:
-        for s in range(nseg):
-            if seg_start[s + 1] - seg_start[s] > max_group:
-                max_group = seg_start[s + 1] - seg_start[s]
-        scratch = <double*>malloc((max_len * (9 + 3 * ncomp) + 3 * ncomp + 3 * (max_group + 1))
-                                  * sizeof(double))
-        slots = <i64*>malloc((4 * ncomp + 1) * sizeof(i64))
-        if scratch == NULL or slots == NULL:
-            free(scratch)
-            free(slots)
-            with gil:
-                raise MemoryError()
-        table = scratch + max_len * (9 + 3 * ncomp) + 3 * ncomp
-        for kk in range(max_len):  # ``ones`` (see _segment)
-            scratch[max_len * (8 + 3 * ncomp) + 3 * ncomp + kk] = 1.0
-        for ci in range(3 * max_len):
-            scratch[5 * max_len + ci] = 0.0  # per-turn signal sums start (and stay) zeroed
         _count_table(max_group, ddof, table)
-        for s in range(nseg):
-            if has_order and s + 1 < nseg:
-                # Interleaved groups: the next group's rollouts lie anywhere in memory, so
-                # ask for their rows now (the hardware prefetcher cannot guess them).
-                for kk in range(seg_start[s + 1], seg_start[s + 2]):
-                    k0 = offsets[order_p[kk]]
-                    k1 = offsets[order_p[kk] + 1]
-                    while k0 < k1:
-                        mica_prefetch_read(&values[k0])
-                        mica_prefetch_write(&out_reward[k0])
-                        mica_prefetch_write(&out_return[k0])
-                        mica_prefetch_write(&out_adv[k0])
-                        k0 += 8
-            _segment(&offsets[0], order_p, has_order, seg_start[s], seg_start[s + 1],
-                     &values[0], init_p, reward_kind, returns_kind, gamma, &spec[0, 0],
-                     &weight[0], ncomp, eps, ddof, singleton_raw, &out_reward[0],
-                     &out_return[0], sig_return_p, sig_return_p != NULL, sig_oret_p,
-                     sig_oret_p != NULL, outcome_p, outcome_p != NULL, &out_adv[0], batch_p,
-                     s, scratch, table, slots, max_len)
-        free(slots)
-        free(scratch)
+        gp.table = table
+        if num_threads <= 1 or nseg <= SEGMENTS_PER_TASK:
+            _group_pass_range(&gp, vals, init, 0, nseg, failed)
+        else:
+            for s in prange(0, nseg, SEGMENTS_PER_TASK, schedule="dynamic",
+                            num_threads=num_threads):
+                _group_pass_range(&gp, vals, init, s, min(s + SEGMENTS_PER_TASK, nseg),
+                                  failed)
+        free(table)
+    if failed[0]:
+        raise MemoryError()
 
 
 def bucket_batch_moments(const double[::1] batch_part, const i64[:, ::1] spec, double eps,
@@ -907,22 +1136,40 @@ def bucket_batch_moments(const double[::1] batch_part, const i64[:, ::1] spec, d
                            &batch_params[3 * ci + 2])
 
 
+cdef void _batch_rows(const i64* offsets, i64 i0, i64 i1, int sig, const double* xs,
+                      const double* outcome, double m, double sh, double f, double w,
+                      bint first, double* out_adv) noexcept nogil:
+    """``out_adv += w z`` (``=`` when ``first``) for the rows of trajectories ``i0 .. i1-1``."""
+    cdef i64 i, k
+    cdef double x
+    for i in range(i0, i1):
+        for k in range(offsets[i], offsets[i + 1]):
+            x = outcome[i] if sig == SIG_OUTCOME else xs[k]
+            if first:
+                out_adv[k] = 0.0 + w * (((x - m) - sh) * f)
+            else:
+                out_adv[k] = out_adv[k] + w * (((x - m) - sh) * f)
+
+
 def fused_batch_advantages(const i64[::1] offsets, const i64[:, ::1] spec,
                            const double[::1] weight, const double[::1] batch_params,
                            double[::1] out_reward, double[::1] sig_return,
                            double[::1] sig_oret, double[::1] outcome, bint assign,
-                           double[::1] out_adv):
+                           double[::1] out_adv, int num_threads=1):
     """The batch pass: ``out_adv += w_c z_c`` for every batch component (``=`` for the first
-    when ``assign``, i.e. when the group pass wrote no advantage)."""
-    cdef Py_ssize_t n_traj = offsets.shape[0] - 1, ncomp = spec.shape[0], ci
-    cdef i64 i, k
+    when ``assign``, i.e. when the group pass wrote no advantage). Rows are independent:
+    ``num_threads`` OpenMP threads split the trajectories (bit-identical for any count)."""
+    cdef Py_ssize_t n_traj = offsets.shape[0] - 1, ncomp = spec.shape[0], ci, i
     cdef int sig
     cdef bint first = assign
-    cdef double m, sh, f, w, x
+    cdef double m, sh, f, w
     cdef double* xs
     cdef double* reward_p = _ptr(out_reward)
     cdef double* sig_return_p = _ptr(sig_return)
     cdef double* sig_oret_p = _ptr(sig_oret)
+    cdef double* outcome_p = _ptr(outcome)
+    cdef const i64* off = &offsets[0]
+    cdef double* adv = _ptr(out_adv)
     with nogil:
         for ci in range(ncomp):
             if spec[ci, SPEC_SCOPE] != SCOPE_BATCH:
@@ -933,13 +1180,13 @@ def fused_batch_advantages(const i64[::1] offsets, const i64[:, ::1] spec,
             f = batch_params[3 * ci + 2]
             w = weight[ci]
             xs = _row_signal(sig, reward_p, sig_return_p, sig_oret_p)
-            for i in range(n_traj):
-                for k in range(offsets[i], offsets[i + 1]):
-                    x = outcome[i] if sig == SIG_OUTCOME else xs[k]
-                    if first:
-                        out_adv[k] = 0.0 + w * (((x - m) - sh) * f)
-                    else:
-                        out_adv[k] = out_adv[k] + w * (((x - m) - sh) * f)
+            if num_threads <= 1 or n_traj <= TRAJ_PER_TASK:
+                _batch_rows(off, 0, n_traj, sig, xs, outcome_p, m, sh, f, w, first, adv)
+            else:
+                for i in prange(0, n_traj, TRAJ_PER_TASK, schedule="static",
+                                num_threads=num_threads):
+                    _batch_rows(off, i, min(i + TRAJ_PER_TASK, n_traj), sig, xs, outcome_p,
+                                m, sh, f, w, first, adv)
             first = False
 
 

@@ -1,41 +1,56 @@
-"""Which compiled backend ``backend="auto"`` runs, by input size.
+"""What ``backend="auto"`` runs, and on how many threads.
 
-Below :data:`NUMBA_MIN_ROWS` turns the single-threaded Cython kernels win: a parallel Numba
-call pays for waking its thread pool, which at 12k turns costs more than the whole Cython
-call. Above it the parallel Numba kernels win. The threshold is the crossover measured by
-``python -m bench --threshold`` on a 2-core machine (see docs/performance.md); set the
-environment variable ``MICA_NUMBA_MIN_ROWS`` to move it (``0``: always Numba when installed).
+``auto`` is always the Cython kernels: compiled ahead of time at install, so no call ever
+waits for a compiler (the Numba backend compiles on its first call in a process without a
+cache and is never picked here). Threads: below :data:`PARALLEL_MIN_ROWS` turns one thread
+(waking a thread pool costs more than the whole call at 12k turns); above it every core this
+process may use. The threshold is the crossover measured by ``python -m bench --threshold``
+(docs/performance.md). Environment variables:
 
-Nothing here imports numba: ``importlib.util.find_spec`` only looks for it.
+- ``MICA_NUM_THREADS``: the most threads a call uses (default: the cores available to the
+  process, ``os.sched_getaffinity``);
+- ``MICA_PARALLEL_MIN_ROWS``: move the threshold (``0``: threads from the first turn).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from functools import lru_cache
 
-NUMBA_MIN_ROWS = 262_144
+PARALLEL_MIN_ROWS = 262_144
 
-
-@lru_cache(maxsize=1)
-def numba_available() -> bool:
-    return importlib.util.find_spec("numba") is not None
+__all__ = ["PARALLEL_MIN_ROWS", "available_threads", "parallel_min_rows", "pick_backend",
+           "threads_for"]
 
 
-def numba_min_rows() -> int:
-    value = os.environ.get("MICA_NUMBA_MIN_ROWS")
+def _env_int(name, default):
+    value = os.environ.get(name)
     if value is None or not value.strip():
-        return NUMBA_MIN_ROWS
+        return default
     try:
         return max(0, int(value))
     except ValueError:
-        raise ValueError(f"MICA_NUMBA_MIN_ROWS must be an integer; got {value!r}") from None
+        raise ValueError(f"{name} must be an integer; got {value!r}") from None
+
+
+def available_threads() -> int:
+    """Cores this process may run on, capped by ``MICA_NUM_THREADS``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    cap = _env_int("MICA_NUM_THREADS", 0)
+    return max(1, min(cores, cap) if cap else cores)
+
+
+def parallel_min_rows() -> int:
+    return _env_int("MICA_PARALLEL_MIN_ROWS", PARALLEL_MIN_ROWS)
+
+
+def threads_for(n_rows: int) -> int:
+    """Threads for a call over ``n_rows`` turns: 1 below the threshold, else all available."""
+    return available_threads() if n_rows >= parallel_min_rows() else 1
 
 
 def pick_backend(n_rows: int) -> str:
-    """``"numba"`` for inputs of at least :func:`numba_min_rows` turns when numba is
-    installed, else ``"cython"``."""
-    if n_rows >= numba_min_rows() and numba_available():
-        return "numba"
+    """The backend ``auto`` runs: the compiled Cython kernels, at every size."""
     return "cython"

@@ -20,6 +20,7 @@ class NumpyOps:
 
     def __init__(self, ragged, distance=None, initial_distance=None, reward=None):
         self.offsets, self.group, self.ngroups = ragged.offsets, ragged.group, ragged.ngroups
+        self.key, self.nkeys = ragged.key, ragged.nkeys
         self.lengths = np.diff(self.offsets)
         self.distance, self.initial_distance, self.reward = distance, initial_distance, reward
 
@@ -47,7 +48,7 @@ class NumpyOps:
 
     def scope_labels(self, scope, *, per_trajectory=False):
         return scope_labels(scope, self.offsets, self.group, self.ngroups,
-                            per_trajectory=per_trajectory)
+                            per_trajectory=per_trajectory, key=self.key, nkeys=self.nkeys)
 
     @staticmethod
     def bucket_zscore(values, labels, nbuckets, **options):

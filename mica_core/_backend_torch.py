@@ -320,13 +320,19 @@ def bucket_zscore_loop(values, labels, nbuckets, *, baseline="mean", scale="std"
     return out
 
 
-def scope_labels(scope, traj, t, group, ngroups, max_turns, *, per_trajectory=False):
+def scope_labels(scope, traj, t, group, ngroups, max_turns, *, per_trajectory=False,
+                 key=None, nkeys=0):
     """Bucket ids for a scope: ``(labels int64, nbuckets)``.
 
     ``turn``: one bucket per (group, turn index), id ``group * max_turns + t`` (a dense table;
-    ids no row uses stay empty). ``group``: the group code. ``batch``: one bucket.
+    ids no row uses stay empty). ``group``: the group code. ``batch``: one bucket. ``key``:
+    the key codes per row (one per (group, key) pair), ``nkeys`` buckets.
     Per trajectory (``per_trajectory=True``, ``group``/``batch`` only): one label per trajectory.
     """
+    if scope == "key":
+        if per_trajectory or key is None:
+            raise ValueError("scope 'key' needs per-row key codes")
+        return key, int(nkeys)
     if scope == "turn":
         if per_trajectory:
             raise ValueError("scope 'turn' has no per-trajectory buckets")
@@ -352,7 +358,8 @@ class TorchOps:
     """
 
     def __init__(self, offsets, group, ngroups, max_turns, distance=None,
-                 initial_distance=None, reward=None, *, deterministic=False):
+                 initial_distance=None, reward=None, *, deterministic=False, key=None,
+                 nkeys=0):
         values = reward if reward is not None else distance
         self.offsets, self.group, self.ngroups = offsets, group, int(ngroups)
         self.T = int(max_turns)
@@ -362,6 +369,7 @@ class TorchOps:
         self.pos = padded_positions(self.traj, self.t, self.n_traj)
         self.distance, self.initial_distance, self.reward = distance, initial_distance, reward
         self.deterministic = deterministic
+        self.key, self.nkeys = key, nkeys
 
     def given_reward(self):
         return self.reward
@@ -387,7 +395,7 @@ class TorchOps:
 
     def scope_labels(self, scope, *, per_trajectory=False):
         return scope_labels(scope, self.traj, self.t, self.group, self.ngroups, self.T,
-                            per_trajectory=per_trajectory)
+                            per_trajectory=per_trajectory, key=self.key, nkeys=self.nkeys)
 
     def bucket_zscore(self, values, labels, nbuckets, **options):
         return bucket_zscore(values, labels, nbuckets, deterministic=self.deterministic,
@@ -403,7 +411,7 @@ class TorchOps:
 
 
 def compute(plan, offsets, group, ngroups, max_turns, distance=None, initial_distance=None,
-            reward=None, *, deterministic=False):
+            reward=None, *, deterministic=False, key=None, nkeys=0):
     """Run a resolved plan on trusted tensors; returns ``(reward, returns, advantage)``,
     three tensors ``[n_rows]`` in the work dtype on the inputs' device (see
     :class:`TorchOps` for the arguments)."""
@@ -412,7 +420,8 @@ def compute(plan, offsets, group, ngroups, max_turns, distance=None, initial_dis
         e = values.new_zeros(0)
         return e, e.clone(), e.clone()
     return interpret(plan, TorchOps(offsets, group, ngroups, max_turns, distance,
-                                    initial_distance, reward, deterministic=deterministic))
+                                    initial_distance, reward, deterministic=deterministic,
+                                    key=key, nkeys=nkeys))
 
 
 def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return, out_adv):
@@ -432,9 +441,12 @@ def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(np.asarray(a, dtype=np.float64))
 
+    key = None if ragged.key is None else torch.from_numpy(
+        np.ascontiguousarray(ragged.key, dtype=np.int64))
     r, ret, adv = compute(plan, offsets, group, ragged.ngroups, max_turns, t64(distance),
                           t64(initial_distance), t64(reward),
-                          deterministic=deterministic_default(None))
+                          deterministic=deterministic_default(None), key=key,
+                          nkeys=ragged.nkeys)
     out_reward[:] = r.numpy()
     out_return[:] = ret.numpy()
     out_adv[:] = adv.numpy()
@@ -445,7 +457,8 @@ def run_tensors(plan, inputs, *, deterministic=None):
     (:class:`mica_core.validate.TorchInputs`), cast to its output dtype."""
     r, ret, adv = compute(plan, inputs.offsets, inputs.group, inputs.ngroups, inputs.max_turns,
                           inputs.distance, inputs.initial_distance, inputs.reward,
-                          deterministic=deterministic_default(deterministic))
+                          deterministic=deterministic_default(deterministic), key=inputs.key,
+                          nkeys=inputs.nkeys)
     if inputs.out_dtype != r.dtype:
         r, ret, adv = r.to(inputs.out_dtype), ret.to(inputs.out_dtype), adv.to(inputs.out_dtype)
     return r, ret, adv

@@ -19,7 +19,8 @@ arrays ``[n_traj]``):
 ``trajectory_outcome(r)``          ``R_i = sum_t r_t`` per trajectory
 ``outcome_returns(R, gamma)``      ``gamma^(T_i-1-t) R_i`` per turn
 ``per_row(x)``                     a per-trajectory value on each of its turns
-``scope_labels(scope, per_traj)``  ``(labels, nbuckets)`` of a scope (design §3)
+``scope_labels(scope, per_traj)``  ``(labels, nbuckets)`` of a scope (design §3, and
+                                   ``key``: the layout's key buckets)
 ``bucket_zscore(x, labels, nb, ...)``  z within buckets
 ``zeros_like(x)``, ``add_scaled(acc, x, w)``  the advantage accumulator
 =================================  ==========================================================
@@ -61,8 +62,8 @@ def interpret(plan, ops):
     for comp in plan.components:
         values = signal(comp.signal)
         # An outcome is one value per trajectory: at group/batch scope each trajectory counts
-        # once in its bucket (GRPO); at turn scope once per turn index it reaches.
-        per_traj = comp.signal == "outcome" and comp.scope != "turn"
+        # once in its bucket (GRPO); at turn and key scope once per turn in the bucket.
+        per_traj = comp.signal == "outcome" and comp.scope in ("group", "batch")
         if comp.signal == "outcome" and not per_traj:
             values = ops.per_row(values)
         labels, nbuckets = ops.scope_labels(comp.scope, per_trajectory=per_traj)

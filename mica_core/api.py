@@ -48,7 +48,8 @@ def run_plan(plan, ragged, distance, initial_distance, reward, backend="auto", *
     Args:
       out: optional ``(reward, returns, advantage)`` float64 arrays ``[n_rows]`` to fill
         (caller-owned; nothing is allocated), else new arrays.
-      num_threads: threads of the ``numba`` backend for this call (default: numba's).
+      num_threads: threads of the ``cython`` and ``numba`` backends for this call (default:
+        by size, :func:`mica_core._autoselect.threads_for`).
 
     Returns the three float64 arrays.
     """
@@ -61,8 +62,9 @@ def run_plan(plan, ragged, distance, initial_distance, reward, backend="auto", *
     if out is None:
         out = tuple(np.empty(n, dtype=np.float64) for _ in range(3))
     if num_threads is not None:
-        if backend != "numba":
-            raise ValueError(f"num_threads applies to backend='numba'; got {backend!r}")
+        if backend not in ("cython", "numba"):
+            raise ValueError(f"num_threads applies to the cython and numba backends; got "
+                             f"{backend!r}")
         module.run(plan, ragged, distance, initial_distance, reward, *out,
                    num_threads=num_threads)
     else:
@@ -72,8 +74,8 @@ def run_plan(plan, ragged, distance, initial_distance, reward, backend="auto", *
 
 def estimate(offsets, group, *, distance=None, initial_distance=None, reward=None,
              estimator="mica", gamma=None, weight=0.5, eps=1e-6, ddof=1, baseline="mean",
-             scale="std", singleton="zero", backend="auto",
-             on_missing="raise", **torch_options) -> EstimateResult:
+             scale="std", singleton="zero", backend="auto", on_missing="raise", key=None,
+             out=None, **torch_options) -> EstimateResult:
     """Per-turn rewards, returns and advantages of ragged trajectories.
 
     Args:
@@ -91,6 +93,12 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
         computed by the torch backend on their device whatever this says.
       on_missing: ``"raise"`` (NaN and infinities are errors) or ``"carry"``: a missing
         distance repeats the previous turn's (IDR 0 for that turn), a missing reward is 0.
+      key: ``[n_turns]`` labels (any kind, as ``group``) for estimators with a component of
+        scope ``key`` (e.g. ``gigpo``): turns of the same group with the same key share a
+        bucket, as GiGPO's anchor-state step groups do. Ignored by other estimators.
+      out: ``(reward, returns, advantage)``, three float64 numpy arrays ``[n_turns]`` the
+        result is written to (a training loop then allocates nothing per call); they are
+        returned as the result. numpy input only, with float64 values.
       **torch_options: for torch tensors only: ``ngroups``, ``max_turns``, ``validate``,
         ``deterministic`` (the sync-free CUDA path; see docs/torch.md).
 
@@ -112,20 +120,27 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
         if on_missing != "raise":
             raise ValueError("on_missing='carry' is for numpy and Arrow input; fill missing "
                              "values of torch tensors before calling estimate")
+        if out is not None:
+            raise ValueError("out= is for numpy input; torch results are new tensors")
         return _estimate_tensors(plan, offsets, group, distance, initial_distance, reward,
-                                 **torch_options)
+                                 key=key, **torch_options)
     if torch_options:
         raise TypeError(f"options {sorted(torch_options)} apply to torch tensors only")
     inputs = _validate.numpy_inputs(plan, offsets, group, distance, initial_distance, reward,
-                                    on_missing)
+                                    on_missing, key)
+    if out is not None:
+        out = _validate.check_out(out, inputs.ragged.n_rows)
+        if inputs.out_dtype != np.float64:
+            raise ValueError("out= holds float64 results; the values given are float32 (pass "
+                             "float64 values, or leave out= unset for float32 outputs)")
     res = run_plan(plan, inputs.ragged, inputs.distance, inputs.initial_distance,
-                   inputs.reward, backend)
+                   inputs.reward, backend, out=out)
     if inputs.out_dtype == np.float32:
         res = tuple(a.astype(np.float32) for a in res)
     return EstimateResult(*res)
 
 
-def _estimate_tensors(plan, offsets, group, distance, initial_distance, reward, *,
+def _estimate_tensors(plan, offsets, group, distance, initial_distance, reward, *, key=None,
                       ngroups=None, max_turns=None, validate=True, deterministic=None):
     import torch
 
@@ -134,6 +149,6 @@ def _estimate_tensors(plan, offsets, group, distance, initial_distance, reward, 
     with torch.no_grad():
         inputs = _validate.torch_inputs(plan, offsets, group, distance, initial_distance,
                                         reward, ngroups=ngroups, max_turns=max_turns,
-                                        validate=validate)
+                                        validate=validate, key=key)
         return EstimateResult(*_backend_torch.run_tensors(plan, inputs,
                                                           deterministic=deterministic))

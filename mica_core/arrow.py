@@ -9,6 +9,10 @@ Nested form (one row per trajectory): ``group_id``, ``distances: list<float>`` a
 ``initial_distance`` (or ``rewards: list<float>``); an optional ``traj_id`` names the
 trajectories, else the row number does. Outputs are list columns aligned with ``distances``.
 
+Estimators with a component of scope ``key`` (``gigpo``) also read a per-turn key: a ``key``
+column in the long form, a ``keys`` list column (aligned with ``distances``) in the nested
+form; any id type, as for ``group_id``.
+
 Chunked arrays, sliced list arrays, ``large_list``, dictionary-encoded and string ids work.
 Value columns are read without a copy where Arrow allows (one chunk, no nulls, float64);
 pandas, polars and Hugging Face ``datasets`` objects go through Arrow.
@@ -29,6 +33,7 @@ from .api import run_plan
 from .estimators import resolve
 from .layout import ON_MISSING, Ragged, fill_missing, ragged_from_lengths
 from .signals import distance_from_state, turn_index
+from .validate import key_buckets
 
 __all__ = ["compute_advantages", "ragged_from_table", "DEFAULT_COLUMNS", "TableInput",
            "to_arrow_table"]
@@ -44,6 +49,8 @@ DEFAULT_COLUMNS = {
     "reward": "reward",
     "distances": "distances",
     "rewards": "rewards",
+    "key": "key",
+    "keys": "keys",
 }
 OUTPUT_COLUMNS = ("reward", "return", "advantage")
 SOURCES = ("auto", "distance", "state", "reward")
@@ -263,7 +270,7 @@ def _pick_source(table, cols, source, nested):
 
 def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source="auto",
                       state_weights=None, epsilon=1.0, distance_kind="hinge",
-                      need_initial=True, on_missing="raise") -> TableInput:
+                      need_initial=True, on_missing="raise", need_key=False) -> TableInput:
     """Read a long- or nested-form table into the CSR layout, validating it (design §5, §7)."""
     table = to_arrow_table(table)
     cols = dict(DEFAULT_COLUMNS)
@@ -278,9 +285,36 @@ def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source
         raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}; got {on_missing!r}")
     src = _pick_source(table, cols, source, nested)
     if nested:
-        return _read_nested(table, cols, src, need_initial)
-    return _read_long(table, cols, src, need_initial, state_weights, epsilon, distance_kind,
-                      on_missing == "carry")
+        ti = _read_nested(table, cols, src, need_initial)
+    else:
+        ti = _read_long(table, cols, src, need_initial, state_weights, epsilon, distance_kind,
+                        on_missing == "carry")
+    if need_key:
+        ti.ragged = _with_key(table, cols, ti, nested)
+    return ti
+
+
+def _with_key(table, cols, ti: TableInput, nested: bool) -> Ragged:
+    """The layout with the key buckets of the table's per-turn key (sorted row order)."""
+    ragged = ti.ragged
+    name = cols["keys"] if nested else cols["key"]
+    if name not in table.column_names:
+        raise MicaInputError(f"missing (the estimator has a component with scope 'key'; it "
+                             f"needs a key per turn{', as a list column' if nested else ''})",
+                             column=name, rule="missing column")
+    col = _column(table, name, "key")
+    if nested:
+        offsets, values = _list_parts(col, name)
+        if not np.array_equal(offsets, ragged.offsets):
+            row = int(np.flatnonzero(np.diff(offsets) != np.diff(ragged.offsets))[0])
+            raise MicaInputError("has a different number of keys than turns", column=name,
+                                 row=row, rule="one key per turn")
+        col = values
+    codes, nlabels = _codes(col)
+    if ti.order is not None:
+        codes = codes[ti.order]
+    buckets, nkeys = key_buckets(codes, nlabels, ragged.offsets, ragged.group)
+    return Ragged(ragged.offsets, ragged.group, ragged.ngroups, buckets, nkeys)
 
 
 def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
@@ -483,8 +517,8 @@ def compute_advantages(table, estimator="mica", columns: Mapping[str, str] | Non
         ``datasets.Dataset``, or a mapping of columns; long or nested form (module docstring).
       estimator: a registered name or an ``Estimator``.
       columns: role -> column name overrides; roles are ``group``, ``traj``, ``turn``,
-        ``distance``, ``initial_distance``, ``state``, ``initial_state``, ``reward`` and,
-        for the nested form, ``distances`` and ``rewards``.
+        ``distance``, ``initial_distance``, ``state``, ``initial_state``, ``reward``,
+        ``key`` and, for the nested form, ``distances``, ``rewards`` and ``keys``.
       source: which values to read: ``auto`` (distance, else state, else reward),
         ``distance``, ``state`` or ``reward``.
       state_weights, epsilon, distance_kind: the potential for ``state`` input
@@ -505,7 +539,8 @@ def compute_advantages(table, estimator="mica", columns: Mapping[str, str] | Non
                    ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
     ti = ragged_from_table(tab, columns, source=source, state_weights=state_weights,
                            epsilon=epsilon, distance_kind=distance_kind,
-                           need_initial=plan.reward == "idr", on_missing=on_missing)
+                           need_initial=plan.reward == "idr", on_missing=on_missing,
+                           need_key=plan.needs_key)
     if ti.reward is not None:
         plan = resolve(estimator, reward_given=True, gamma=gamma, weight=weight, eps=eps,
                        ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)

@@ -86,7 +86,7 @@ def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
                           ("distance", "distance"), ("initial-distance", "initial_distance"),
                           ("state", "state"), ("initial-state", "initial_state"),
                           ("reward", "reward"), ("distances", "distances"),
-                          ("rewards", "rewards")):
+                          ("rewards", "rewards"), ("key", "key"), ("keys", "keys")):
         a.add_argument(f"--{role}-col", default=default, metavar="NAME",
                        help=f"{role.replace('-', ' ')} column (default: {default})")
     a.add_argument("--on-missing", default="raise", choices=("raise", "carry"),
@@ -196,7 +196,7 @@ def _advantages(args) -> int:
                "distance": args.distance_col, "initial_distance": args.initial_distance_col,
                "state": args.state_col, "initial_state": args.initial_state_col,
                "reward": args.reward_col, "distances": args.distances_col,
-               "rewards": args.rewards_col}
+               "rewards": args.rewards_col, "key": args.key_col, "keys": args.keys_col}
     options = dict(source=args.source, gamma=args.gamma, weight=args.weight, eps=args.eps,
                    ddof=args.ddof, baseline=args.baseline, scale=args.scale,
                    singleton=args.singleton, backend=args.backend, on_missing=args.on_missing)

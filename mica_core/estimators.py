@@ -11,7 +11,9 @@ A component is ``(weight, signal, scope, baseline, scale)`` (design §4):
     - ``"outcome_return"``: the return of a sparse reward that pays ``R_i`` on the last turn,
       ``gamma^(T-1-t) * R_i`` (REINFORCE++).
 - ``scope``: the bucket the statistics come from, ``"turn"`` (same group, same turn index),
-  ``"group"`` (all turns of the group) or ``"batch"``.
+  ``"group"`` (all turns of the group), ``"batch"``, or ``"key"`` (same group and same
+  user-given key per turn, e.g. an anchor-state hash: GiGPO's step-level groups; the call
+  passes the key as ``key=`` or a ``key`` column).
 - ``baseline``: ``"mean"`` or ``"loo"``; ``scale``: ``"std"`` or ``"none"``. ``None`` takes
   the value passed to :func:`mica_core.estimate` (its defaults ``"mean"`` and ``"std"``).
 - ``weight``: a number, or ``"w"`` / ``"1-w"``, filled in from the ``weight`` option
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 SIGNALS = ("reward", "return", "outcome", "outcome_return")
-SCOPES = ("turn", "group", "batch")
+SCOPES = ("turn", "group", "batch", "key")
 BASELINES = ("mean", "loo")
 SCALES = ("std", "none")
 REWARDS = ("idr", "adr")
@@ -129,6 +131,12 @@ class Plan:
     eps: float
     ddof: int
     singleton: str
+    name: str = ""
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether some component has scope ``key`` (the call must pass a key per turn)."""
+        return any(c.scope == "key" for c in self.components)
 
 
 _REGISTRY: dict[str, Estimator] = {}
@@ -229,7 +237,8 @@ def _resolve(est, reward_given, gamma, weight, eps, ddof, baseline, scale, singl
         comps.append(ResolvedComponent(cw, c.signal, c.scope, c.baseline or baseline,
                                        c.scale or scale))
     return Plan(reward="given" if reward_given else est.reward, gamma=g, returns=est.returns,
-                components=tuple(comps), eps=e, ddof=int(ddof), singleton=singleton)
+                components=tuple(comps), eps=e, ddof=int(ddof), singleton=singleton,
+                name=est.name)
 
 
 # Plans are immutable; the cache key holds the Estimator itself, so re-registering a name
@@ -255,9 +264,15 @@ def _presets():
         ("reinforce_pp_idr", [C(1.0, "reward", "batch")], "idr", 0.85, "z_batch(r), IDR"),
         ("mica_group_adr", [C(1.0, "reward", "group")], "adr", 0.85,
          "z_group(r), ADR r_t = -D_t (the paper's reward ablation of mica_group)"),
+        ("gigpo", [C(1.0, "outcome", "group"), C(1.0, "return", "key")], "idr", 0.95,
+         "GiGPO: z_group(R_i) + z_key(G_t), step groups by a per-turn key (anchor state)"),
     ]
+    # gigpo's return output is its step-level signal G_t (the rule for outcome presets would
+    # give R_i, which its episode component already carries).
+    returns = {"gigpo": "discounted"}
     for name, comps, reward, gamma, desc in presets:
-        register_estimator(name, comps, reward=reward, gamma=gamma, description=desc)
+        register_estimator(name, comps, reward=reward, gamma=gamma, description=desc,
+                           returns=returns.get(name))
 
 
 _presets()

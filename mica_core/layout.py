@@ -2,8 +2,10 @@
 
 ``offsets`` is int64 ``[n_traj + 1]``, strictly increasing from 0; trajectory ``i`` owns rows
 ``offsets[i]:offsets[i+1]`` of every flat per-turn array and row ``offsets[i] + t`` is its turn
-``t``. ``group`` holds int64 codes ``0 .. ngroups-1``, one per trajectory. Layouts are built
-and checked in :mod:`mica_core.validate`, once; kernels trust what they are given.
+``t``. ``group`` holds int64 codes ``0 .. ngroups-1``, one per trajectory. ``key``, when the
+estimator has a component with scope ``key``, holds int64 codes ``0 .. nkeys-1`` per row, one
+code per (group, user key) pair: rows share a key bucket only within their group. Layouts are
+built and checked in :mod:`mica_core.validate`, once; kernels trust what they are given.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class Ragged:
     offsets: np.ndarray  # int64 [n_traj + 1]
     group: np.ndarray  # int64 [n_traj], codes 0..ngroups-1
     ngroups: int
+    key: np.ndarray | None = None  # int64 [n_rows], codes 0..nkeys-1 of (group, key) pairs
+    nkeys: int = 0
 
     @property
     def n_traj(self) -> int:

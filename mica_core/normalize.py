@@ -89,9 +89,18 @@ def turn_labels(offsets, group, ngroups):
     return np.repeat(base[group], lengths) + t, int(longest.sum())
 
 
-def scope_labels(scope, offsets, group, ngroups, *, per_trajectory=False):
-    """Bucket ids for a scope, per row (or per trajectory for ``group``/``batch``)."""
+def scope_labels(scope, offsets, group, ngroups, *, per_trajectory=False, key=None, nkeys=0):
+    """Bucket ids for a scope, per row (or per trajectory for ``group``/``batch``).
+
+    ``key``: the layout's per-row key codes (one per (group, key) pair, see
+    :class:`mica_core.layout.Ragged`), the buckets of scope ``key``."""
     offsets = np.asarray(offsets, dtype=np.int64)
+    if scope == "key":
+        if per_trajectory:
+            raise ValueError("scope 'key' has no per-trajectory buckets")
+        if key is None:
+            raise ValueError("scope 'key' needs the layout's key codes")
+        return np.asarray(key, dtype=np.int64), int(nkeys)
     if scope == "turn":
         if per_trajectory:
             raise ValueError("scope 'turn' has no per-trajectory buckets")

@@ -135,6 +135,12 @@ def label_null(column, row) -> MicaInputError:
     return MicaInputError("labels must not be null", column=column, row=row, rule="not null")
 
 
+def key_required(plan) -> MicaInputError:
+    return MicaInputError(f"estimator {plan.name!r} has a component with scope 'key': pass a "
+                          f"key per turn (key=, or a key column), e.g. an anchor-state hash",
+                          column="key", rule="required")
+
+
 def check_on_missing(on_missing) -> bool:
     """``True`` for ``"carry"``; a ``ValueError`` for anything but ``"raise"``/``"carry"``."""
     if on_missing not in ON_MISSING:
@@ -215,6 +221,37 @@ def make_ragged(offsets, group) -> Ragged:
     return Ragged(o, codes, ngroups)
 
 
+def first_appearance_codes(values) -> tuple[np.ndarray, int]:
+    """``(codes int64, n)`` of int64 ``values``: equal values share a code, codes numbered in
+    order of first appearance."""
+    if values.size == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    uniques, first, inverse = np.unique(values, return_index=True, return_inverse=True)
+    rank = np.empty(len(uniques), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(uniques))
+    return rank[inverse.reshape(-1)], len(uniques)
+
+
+def key_buckets(key_codes, nkey_labels, offsets, group) -> tuple[np.ndarray, int]:
+    """Buckets of scope ``key``: one per (group, key) pair present, per row.
+
+    ``key_codes`` int64 ``[n_rows]`` codes of the user's key labels (``0 .. nkey_labels-1``),
+    ``offsets``/``group`` the layout. Returns ``(codes int64 [n_rows], nbuckets)``.
+    """
+    group_row = np.repeat(np.asarray(group, dtype=np.int64), np.diff(offsets))
+    return first_appearance_codes(group_row * max(int(nkey_labels), 1) + key_codes)
+
+
+def check_key(key, n_rows, ragged) -> Ragged:
+    """``ragged`` with the key buckets of per-row labels ``key`` (any labels, as ``group``)."""
+    k = np.asarray(key)
+    if k.ndim != 1 or len(k) != n_rows:
+        raise wrong_length("key", n_rows, k.shape)
+    codes, labels = factorize(k, "key")
+    buckets, nkeys = key_buckets(codes, len(labels), ragged.offsets, ragged.group)
+    return Ragged(ragged.offsets, ragged.group, ragged.ngroups, buckets, nkeys)
+
+
 def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
     """Validate a flat per-row (or per-trajectory) float array; returns it as float32/float64.
 
@@ -236,6 +273,30 @@ def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
     return np.ascontiguousarray(a)
 
 
+def check_out(out, n_rows):
+    """``out=`` of :func:`mica_core.estimate`: three distinct writable C-contiguous float64
+    arrays of ``n_rows`` values."""
+    names = ("reward", "returns", "advantage")
+    try:
+        arrays = tuple(out)
+    except TypeError:
+        arrays = ()
+    if len(arrays) != 3:
+        raise MicaInputError("out= needs three arrays (reward, returns, advantage)",
+                             column="out", rule="shape")
+    for name, a in zip(names, arrays):
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float64 and a.ndim == 1
+                and a.flags.c_contiguous and a.flags.writeable):
+            raise MicaInputError(f"out {name}: needs a writable C-contiguous float64 numpy "
+                                 f"array", column="out", rule="dtype")
+        if len(a) != n_rows:
+            raise wrong_length("out", n_rows, a.shape)
+    if any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:]):
+        raise MicaInputError("out arrays overlap; pass three separate arrays", column="out",
+                             rule="distinct outputs")
+    return arrays
+
+
 class NumpyInputs(NamedTuple):
     """Validated host inputs: the layout, the value arrays (``None`` when not given) and the
     dtype the outputs are returned in."""
@@ -248,15 +309,20 @@ class NumpyInputs(NamedTuple):
 
 
 def numpy_inputs(plan, offsets, group, distance, initial_distance, reward,
-                 on_missing="raise") -> NumpyInputs:
+                 on_missing="raise", key=None) -> NumpyInputs:
     """Check host inputs for ``plan`` (a resolved :class:`mica_core.estimators.Plan`).
 
-    Output dtype: float32 when the per-turn values are float32 (and ``initial_distance``, if
-    given, is not float64), else float64.
+    ``key``: per-turn labels, required when the plan has a component with scope ``key``
+    (ignored otherwise). Output dtype: float32 when the per-turn values are float32 (and
+    ``initial_distance``, if given, is not float64), else float64.
     """
     carry = check_on_missing(on_missing)
     ragged = make_ragged(offsets, group)
     n, n_traj = ragged.n_rows, ragged.n_traj
+    if plan.needs_key:
+        if key is None:
+            raise key_required(plan)
+        ragged = check_key(key, n, ragged)
     if reward is not None:
         if distance is not None or initial_distance is not None:
             raise exclusive_inputs()
@@ -314,6 +380,8 @@ class TorchInputs(NamedTuple):
     initial_distance: Any
     reward: Any
     out_dtype: Any
+    key: Any = None  # int64 [n_rows] key bucket codes, for plans with a key component
+    nkeys: int = 0
 
 
 def _values_tensor(x, name, n, device, wdt):
@@ -478,14 +546,16 @@ def _run_device_checks(checks, lengths, measure_max_turns):
 
 
 def torch_inputs(plan, offsets, group, distance, initial_distance, reward, *, ngroups=None,
-                 max_turns=None, validate=True) -> TorchInputs:
+                 max_turns=None, validate=True, key=None) -> TorchInputs:
     """Check and convert torch input for ``plan``; computation happens on the values' device.
 
     ``ngroups``: with ``group`` an int64 tensor of codes ``0 .. ngroups-1``, skips
     factorizing. ``max_turns``: an upper bound on trajectory length (skips measuring it).
     ``validate=False`` skips the device-side checks (finite values, non-negative distances,
     offsets, codes in range, ``max_turns`` large enough) and their sync: bad input then gives
-    wrong numbers or a device-side assertion, not an error.
+    wrong numbers or a device-side assertion, not an error. ``key`` (plans with a component
+    of scope ``key``): per-turn labels, factorized on the host (one copy from the device when
+    they live there), the buckets sent to the values' device.
     """
     torch = _torch()
     values_in = reward if reward is not None else distance
@@ -541,6 +611,14 @@ def torch_inputs(plan, offsets, group, distance, initial_distance, reward, *, ng
     measured = _run_device_checks(checks, lengths, max_turns is None)
     if max_turns is None:
         max_turns = measured
+    kb, nkeys = None, 0
+    if plan.needs_key:
+        if key is None:
+            raise key_required(plan)
+        host_key = key.cpu().numpy() if is_torch(key) else key
+        offs = host_offsets if host_offsets is not None else o.cpu().numpy()
+        ragged = check_key(host_key, n_rows, Ragged(offs, g.cpu().numpy(), ng))
+        kb, nkeys = torch.from_numpy(ragged.key).to(device), ragged.nkeys
     if reward is not None:
-        return TorchInputs(o, g, ng, max(int(max_turns), 1), None, None, v, out_dt)
-    return TorchInputs(o, g, ng, max(int(max_turns), 1), v, d0, None, out_dt)
+        return TorchInputs(o, g, ng, max(int(max_turns), 1), None, None, v, out_dt, kb, nkeys)
+    return TorchInputs(o, g, ng, max(int(max_turns), 1), v, d0, None, out_dt, kb, nkeys)

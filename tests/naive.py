@@ -2,7 +2,8 @@
 exact sums (math.fsum). Every backend is tested against these.
 
 Trajectories are plain lists; ``trajs`` is a list of dicts with keys ``group`` (any label),
-and either ``distances`` + ``initial_distance`` or ``rewards``.
+either ``distances`` + ``initial_distance`` or ``rewards``, and ``keys`` (one label per turn)
+for estimators with a ``key`` scope.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ PRESETS = {
     "reinforce_pp": ("idr", 1.0, "outcome_discounted", [(1.0, "outcome_return", "batch")]),
     "reinforce_pp_idr": ("idr", 0.85, "discounted", [(1.0, "reward", "batch")]),
     "mica_group_adr": ("adr", 0.85, "discounted", [(1.0, "reward", "group")]),
+    "gigpo": ("idr", 0.95, "discounted", [(1.0, "outcome", "group"), (1.0, "return", "key")]),
 }
+
+
+#: Presets whose buckets need a key per turn (scope "key").
+KEYED = sorted(name for name, spec in PRESETS.items() if any(c[2] == "key" for c in spec[3]))
 
 
 def rewards_of(traj, kind):
@@ -75,16 +81,19 @@ def naive_estimate(trajs, estimator="mica", *, gamma=None, weight=0.5, eps=1e-6,
                 "outcome_return": OR[i][t]}[signal]
 
     def members(signal, scope, i, t):
-        """Values of the bucket holding (i, t); outcome buckets hold trajectories."""
+        """Values of the bucket holding (i, t); outcome buckets at group and batch scope hold
+        trajectories, at turn and key scope turns."""
         out = []
         for j in range(len(trajs)):
-            if scope in ("group", "turn") and groups[j] != groups[i]:
+            if scope in ("group", "turn", "key") and groups[j] != groups[i]:
                 continue
-            if signal == "outcome" and scope != "turn":
+            if signal == "outcome" and scope in ("group", "batch"):
                 out.append(R[j])
                 continue
             for s in range(len(r[j])):
                 if scope == "turn" and s != t:
+                    continue
+                if scope == "key" and trajs[j]["keys"][s] != trajs[i]["keys"][t]:
                     continue
                 out.append(value(signal, j, s))
         return out

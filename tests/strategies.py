@@ -23,6 +23,11 @@ class Batch(NamedTuple):
     group: list  # one label per trajectory (ints or strings)
     distance: np.ndarray  # float64 [n_turns]
     initial_distance: np.ndarray  # float64 [n_traj]
+    key: list | None = None  # one label per turn (scope "key"), from a small set
+
+    def keys(self):
+        """The key labels (every turn its own trajectory-independent key when unset)."""
+        return self.key if self.key is not None else [0] * int(self.offsets[-1])
 
     @property
     def n_traj(self):
@@ -34,7 +39,7 @@ class Batch(NamedTuple):
         out = []
         for i in range(self.n_traj):
             a, b = self.offsets[i], self.offsets[i + 1]
-            t = {"group": self.group[i]}
+            t = {"group": self.group[i], "keys": self.keys()[a:b]}
             if reward is not None:
                 t["rewards"] = [float(x) for x in np.asarray(reward, dtype)[a:b]]
             else:
@@ -78,7 +83,10 @@ def ragged_batches(draw, *, max_traj=10, max_len=6, max_groups=4, allow_empty=Tr
     else:
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
         d, d0 = rng.uniform(0.0, 10.0, n), rng.uniform(0.0, 10.0, n_traj)
-    return Batch(offsets, labels, d, d0)
+    keys = draw(st.lists(st.integers(0, 2), min_size=n, max_size=n))
+    if draw(st.booleans()):
+        keys = [f"s{x}" for x in keys]
+    return Batch(offsets, labels, d, d0, keys)
 
 
 _NORMALIZATION = {
@@ -112,6 +120,10 @@ CUSTOM = {
                              (0.25, "outcome", "group", None, "none"),
                              (0.25, "outcome_return", "batch")]),
     "t_batch_only": ("idr", 0.8, [(0.6, "return", "batch"), (0.4, "reward", "batch")]),
+    # scope key: every signal, with per-component overrides, alone and with batch scope
+    "t_key": ("idr", 0.8, [(0.5, "reward", "key", "loo"), (0.3, "outcome", "key", None, "none"),
+                           (0.2, "outcome_return", "key")]),
+    "t_key_batch": ("adr", 0.9, [(0.5, "return", "key"), (0.5, "reward", "batch")]),
 }
 ESTIMATORS = sorted(PRESETS) + list(CUSTOM)
 

@@ -25,12 +25,12 @@ def check_against_naive(backend, batch, estimator, dtype=np.float64, reward=None
     est, spec = estimator_of(estimator)
     if reward is not None:
         res = backend.estimate(batch.offsets, batch.group, reward=reward.astype(dtype),
-                               estimator=est, **options)
+                               estimator=est, key=batch.keys(), **options)
     else:
         res = backend.estimate(batch.offsets, batch.group,
                                distance=batch.distance.astype(dtype),
                                initial_distance=batch.initial_distance.astype(dtype),
-                               estimator=est, **options)
+                               estimator=est, key=batch.keys(), **options)
     ref = naive_estimate(batch.trajs(dtype, reward), estimator, spec=spec, **options)
     for k, got in enumerate(res):
         assert got.dtype == dtype
@@ -75,11 +75,12 @@ def test_permuting_trajectories_permutes_outputs(backend, batch, estimator, seed
     rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in perm])
     new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets)[perm])])
     kw = dict(estimator=est, eps=1e-3)
+    keys = np.asarray(batch.keys())
     a = backend.estimate(offsets, batch.group, distance=batch.distance,
-                         initial_distance=batch.initial_distance, **kw)
+                         initial_distance=batch.initial_distance, key=keys, **kw)
     b = backend.estimate(new_offsets, [batch.group[i] for i in perm],
                          distance=batch.distance[rows],
-                         initial_distance=batch.initial_distance[perm], **kw)
+                         initial_distance=batch.initial_distance[perm], key=keys[rows], **kw)
     for x, y in zip(b, a):
         np.testing.assert_allclose(x, y[rows], rtol=1e-12, atol=1e-12)
 
@@ -91,7 +92,8 @@ def test_permuting_trajectories_permutes_outputs(backend, batch, estimator, seed
 def test_empty_input(backend, estimator):
     est, _ = estimator_of(estimator)
     res = backend.estimate(np.array([0]), np.array([], dtype=np.int64),
-                           distance=np.zeros(0), initial_distance=np.zeros(0), estimator=est)
+                           distance=np.zeros(0), initial_distance=np.zeros(0), estimator=est,
+                           key=[])
     for a in res:
         assert a.shape == (0,) and a.dtype == np.float64
 
@@ -99,7 +101,8 @@ def test_empty_input(backend, estimator):
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("singleton", ["zero", "raw"])
 def test_one_trajectory(backend, estimator, singleton):
-    batch = Batch(np.array([0, 4]), [7], np.array([3.0, 2.5, 2.75, 1.0]), np.array([4.0]))
+    batch = Batch(np.array([0, 4]), [7], np.array([3.0, 2.5, 2.75, 1.0]), np.array([4.0]),
+                  ["x", "y", "x", "x"])
     check_against_naive(backend, batch, estimator, singleton=singleton)
 
 
@@ -110,7 +113,7 @@ def test_length_one_trajectories_and_singleton_buckets(backend, estimator, singl
     # group 2: lengths 1 and 5 (turns 1..4 are singleton turn buckets).
     batch = Batch(np.array([0, 1, 2, 3, 6, 7, 12]), [0, 0, 0, 1, 2, 2],
                   np.array([1.0, 2.0, 0.5, 3.0, 2.0, 1.0, 4.0, 3.5, 3.0, 2.0, 1.0, 0.5]),
-                  np.array([4.0, 4.0, 4.0, 5.0, 4.5, 4.5]))
+                  np.array([4.0, 4.0, 4.0, 5.0, 4.5, 4.5]), [0, 1, 0, 0, 0, 0, 0, 1, 1, 0, 2, 2])
     check_against_naive(backend, batch, estimator, singleton=singleton)
 
 
@@ -124,12 +127,14 @@ def test_interleaved_groups_equal_contiguous(backend, estimator):
     perm = rng.permutation(len(group))
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     d, d0 = rng.uniform(0, 5, offsets[-1]), rng.uniform(0, 5, len(group))
+    key = rng.integers(0, 4, offsets[-1])
     est, _ = estimator_of(estimator)
-    ref = backend.estimate(offsets, group, distance=d, initial_distance=d0, estimator=est)
+    ref = backend.estimate(offsets, group, distance=d, initial_distance=d0, estimator=est,
+                           key=key)
     new_off = np.concatenate([[0], np.cumsum(lengths[perm])])
     rows = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in perm])
     got = backend.estimate(new_off, group[perm], distance=d[rows], initial_distance=d0[perm],
-                           estimator=est)
+                           estimator=est, key=key[rows])
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b[rows], rtol=1e-12, atol=1e-12)
 

@@ -35,7 +35,8 @@ def test_gamma_zero_returns_equal_rewards(backend, batch):
 @pytest.mark.parametrize("name", mc.list_estimators())
 def test_one_trajectory_of_one_turn_gives_zero(name):
     # Every bucket, at every scope, holds one element: nothing to compare with.
-    res = mc.estimate([0, 1], ["only"], distance=[7.0], initial_distance=[10.0], estimator=name)
+    res = mc.estimate([0, 1], ["only"], distance=[7.0], initial_distance=[10.0], estimator=name,
+                      key=["k"])
     np.testing.assert_array_equal(res.advantage, [0.0])
 
 

@@ -16,8 +16,6 @@ from mica_core import _autoselect
 from mica_core.estimators import resolve
 from mica_core.validate import make_ragged
 
-from strategies import ESTIMATORS, estimator_of
-
 try:
     import numba  # noqa: F401
 
@@ -31,12 +29,7 @@ except ImportError:  # pragma: no cover
 def _kernel_modules():
     from mica_core import _ext
 
-    mods = [_ext]
-    if HAVE_NUMBA:
-        from mica_core import _numba
-
-        mods.append(_numba)
-    return mods
+    return [_ext]
 
 
 @settings(max_examples=80, deadline=None)
@@ -66,27 +59,6 @@ def test_ragged_group_segments(group, data):
             assert list(members) == sorted(members)  # stable: input order within a group
 
 
-def test_cython_and_numba_agree_on_a_large_batch():
-    if not HAVE_NUMBA:
-        pytest.skip("numba not installed")
-    rng = np.random.default_rng(11)
-    n_traj = 3000
-    lengths = rng.integers(1, 46, n_traj)
-    offsets = np.zeros(n_traj + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    group = rng.integers(0, 400, n_traj)
-    d = rng.uniform(0, 5, offsets[-1])
-    d0 = rng.uniform(0, 5, n_traj)
-    for estimator in ESTIMATORS:
-        est, _ = estimator_of(estimator)
-        a = mc.estimate(offsets, group, distance=d, initial_distance=d0, estimator=est,
-                        backend="cython")
-        b = mc.estimate(offsets, group, distance=d, initial_distance=d0, estimator=est,
-                        backend="numba")
-        for x, y in zip(a, b):
-            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("backend", ["numpy", "cython", "numba", "torch"])
 def test_run_plan_fills_caller_outputs_without_touching_inputs(backend):
     if backend == "numba" and not HAVE_NUMBA:
@@ -113,21 +85,24 @@ def test_run_plan_fills_caller_outputs_without_touching_inputs(backend):
 # --------------------------------------------------------------------------- auto
 
 
-def test_auto_picks_cython_small_and_numba_large(monkeypatch):
-    monkeypatch.delenv("MICA_NUMBA_MIN_ROWS", raising=False)
-    assert _autoselect.pick_backend(12_000) == "cython"
-    big = _autoselect.NUMBA_MIN_ROWS
-    assert _autoselect.pick_backend(big) == ("numba" if HAVE_NUMBA else "cython")
-    monkeypatch.setattr(_autoselect, "numba_available", lambda: False)
-    assert _autoselect.pick_backend(10 * big) == "cython"
+def test_auto_runs_cython_on_one_thread_small_and_all_threads_large(monkeypatch):
+    monkeypatch.delenv("MICA_PARALLEL_MIN_ROWS", raising=False)
+    monkeypatch.delenv("MICA_NUM_THREADS", raising=False)
+    big = _autoselect.PARALLEL_MIN_ROWS
+    assert _autoselect.pick_backend(12_000) == _autoselect.pick_backend(10 * big) == "cython"
+    assert _autoselect.threads_for(12_000) == 1
+    assert _autoselect.threads_for(big) == _autoselect.available_threads() >= 1
+    monkeypatch.setenv("MICA_NUM_THREADS", "1")
+    assert _autoselect.threads_for(10 * big) == 1
 
 
-def test_auto_threshold_from_environment(monkeypatch):
-    monkeypatch.setenv("MICA_NUMBA_MIN_ROWS", "0")
-    assert _autoselect.pick_backend(1) == ("numba" if HAVE_NUMBA else "cython")
-    monkeypatch.setenv("MICA_NUMBA_MIN_ROWS", "many")
-    with pytest.raises(ValueError, match="MICA_NUMBA_MIN_ROWS"):
-        _autoselect.pick_backend(1)
+def test_auto_thresholds_from_environment(monkeypatch):
+    monkeypatch.setenv("MICA_PARALLEL_MIN_ROWS", "0")
+    monkeypatch.setenv("MICA_NUM_THREADS", "2")
+    assert _autoselect.threads_for(1) == min(2, len(__import__("os").sched_getaffinity(0)))
+    monkeypatch.setenv("MICA_PARALLEL_MIN_ROWS", "many")
+    with pytest.raises(ValueError, match="MICA_PARALLEL_MIN_ROWS"):
+        _autoselect.threads_for(1)
 
 
 def test_auto_matches_explicit_backends():

@@ -35,12 +35,12 @@ def _codes(groups):
 
 
 def _run(mode, offsets, groups, name, opts, *, dist=None, init=None, rew=None, device="cpu",
-         dtype=torch.float64):
+         dtype=torch.float64, key=None):
     def t(a):
         return None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
 
     o = torch.as_tensor(offsets, dtype=torch.int64, device=device)
-    values = dict(distance=t(dist), initial_distance=t(init), reward=t(rew))
+    values = dict(distance=t(dist), initial_distance=t(init), reward=t(rew), key=key)
     if mode == "api":
         return mc.estimate(o, groups, estimator=name, **values, **opts)
     codes, ng = _codes(groups)
@@ -69,7 +69,7 @@ def test_torch_options_match_naive(batch, name, opts, mode, given_rewards):
     rew = batch.distance - 5.0 if given_rewards else None
     values = dict(rew=rew) if given_rewards else dict(dist=batch.distance,
                                                       init=batch.initial_distance)
-    res = _run(mode, batch.offsets, batch.group, name, opts, **values)
+    res = _run(mode, batch.offsets, batch.group, name, opts, key=batch.keys(), **values)
     want = naive_estimate(batch.trajs(reward=rew), name, **opts)
     for k, got in enumerate(res):
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
