@@ -236,6 +236,13 @@ def _resolve(est, reward_given, gamma, weight, eps, ddof, baseline, scale, singl
         cw = w if c.weight == "w" else (1.0 - w) if c.weight == "1-w" else c.weight
         comps.append(ResolvedComponent(cw, c.signal, c.scope, c.baseline or baseline,
                                        c.scale or scale))
+    # A component of weight 0 adds nothing: leave it out, so that weight=1 and weight=0
+    # select one component exactly (and its statistics are not computed at all).
+    kept = [c for c in comps if c.weight != 0.0] or comps[:1]
+    if e == 0.0 and any(c.scale == "std" for c in kept):
+        raise ValueError("eps must be > 0 with scale='std': a bucket whose values are all "
+                         "equal has std 0 (use scale='none' to centre without scaling)")
+    comps = kept
     return Plan(reward="given" if reward_given else est.reward, gamma=g, returns=est.returns,
                 components=tuple(comps), eps=e, ddof=int(ddof), singleton=singleton,
                 name=est.name)

@@ -72,3 +72,29 @@ def test_grpo_is_constant_per_trajectory_and_mica_group_equals_reinforce_pp_idr_
 def test_empty_input():
     res = mc.estimate(np.array([0]), [], distance=np.zeros(0), initial_distance=np.zeros(0))
     assert res.advantage.shape == (0,) and res.returns.shape == (0,)
+
+
+def test_weight_one_selects_one_component_even_when_the_other_is_not_finite():
+    # With weight 1, mica is mica_turn exactly: the group component is left out of the plan,
+    # not multiplied by 0 (0 x NaN would be NaN).
+    from mica_core.estimators import resolve
+
+    plan = resolve("mica", reward_given=False, weight=1.0)
+    assert [(c.signal, c.scope) for c in plan.components] == [("return", "turn")]
+    plan = resolve("mica", reward_given=False, weight=0.0)
+    assert [(c.signal, c.scope) for c in plan.components] == [("reward", "group")]
+
+
+@pytest.mark.parametrize("options", [dict(eps=0.0), dict(eps=0.0, estimator="mica_group")])
+def test_eps_zero_with_std_scaling_is_refused(options):
+    with pytest.raises(ValueError, match="eps must be > 0 with scale='std'"):
+        mc.estimate([0, 2], ["g"], distance=[1.0, 1.0], initial_distance=[2.0], **options)
+
+
+def test_eps_zero_without_scaling_is_allowed(backend):
+    # Two equal rollouts: every turn bucket has zero variance; centring needs no eps.
+    res = backend.estimate(np.array([0, 2, 4]), ["g", "g"],
+                           distance=np.array([1.0, 1.0, 1.0, 1.0]),
+                           initial_distance=np.array([2.0, 2.0]), eps=0.0, scale="none")
+    # rewards (1, 0) twice: z_turn(G) = 0 everywhere, z_group(r) = r - 0.5
+    np.testing.assert_array_equal(res.advantage, [0.25, -0.25, 0.25, -0.25])
