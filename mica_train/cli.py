@@ -41,17 +41,6 @@ def _user_errors():
         raise CommandError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, metavar="FILE|NAME",
-                   help="YAML config file, or a packaged config: demo, study, tiny "
-                   "(default: the built-in defaults below)")
-    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field, e.g. --set optim.lr=3e-4 (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="config overrides in dotted form, e.g. optim.lr=3e-4 lora.r=16 "
-                   "(values are YAML; applied after --set)")
-
-
 COMMANDS = {
     "train": "train a policy (resumes from the run's last checkpoint)",
     "eval": "evaluate a policy on the evaluation scenario set",
@@ -64,11 +53,11 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of ``mica NAME`` (train, eval, tiny-model, warm-start)."""
     p = argparse.ArgumentParser(prog=f"mica {name}", description=COMMANDS[name])
     if name in ("train", "eval"):
-        from .config import format_field_help
+        from .config import add_config_arguments, format_field_help
 
         p.formatter_class = argparse.RawDescriptionHelpFormatter
         p.epilog = format_field_help()
-        _add_config_args(p)
+        add_config_arguments(p)
     if name == "train":
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     elif name == "eval":
@@ -111,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args):
     """The resolved and checked config of a train or eval command."""
-    from .config import check_config, check_model_dir, load_config
+    from .config import check_config, check_model_dir, load_config, overrides_from_args
 
-    cfg = load_config(args.config, [*args.set_overrides, *args.overrides])
+    cfg = load_config(args.config, overrides_from_args(args))
     check_config(cfg)
     check_model_dir(cfg.model.path)
     return cfg
@@ -123,10 +112,10 @@ def _train(args) -> int:
     if args.print_config:
         import yaml
 
-        from .config import config_to_dict, load_config
+        from .config import config_to_dict, load_config, overrides_from_args
 
         with _user_errors():
-            cfg = load_config(args.config, [*args.set_overrides, *args.overrides])
+            cfg = load_config(args.config, overrides_from_args(args))
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     from .trainer import Trainer

@@ -40,6 +40,7 @@ __all__ = [
     "OptimConfig",
     "RolloutConfig",
     "TrainConfig",
+    "add_config_arguments",
     "apply_overrides",
     "check_config",
     "check_model_dir",
@@ -48,6 +49,7 @@ __all__ = [
     "config_to_dict",
     "format_field_help",
     "load_config",
+    "overrides_from_args",
     "packaged_configs",
     "read_config_file",
 ]
@@ -426,6 +428,27 @@ def check_model_dir(path: str | Path) -> None:
         raise ConfigError(f"model.path: {path} has no config.json: {what}")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ConfigError(f"model.path: {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+
+
+# ---------------------------------------------------------------------------- command lines
+def add_config_arguments(parser, default: str | None = None, scope: str = "") -> None:
+    """``--config FILE|NAME``, ``--set KEY=VALUE`` and positional ``KEY=VALUE`` words: the
+    config options of every training command (``mica train``, ``eval``, ``study``, the demo).
+    Parse with ``parse_intermixed_args`` so the words may come among the options."""
+    parser.add_argument("--config", default=None, metavar="FILE|NAME",
+                        help=f"training config{scope}: a YAML file or a packaged config "
+                        f"({', '.join(packaged_configs())}; default: {default or 'the built-in defaults'})")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config field{scope}, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides in dotted form, e.g. optim.lr=3e-4 lora.r=16 (values are YAML; "
+                        "applied after --set; `mica train --help` lists the fields)")
+
+
+def overrides_from_args(args) -> list[str]:
+    """The overrides of a command line parsed with :func:`add_config_arguments`, in the order
+    they apply: ``--set`` ones first, then the dotted words."""
+    return [*args.set_overrides, *args.overrides]
 
 
 # ---------------------------------------------------------------------------- help

@@ -139,18 +139,15 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import add_config_arguments, overrides_from_args
+
     p = argparse.ArgumentParser(prog="python -m mica_train.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--config", default=None, metavar="FILE|NAME",
-                   help=f"training config: a YAML file or a packaged config (default {DEFAULT_CONFIG})")
-    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training config field (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="training config overrides, e.g. steps=20 (see `mica train --help`)")
+    add_config_arguments(p, default=DEFAULT_CONFIG)
     p.add_argument("--warm-start-steps", type=int, default=400)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_intermixed_args(argv)
-    overrides = [*args.set_overrides, *args.overrides] + (["progress=false"] if args.no_progress else [])
+    overrides = overrides_from_args(args) + (["progress=false"] if args.no_progress else [])
     from mica_core import MicaInputError
 
     from .config import load_config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import add_config_arguments, overrides_from_args
 from .plan import ESTIMATORS, FULL, QUICK, StudyPlan, WarmStartSpec
 
 __all__ = ["build_parser", "main", "plan_from_args"]
@@ -41,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=FULL.threads, help="torch threads per worker (default 1)")
     p.add_argument("--warm-start-steps", type=int, default=None,
                    help=f"supervised warm-start steps (default {FULL.warm.steps}; --quick: {QUICK.warm.steps})")
-    p.add_argument("--config", default=None, metavar="FILE|NAME",
-                   help=f"training config of every run: a YAML file or a packaged config (default {FULL.config})")
-    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training config field for every run (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="training config overrides for every run, e.g. optim.lr=1e-3 (see `mica train --help`)")
+    add_config_arguments(p, default=FULL.config, scope=" of every run")
     p.add_argument("--command", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -70,7 +66,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     overrides = list(base.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
-    overrides += [*args.set_overrides, *args.overrides]
+    overrides += overrides_from_args(args)
     warm = base.warm
     if args.warm_start_steps is not None:
         warm = WarmStartSpec(steps=args.warm_start_steps, tiny=warm.tiny, corpus_episodes=warm.corpus_episodes,

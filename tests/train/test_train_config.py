@@ -41,7 +41,7 @@ def test_train_help_shows_every_field():
         assert " ".join(help_text.split()) in text, name
         assert type_name in text, name
     assert "stop_after" not in text  # the resume test's kill hook is not a setting
-    assert "packaged config: demo, study, tiny" in text
+    assert "packaged config (demo, study, tiny; default: the built-in defaults)" in text
     assert "model.path" in run_mica("eval", "--help").stdout
 
 
