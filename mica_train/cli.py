@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["CommandError", "build_parser", "main"]
+__all__ = ["COMMANDS", "CommandError", "build_parser", "checkpoint_weights", "command_parser", "main"]
 
 
 class CommandError(Exception):

@@ -211,6 +211,8 @@ def read_config_file(spec: str | Path) -> tuple[str, str]:
             return path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {str(spec)!r}: cannot read it ({exc})") from None
+    if path.is_dir():
+        raise ConfigError(f"config {str(spec)!r} is a directory, not a YAML file")
     name = str(spec)
     if name.endswith((".yaml", ".yml")):
         name = name.rsplit(".", 1)[0]
