@@ -10,6 +10,7 @@ import importlib
 
 _EXPORTS = {
     "TrainConfig": "config", "load_config": "config", "apply_overrides": "config",
+    "ConfigError": "config", "packaged_configs": "config",
     "Trainer": "trainer", "evaluate": "trainer", "warmup_cosine": "trainer",
     "Policy": "policy", "load_policy": "policy", "generate_replies": "policy",
     "response_logprobs": "policy", "collate_turns": "policy",
@@ -22,6 +23,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ConfigError",
     "Policy",
     "TinyModelConfig",
     "TrainConfig",
@@ -36,6 +38,7 @@ __all__ = [
     "latest_checkpoint",
     "load_config",
     "load_policy",
+    "packaged_configs",
     "plot_learning_curves",
     "policy_loss",
     "ppo_clip_token_losses",

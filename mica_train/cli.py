@@ -1,9 +1,15 @@
 """Command line of mica_train (also reached as ``mica train|eval|tiny-model|warm-start``).
 
-    python -m mica_train.cli tiny-model --out runs/tiny/base
-    python -m mica_train.cli warm-start --model runs/tiny/base --out runs/tiny/warm
-    python -m mica_train.cli train --config configs/demo.yaml --set steps=20
-    python -m mica_train.cli eval --config configs/demo.yaml --checkpoint latest
+    mica tiny-model --out runs/tiny/base
+    mica warm-start --model runs/tiny/base --out runs/tiny/warm
+    mica train --config demo model.path=runs/tiny/warm steps=20
+    mica eval --config demo model.path=runs/tiny/warm --checkpoint latest
+    mica train --help                      # every config field, its type, default and help
+
+``--config`` is a YAML file or the name of a packaged config (demo, study, tiny). Overrides
+are ``key.sub=value`` words (Hydra and verl style) or ``--set key.sub=value``; positional
+overrides apply after the ``--set`` ones. A bad config, a missing model or checkpoint, or
+bad scenario files print one line on stderr and exit with status 2.
 
 Heavy libraries (torch, transformers) are imported inside the commands: ``--help`` is instant.
 """
@@ -11,75 +17,111 @@ Heavy libraries (torch, transformers) are imported inside the commands: ``--help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMANDS", "CommandError", "build_parser", "checkpoint_weights", "command_parser", "main"]
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (see configs/ and docs/training.md)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config field, e.g. --set optim.lr=3e-4 (repeatable; values are YAML)",
-    )
+class CommandError(Exception):
+    """A user error of a training command: printed as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Turn the input errors of a command's set-up (config, model, checkpoint, scenario files)
+    into a :class:`CommandError`. Errors once training runs keep their traceback."""
+    from mica_core import MicaInputError
+
+    try:
+        yield
+    except MicaInputError as exc:
+        raise CommandError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+COMMANDS = {
+    "train": "train a policy (resumes from the run's last checkpoint)",
+    "eval": "evaluate a policy on the evaluation scenario set",
+    "tiny-model": "build the tiny offline model and tokenizer",
+    "warm-start": "supervised warm start on generated supportive replies",
+}
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of ``mica NAME`` (train, eval, tiny-model, warm-start)."""
+    p = argparse.ArgumentParser(prog=f"mica {name}", description=COMMANDS[name])
+    if name in ("train", "eval"):
+        from .config import add_config_arguments, format_field_help
+
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+        p.epilog = format_field_help()
+        add_config_arguments(p)
+    if name == "train":
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    elif name == "eval":
+        p.add_argument(
+            "--checkpoint",
+            default="latest",
+            help="'latest' (the newest checkpoint in run_dir; an error when there is none), "
+            "'base' (model.path itself), or a checkpoint directory",
+        )
+        p.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+    elif name == "tiny-model":
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the tokenizer corpus")
+        p.add_argument("--hidden-size", type=int, default=128)
+        p.add_argument("--layers", type=int, default=2)
+        p.add_argument("--heads", type=int, default=2, help="attention heads (key-value heads: half as many)")
+        p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary cap (specials included)")
+        p.add_argument("--episodes", type=int, default=200, help="corpus episodes the tokenizer is trained on")
+    elif name == "warm-start":
+        p.add_argument("--model", required=True, help="input model directory")
+        p.add_argument("--out", required=True, help="output model directory")
+        p.add_argument("--steps", type=int, default=400)
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--lr", type=float, default=3e-3)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--episodes", type=int, default=200, help="corpus episodes")
+        p.add_argument("--context-messages", type=int, default=1, help="messages of context, as in rollouts")
+        p.add_argument("--no-progress", action="store_true")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``python -m mica_train.cli``: the list of commands (each parses its own arguments)."""
     parser = argparse.ArgumentParser(prog="mica", description="mica_train: LoRA policy-gradient training with mica advantages")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a policy (resumes from the run's last checkpoint)")
-    _add_config_args(p)
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-
-    p = sub.add_parser("eval", help="evaluate a policy on the evaluation scenario set")
-    _add_config_args(p)
-    p.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="'latest' (the run's newest checkpoint, else the base model), 'base', or a checkpoint directory",
-    )
-    p.add_argument("--out", default=None, help="write the metrics as JSON to this file")
-
-    p = sub.add_parser("tiny-model", help="build the tiny offline model and tokenizer")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the tokenizer corpus")
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2, help="attention heads (key-value heads: half as many)")
-    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary cap (specials included)")
-    p.add_argument("--episodes", type=int, default=200, help="corpus episodes the tokenizer is trained on")
-
-    p = sub.add_parser("warm-start", help="supervised warm start on generated supportive replies")
-    p.add_argument("--model", required=True, help="input model directory")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--episodes", type=int, default=200, help="corpus episodes")
-    p.add_argument("--context-messages", type=int, default=1, help="messages of context, as in rollouts")
-    p.add_argument("--no-progress", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
-def _train(args) -> int:
-    from .config import config_to_dict, load_config
+def _load(args):
+    """The resolved and checked config of a train or eval command."""
+    from .config import check_config, check_model_dir, load_config, overrides_from_args
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, overrides_from_args(args))
+    check_config(cfg)
+    check_model_dir(cfg.model.path)
+    return cfg
+
+
+def _train(args) -> int:
     if args.print_config:
         import yaml
 
+        from .config import config_to_dict, load_config, overrides_from_args
+
+        with _user_errors():
+            cfg = load_config(args.config, overrides_from_args(args))
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
     from .trainer import Trainer
 
-    trainer = Trainer(cfg)
+    with _user_errors():
+        trainer = Trainer(_load(args))
     if trainer.resumed_from is not None and trainer.dist.is_main:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})", file=sys.stderr)
     last = trainer.train()
@@ -89,22 +131,40 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from pathlib import Path
-
+def checkpoint_weights(checkpoint: str, run_dir: str | Path, lora: bool) -> Path | None:
+    """The weights directory that ``mica eval --checkpoint`` names: ``latest`` (the run's newest
+    checkpoint), ``base`` (None: the model itself) or a checkpoint (or weights) directory.
+    Raises :class:`mica_train.config.ConfigError` when there is nothing to load."""
     from .checkpoint import latest_checkpoint
-    from .config import load_config
+    from .config import ConfigError
+
+    if checkpoint == "base":
+        return None
+    if checkpoint == "latest":
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"--checkpoint latest: run_dir {run_dir} has no checkpoint (train first, "
+                              "set run_dir, or pass --checkpoint base to evaluate model.path itself)")
+        return ckpt / "weights"
+    weights = Path(checkpoint)
+    if not weights.is_dir():
+        raise ConfigError(f"--checkpoint {checkpoint}: no such directory (use latest, base or a checkpoint directory)")
+    if (weights / "weights").is_dir():
+        weights = weights / "weights"
+    need = "adapter_config.json" if lora else "model.safetensors"
+    if not (weights / need).is_file():
+        kind = "a LoRA checkpoint (lora.enabled=true)" if lora else "a full fine-tuning checkpoint (lora.enabled=false)"
+        raise ConfigError(f"--checkpoint {checkpoint}: {weights} has no {need}, as {kind} needs")
+    return weights
+
+
+def _eval(args) -> int:
+    with _user_errors():
+        cfg = _load(args)
+        weights = checkpoint_weights(args.checkpoint, cfg.run_dir, cfg.lora.enabled)
     from .policy import load_policy
     from .trainer import evaluate
 
-    cfg = load_config(args.config, args.overrides)
-    weights = None
-    if args.checkpoint == "latest":
-        ckpt = latest_checkpoint(cfg.run_dir)
-        weights = None if ckpt is None else ckpt / "weights"
-    elif args.checkpoint != "base":
-        weights = Path(args.checkpoint)
-        weights = weights / "weights" if (weights / "weights").is_dir() else weights
     policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)
     metrics = evaluate(policy, cfg)
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"
@@ -156,8 +216,18 @@ _COMMANDS = {"train": _train, "eval": _eval, "tiny-model": _tiny_model, "warm-st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return _COMMANDS[args.command](args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # --help, or a usage error naming the commands
+        return 2
+    # Intermixed: KEY=VALUE overrides may come before, between or after the options.
+    args = command_parser(argv[0]).parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    try:
+        return _COMMANDS[args.command](args)
+    except CommandError as exc:
+        print(f"mica {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _subcommand(name: str, help_line: str):

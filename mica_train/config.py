@@ -1,22 +1,36 @@
-"""Dataclass configs for ``mica train`` and ``mica eval``, read from YAML with dotted overrides.
+"""Dataclass configs for ``mica train`` and ``mica eval``: YAML files plus ``key.sub=value``
+overrides.
 
-A config file mirrors :class:`TrainConfig`: one YAML mapping per section, unknown keys are an
-error. ``--set section.key=value`` overrides one field; the value is parsed as YAML, so
-``--set optim.lr=3e-4``, ``--set lora.enabled=false`` and
-``--set lora.target_modules=[q_proj,v_proj]`` all do what they say.
+A config file mirrors :class:`TrainConfig`: one YAML mapping per section; unknown keys are an
+error. ``--config`` takes a YAML path or the name of a config shipped in the package
+(``mica_train/configs/``: ``demo``, ``study``, ``tiny``; see :func:`packaged_configs`).
+Overrides use the dotted form of Hydra and verl command lines, ``optim.lr=3e-4``, as
+positional arguments or after ``--set``; the value is parsed as YAML, so ``optim.lr=3e-4``,
+``lora.enabled=false`` and ``lora.target_modules=[q_proj,v_proj]`` all do what they say.
+``mica train --help`` lists every field with its type, default and help text
+(:func:`format_field_help`).
+
+Every problem with a config (a missing file, an unknown key, a wrong type or value) raises
+:class:`ConfigError`, a one-line :class:`mica_core.MicaInputError` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mica_core import MicaInputError
+
 __all__ = [
     "AdvantageConfig",
+    "ConfigError",
     "DataConfig",
     "EnvSettings",
     "EvalConfig",
@@ -26,11 +40,26 @@ __all__ = [
     "OptimConfig",
     "RolloutConfig",
     "TrainConfig",
+    "add_config_arguments",
     "apply_overrides",
+    "check_config",
+    "check_model_dir",
+    "config_fields",
     "config_from_dict",
     "config_to_dict",
+    "format_field_help",
     "load_config",
+    "overrides_from_args",
+    "packaged_configs",
+    "read_config_file",
 ]
+
+
+class ConfigError(MicaInputError):
+    """A bad training config: one line naming the field (or the file) and what is wrong."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
 
 
 @dataclass
@@ -43,7 +72,7 @@ class ModelConfig:
         default="auto",
         metadata={"help": "auto (bf16 on CUDA, float32 on CPU), float32, bfloat16 or float16"},
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, mps, cuda or cuda:N"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
 
 
@@ -63,7 +92,9 @@ class LoraSettings:
 
 @dataclass
 class EnvSettings:
-    simulator: str = field(default="embedded", metadata={"help": "embedded or llm"})
+    simulator: str = field(
+        default="embedded", metadata={"help": "embedded, llm (LLM user and judge) or llm_judge (LLM judge only)"}
+    )
     success: str = field(default="empa", metadata={"help": "success criterion of the environment"})
     max_turns: int = field(default=15, metadata={"help": "turn budget of a training episode"})
     min_turns: int = field(default=12, metadata={"help": "turns before the user may leave"})
@@ -143,9 +174,6 @@ class TrainConfig:
     steps: int = field(default=50, metadata={"help": "rollout batches (training steps)"})
     save_every: int = field(default=10, metadata={"help": "checkpoint every N steps (0: only the last)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (0: all)"})
-    stop_after: int = field(
-        default=0, metadata={"help": "exit after this many steps of this process (simulates a kill)"}
-    )
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     plot: bool = field(default=True, metadata={"help": "write learning-curve PNGs"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -160,6 +188,42 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+PACKAGE_CONFIG_DIR = "configs"  # YAML files shipped inside mica_train (package data)
+
+
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped with mica_train (``--config NAME``)."""
+    from importlib.resources import files
+
+    folder = files("mica_train") / PACKAGE_CONFIG_DIR
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_config_file(spec: str | Path) -> tuple[str, str]:
+    """``(text, source)`` of a config: ``spec`` is a YAML file, or else the name of a packaged
+    config (``demo``, ``demo.yaml``) read with ``importlib.resources``, so it works from a
+    wheel. A file that exists wins over a packaged config of the same name."""
+    from importlib.resources import files
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config {str(spec)!r}: cannot read it ({exc})") from None
+    if path.is_dir():
+        raise ConfigError(f"config {str(spec)!r} is a directory, not a YAML file")
+    name = str(spec)
+    if name.endswith((".yaml", ".yml")):
+        name = name.rsplit(".", 1)[0]
+    if name and "/" not in name and "\\" not in name:
+        res = files("mica_train") / PACKAGE_CONFIG_DIR / f"{name}.yaml"
+        if res.is_file():
+            return res.read_text(encoding="utf-8"), f"{name} (packaged: mica_train/{PACKAGE_CONFIG_DIR}/{name}.yaml)"
+    raise ConfigError(f"config {str(spec)!r}: no such file, and no packaged config of that name "
+                      f"(packaged: {', '.join(packaged_configs())})")
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -171,26 +235,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping (a config section), got {value!r}")
         return config_from_dict(tp, value, where)
     if tp is Any:
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
                 return _coerce(value, arg, where)
-            except ValueError:
+            except ConfigError:
                 continue
-        raise ValueError(f"{where}: {value!r} does not match {tp}")
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):
@@ -198,27 +262,35 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is str and value is None:
         return ""
     if tp is bool and not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp in (int, float) and isinstance(value, bool):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
-        # Every config problem is a ValueError, whatever its kind.
-        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")  # noqa: TRY004
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     return value
 
 
-def config_from_dict(cls, data: dict[str, Any] | None, where: str = "config"):
-    """Build dataclass ``cls`` from a nested mapping; missing keys keep their defaults."""
+def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
+    name = f"{where}.{key}" if where else str(key)
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {(where + '.') if where else ''}{close[0]}? " if close else ""
+    return ConfigError(f"{name}: unknown key ({hint}{where or 'the top level'} has: {', '.join(known)})")
+
+
+def config_from_dict(cls, data: dict[str, Any] | None, where: str = ""):
+    """Build dataclass ``cls`` from a nested mapping; missing keys keep their defaults.
+    ``where`` is the dotted path of ``cls`` in the config (for error messages)."""
     data = dict(data or {})
     types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
+    unknown = sorted((k for k in data if k not in types_), key=str)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(types_)}")
-    kwargs = {name: _coerce(value, types_[name], f"{where}.{name}") for name, value in data.items()}
+        raise _unknown_key(where, unknown[0], list(types_))
+    kwargs = {name: _coerce(value, types_[name], f"{where}.{name}" if where else name)
+              for name, value in data.items()}
     return cls(**kwargs)
 
 
@@ -226,33 +298,207 @@ def config_to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings to a nested mapping (values parsed as YAML)."""
+def _parse_value(raw: str, key: str) -> Any:
     import yaml
 
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{key}={raw}: the value is not valid YAML ({problem})") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a nested mapping, in order (values parsed as YAML)."""
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            hint = f"; to read a config, use --config {item}" if "." not in item else ""
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=3e-4{hint}")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted field name")
         node = data
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ValueError(f"--set {key}: {p} is not a section")  # noqa: TRY004
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+                raise ConfigError(f"{key}: {'.'.join(parts[:i + 1])} is not a section")  # noqa: TRY004
+        node[parts[-1]] = _parse_value(raw, key)
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    """Read a config (a YAML path or a packaged name; the defaults when ``path`` is None) and
+    apply the ``key.sub=value`` overrides. Raises :class:`ConfigError`."""
     import yaml
 
     data: dict[str, Any] = {}
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
+        text, source = read_config_file(path)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ConfigError(f"{source}: not valid YAML{at} ({problem})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
+            raise ConfigError(f"{source}: the top level must be a mapping of config sections")
     data = apply_overrides(data, overrides)
     return config_from_dict(TrainConfig, data)
+
+
+# ---------------------------------------------------------------------------- checks
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+AT_LEAST = {  # field: smallest value that makes sense
+    "steps": 1, "optim.epochs": 1, "optim.minibatches": 1, "data.group_size": 2,
+    "data.scenarios_per_step": 1, "data.train_scenarios": 1, "rollout.max_new_tokens": 1,
+    "eval.episodes_per_scenario": 1, "lora.r": 1,
+}
+WHY = {"data.group_size": ": group baselines need several rollouts"}
+
+
+def _get(cfg, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """The rules a run needs before it loads anything heavy: sizes, choices, a registered
+    estimator whose ``advantage.options`` it accepts, valid environment settings. Raises
+    :class:`ConfigError`."""
+    import mica_core as mc
+
+    for name, low in AT_LEAST.items():
+        if _get(cfg, name) < low:
+            raise ConfigError(f"{name} must be >= {low}, got {_get(cfg, name)}{WHY.get(name, '')}")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    if not DEVICE_PATTERN.fullmatch(cfg.model.device):
+        raise ConfigError(f"model.device must be auto, cpu, mps, cuda or cuda:N, got {cfg.model.device!r}")
+    known = mc.list_estimators()
+    if cfg.advantage.estimator not in known:
+        raise ConfigError(f"advantage.estimator {cfg.advantage.estimator!r} is not registered; "
+                          f"known: {', '.join(known)}")
+    # The options must be accepted by compute_advantages: try them on a two-trajectory table
+    # rather than fail after the first rollout batch.
+    probe = {"group_id": [0, 0], "traj_id": [0, 1], "turn": [0, 0], "distance": [1.0, 2.0],
+             "initial_distance": [2.0, 2.0]}
+    try:
+        mc.compute_advantages(probe, estimator=cfg.advantage.estimator, **cfg.advantage.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"advantage.options {cfg.advantage.options}: {str(exc).splitlines()[0]}") from None
+    from .env import EnvConfig
+
+    env_fields = {f.name for f in dataclasses.fields(EnvConfig)}
+    unknown = sorted(k for k in cfg.env.extra if k not in env_fields)
+    if unknown:
+        raise _unknown_key("env.extra", unknown[0], sorted(env_fields))
+    from .trainer import make_env_config
+
+    try:
+        make_env_config(cfg.env)
+    except (TypeError, ValueError) as exc:
+        column = getattr(exc, "column", None)
+        message = str(exc).splitlines()[0].replace(f"column {column!r}: ", "")
+        if column is None:
+            name = "env"
+        else:
+            name = f"env.{column}" if column in _field_types(EnvSettings) else f"env.extra.{column}"
+        raise ConfigError(f"{name}: {message}") from None
+    if cfg.data.scenarios_file and not Path(cfg.data.scenarios_file).is_file():
+        raise ConfigError(f"data.scenarios_file: {cfg.data.scenarios_file}: no such file")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """``model.path`` must be a local directory holding a causal LM (``config.json``) and its
+    tokenizer; nothing is downloaded. Raises :class:`ConfigError`."""
+    p = Path(path)
+    hint = "build one with `mica tiny-model --out DIR` or point model.path at a local checkpoint"
+    if not p.exists():
+        raise ConfigError(f"model.path: {path}: no such directory ({hint})")
+    if not p.is_dir():
+        raise ConfigError(f"model.path: {path} is not a directory ({hint})")
+    if not (p / "config.json").is_file():
+        what = ("a LoRA adapter, not a model: use it with `mica eval --checkpoint`"
+                if (p / "adapter_config.json").is_file() else f"not a model directory ({hint})")
+        raise ConfigError(f"model.path: {path} has no config.json: {what}")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ConfigError(f"model.path: {path} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+
+
+# ---------------------------------------------------------------------------- command lines
+def add_config_arguments(parser, default: str | None = None, scope: str = "") -> None:
+    """``--config FILE|NAME``, ``--set KEY=VALUE`` and positional ``KEY=VALUE`` words: the
+    config options of every training command (``mica train``, ``eval``, ``study``, the demo).
+    Parse with ``parse_intermixed_args`` so the words may come among the options."""
+    parser.add_argument("--config", default=None, metavar="FILE|NAME",
+                        help=f"training config{scope}: a YAML file or a packaged config "
+                        f"({', '.join(packaged_configs())}; default: {default or 'the built-in defaults'})")
+    parser.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config field{scope}, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides in dotted form, e.g. optim.lr=3e-4 lora.r=16 (values are YAML; "
+                        "applied after --set; `mica train --help` lists the fields)")
+
+
+def overrides_from_args(args) -> list[str]:
+    """The overrides of a command line parsed with :func:`add_config_arguments`, in the order
+    they apply: ``--set`` ones first, then the dotted words."""
+    return [*args.set_overrides, *args.overrides]
+
+
+# ---------------------------------------------------------------------------- help
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _show(value: Any) -> str:
+    """A default as the user would type it (YAML flow style)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def config_fields(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted name, type, default, help)`` of every field of ``cls``, sections expanded."""
+    rows = []
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = types_[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += config_fields(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((prefix + f.name, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows
+
+
+def format_field_help(width: int = 100) -> str:
+    """Every config field with its type, default and help, for ``mica train --help``."""
+    rows = config_fields()
+    pad = max(len(name) for name, *_ in rows) + 4
+    lines = ["config fields (override with KEY=VALUE or --set KEY=VALUE; values are YAML):"]
+    section = None
+    for name, tp, default, text in rows:
+        head = name.split(".")[0] if "." in name else ""
+        if head != section:
+            section = head
+            lines.append("")
+        body = f"{text} [{tp}, default {_show(default)}]" if text else f"[{tp}, default {_show(default)}]"
+        lines += textwrap.wrap(body, width=width, initial_indent=f"  {name:<{pad - 2}}",
+                               subsequent_indent=" " * pad, break_on_hyphens=False)
+    return "\n".join(lines)

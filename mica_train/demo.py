@@ -1,6 +1,6 @@
 """The end-to-end demo (``make demo``): tiny model, warm start, a short MICA run, before/after.
 
-    python -m mica_train.demo [--out runs/demo] [--config configs/demo.yaml] [--set steps=20]
+    python -m mica_train.demo [--out runs/demo] [--config demo] [steps=20 ...]
 
 1. build the tiny offline model and tokenizer (``OUT/tiny-base``);
 2. supervised warm start on generated replies of all three kinds (``OUT/tiny-warm``);
@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 __all__ = ["main", "run_demo"]
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # packaged with mica_train (mica_train/configs/demo.yaml)
 
 
 def _time_split(records: list[dict]) -> dict:
@@ -138,15 +139,24 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import add_config_arguments, overrides_from_args
+
     p = argparse.ArgumentParser(prog="python -m mica_train.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--config", default=None, help=f"training config (default {DEFAULT_CONFIG.name})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training config field (repeatable)")
+    add_config_arguments(p, default=DEFAULT_CONFIG)
     p.add_argument("--warm-start-steps", type=int, default=400)
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    overrides = args.overrides + (["progress=false"] if args.no_progress else [])
+    args = p.parse_intermixed_args(argv)
+    overrides = overrides_from_args(args) + (["progress=false"] if args.no_progress else [])
+    from mica_core import MicaInputError
+
+    from .config import load_config
+
+    try:  # a bad config is one line, before any work
+        load_config(args.config or DEFAULT_CONFIG, overrides)
+    except MicaInputError as exc:
+        print(f"mica demo: error: {exc}", file=sys.stderr)
+        return 2
     summary = run_demo(args.out, args.config, overrides, args.warm_start_steps, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("pass_rate_before", "pass_rate_after", "steps", "seconds")}))
     return 0

@@ -28,6 +28,10 @@ import numpy as np
 from .config import TrainConfig, config_to_dict
 from .rollout import derive_seed
 
+# Test hook of tests/train/test_train_resume.py, not a setting: with this variable set to N the
+# process SIGKILLs itself in the middle of step N + 1 (after N steps of this process).
+KILL_AFTER_STEPS_ENV = "MICA_TRAIN_TEST_KILL_AFTER_STEPS"
+
 __all__ = ["StepTimes", "Trainer", "evaluate", "make_env_config", "training_scenarios", "warmup_cosine"]
 
 
@@ -160,6 +164,7 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self._steps_this_process = 0
+        self._kill_after_steps = int(os.environ.get(KILL_AFTER_STEPS_ENV) or 0)
         if ckpt is not None:
             state = load_checkpoint_state(ckpt)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -178,22 +183,11 @@ class Trainer:
             self.logger = MetricsLogger(self.run_dir, resume_step=self.step, tensorboard=cfg.tensorboard)
 
     def _validate(self) -> None:
-        import mica_core as mc
+        from .config import ConfigError, check_config
 
-        cfg = self.cfg
-        if cfg.advantage.estimator not in mc.list_estimators():
-            raise ValueError(
-                f"advantage.estimator {cfg.advantage.estimator!r} is not registered; "
-                f"known: {mc.list_estimators()}"
-            )
-        if cfg.data.group_size < 2:
-            raise ValueError("data.group_size must be >= 2: group baselines need several rollouts")
-        if cfg.data.scenarios_per_step < self.dist.world_size:
-            raise ValueError("data.scenarios_per_step must be >= the number of processes")
-        for name, value in (("steps", cfg.steps), ("optim.epochs", cfg.optim.epochs),
-                            ("optim.minibatches", cfg.optim.minibatches)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_config(self.cfg)
+        if self.cfg.data.scenarios_per_step < self.dist.world_size:
+            raise ConfigError("data.scenarios_per_step must be >= the number of processes")
 
     # ------------------------------------------------------------------ rollout
     def _scenario_index(self, step: int, group: int) -> int:
@@ -391,7 +385,7 @@ class Trainer:
         table = trajectory_table(records)
         times.rollout = time.perf_counter() - t0
 
-        if 0 < cfg.stop_after <= self._steps_this_process:
+        if 0 < self._kill_after_steps <= self._steps_this_process:
             # Test hook: die abruptly in the middle of a step, as an external kill would.
             os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,8 +1,6 @@
 """The tiny model, the chat template's assistant mask, batch layout, log-probs consistent with
 generation, and the LoRA invariant (base frozen, every adapter weight trained)."""
 
-import os
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,28 +16,24 @@ from mica_train.policy import (
     prompt_messages,
     response_logprobs,
 )
-from mica_train.tiny import TinyModelConfig, write_tiny_model
-from mica_train.warmstart import corpus_texts, generate_corpus, tokenize_examples
+from mica_train.warmstart import generate_corpus, tokenize_examples
+from train_helpers import write_small_tiny_model
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny.yaml")
-SMALL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
+torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("tiny") / "base"
-    write_tiny_model(out, corpus_texts(generate_corpus(12, seed=0)), SMALL)
-    return out
+@pytest.fixture
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def _cfg(tiny_dir, run_dir, *extra):
-    return load_config(CONFIG, [f"model.path={tiny_dir}", f"run_dir={run_dir}", *extra])
+    return load_config("tiny", [f"model.path={tiny_dir}", f"run_dir={run_dir}", *extra])
 
 
 def test_tiny_model_is_deterministic_and_offline(tiny_dir, tmp_path):
     other = tmp_path / "again"
-    write_tiny_model(other, corpus_texts(generate_corpus(12, seed=0)), SMALL)
+    write_small_tiny_model(other)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (tiny_dir / name).read_bytes() == (other / name).read_bytes(), name
     from transformers import AutoTokenizer

@@ -2,10 +2,7 @@
 same seed (weights, optimizer state and logged metrics); checkpoint writes are atomic."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,34 +12,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from mica_train.checkpoint import latest_checkpoint
-from mica_train.tiny import TinyModelConfig, write_tiny_model
-from mica_train.warmstart import corpus_texts, generate_corpus
-
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "tiny.yaml"
+from mica_train.trainer import KILL_AFTER_STEPS_ENV
+from train_helpers import run_mica, subprocess_env
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "base"
-    cfg = TinyModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1)
-    write_tiny_model(out, corpus_texts(generate_corpus(12, seed=0)), cfg)
-    return out
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    return env
-
-
-def _train(tiny_dir, run_dir, *overrides):
-    cmd = [sys.executable, "-m", "mica_train.cli", "train", "--config", str(CONFIG),
-           "--set", f"model.path={tiny_dir}", "--set", f"run_dir={run_dir}", "--set", "steps=4"]
-    for o in overrides:
-        cmd += ["--set", o]
-    return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, check=False)
+def _train(tiny_dir, run_dir, *overrides, kill_after=None):
+    env = subprocess_env(**({KILL_AFTER_STEPS_ENV: str(kill_after)} if kill_after else {}))
+    return run_mica("train", "--config", "tiny", f"model.path={tiny_dir}", f"run_dir={run_dir}", "steps=4",
+                    *overrides, env=env)
 
 
 def _metrics(run_dir):
@@ -56,20 +33,21 @@ def _tensors(path):
     return load_file(str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, lora):
+def test_killed_and_resumed_equals_uninterrupted(tiny_model_dir, tmp_path, lora):
     opts = [f"lora.enabled={str(lora).lower()}"]
     full = tmp_path / "full"
-    done = _train(tiny_dir, full, *opts)
+    done = _train(tiny_model_dir, full, *opts)
     assert done.returncode == 0, done.stderr
 
     broken = tmp_path / "broken"
-    killed = _train(tiny_dir, broken, *opts, "stop_after=2")
+    killed = _train(tiny_model_dir, broken, *opts, kill_after=2)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert latest_checkpoint(broken).name == "step_000002"
     assert [r["step"] for r in _metrics(broken)] == [1, 2]  # step 3 was under way, not logged
 
-    resumed = _train(tiny_dir, broken, *opts)
+    resumed = _train(tiny_model_dir, broken, *opts)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "(step 2)" in resumed.stderr
 

@@ -27,9 +27,9 @@ def label_rollouts(n_scenarios: int = 64, group_size: int = 8, seed: int = 0, ma
                    min_turns: int = 12) -> dict[str, list]:
     """Random-act episodes on generated training cards, ``group_size`` per card; the long-form
     columns of ``mica_core.compute_advantages`` plus ``good`` (the act is pacing's act)."""
-    from .env import SUPPORT_ACTS, EnvConfig, generate_scenarios, make_env, sample_reply
-    from .env.acts import detect_acts
-    from .env.policies import pacing
+    from ..env import SUPPORT_ACTS, EnvConfig, generate_scenarios, make_env, sample_reply
+    from ..env.acts import detect_acts
+    from ..env.policies import pacing
 
     env = make_env(EnvConfig(max_turns=max_turns, min_turns=min_turns))
     cols: dict[str, list] = {k: [] for k in ("group_id", "traj_id", "turn", "distance", "initial_distance", "good")}

@@ -23,8 +23,8 @@ __all__ = ["behaviour_summary", "evaluate_with_behaviour"]
 
 def behaviour_summary(records, scenarios, seeds, env) -> dict[str, Any]:
     """Replay ``records`` (from ``run_episodes``) and summarize the acts of their replies."""
-    from .env.acts import detect_acts
-    from .env.policies import pacing
+    from ..env.acts import detect_acts
+    from ..env.policies import pacing
 
     n_turns = agree = opening = mismatches = 0
     shares = dict.fromkeys(("validate", "reframe", "plan", "multiple", "none"), 0)
@@ -56,9 +56,9 @@ def evaluate_with_behaviour(policy, cfg) -> dict[str, Any]:
     """``evaluate(policy, cfg)`` on the evaluation set (one process) plus ``behaviour``."""
     import torch
 
-    from .env import aggregate_metrics, eval_scenarios, make_env
-    from .rollout import derive_seed, run_episodes
-    from .trainer import make_env_config
+    from ..env import aggregate_metrics, eval_scenarios, make_env
+    from ..rollout import derive_seed, run_episodes
+    from ..trainer import make_env_config
 
     scenarios = list(eval_scenarios())
     env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))

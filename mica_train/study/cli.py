@@ -1,0 +1,106 @@
+"""``mica study``: the command line of the credit-assignment study.
+
+    mica study                                 # the full study, in runs/study/
+    mica study --quick                         # a smoke run of every stage, in runs/study-quick/
+    mica study --seeds 3 --estimators mica,grpo --steps 8 optim.lr=1e-3
+    mica study --publish                       # also write bench/results/study.json,
+                                               # docs/study_curves.png and docs/study.md's tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import add_config_arguments, overrides_from_args
+from .plan import ESTIMATORS, FULL, QUICK, StudyPlan, WarmStartSpec
+
+__all__ = ["build_parser", "main", "plan_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mica study",
+        description="Credit-assignment study: every estimator trains the same warm-started tiny policy "
+        "at equal rollout budget over several seeds and is evaluated on the evaluation scenario set. "
+        "Writes study.json, study_curves.png and study.md into the run directory; an interrupted "
+        "study resumes where it stopped.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; not a result)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"number of seeds (default {len(FULL.seeds)}; --quick: {len(QUICK.seeds)})")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST .. FIRST+N-1")
+    p.add_argument("--estimators", default=None, help=f"comma-separated (default: {','.join(ESTIMATORS)})")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
+    p.add_argument("--run-dir", default=None,
+                   help=f"warm start, runs and outputs (default {FULL.run_dir}; --quick: {QUICK.run_dir})")
+    p.add_argument("--publish", action="store_true",
+                   help="also write the committed results of the mica checkout in the current directory: "
+                   "bench/results/study.json, docs/study_curves.png and the tables of docs/study.md")
+    p.add_argument("--workers", type=int, default=FULL.workers, help="parallel training processes (default 2)")
+    p.add_argument("--threads", type=int, default=FULL.threads, help="torch threads per worker (default 1)")
+    p.add_argument("--warm-start-steps", type=int, default=None,
+                   help=f"supervised warm-start steps (default {FULL.warm.steps}; --quick: {QUICK.warm.steps})")
+    add_config_arguments(p, default=FULL.config, scope=" of every run")
+    p.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def plan_from_args(args: argparse.Namespace) -> StudyPlan:
+    """The plan of a command line: the full or quick preset with the options applied. Raises
+    ``ValueError`` (a bad estimator list, seed count, config or override) before any work."""
+    import mica_core as mc
+
+    base = QUICK if args.quick else FULL
+    known = mc.list_estimators()
+    estimators = [e.strip() for e in (args.estimators or ",".join(ESTIMATORS)).split(",") if e.strip()]
+    unknown = [e for e in estimators if e not in known]
+    if unknown:
+        raise ValueError(f"--estimators: unknown estimator(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if len(set(estimators)) != len(estimators):
+        raise ValueError("--estimators lists a name twice")
+    n_seeds = args.seeds if args.seeds is not None else len(base.seeds)
+    if n_seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    overrides = list(base.overrides)
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    overrides += overrides_from_args(args)
+    warm = base.warm
+    if args.warm_start_steps is not None:
+        warm = WarmStartSpec(steps=args.warm_start_steps, tiny=warm.tiny, corpus_episodes=warm.corpus_episodes,
+                             seed=warm.seed)
+    plan = base.replace(
+        estimators=tuple(estimators),
+        seeds=tuple(range(args.first_seed, args.first_seed + n_seeds)),
+        config=args.config or base.config,
+        overrides=tuple(overrides),
+        run_dir=args.run_dir or base.run_dir,
+        workers=max(1, args.workers),
+        threads=args.threads,
+        warm=warm,
+        command=args.command or base.command,
+    )
+    plan.load()  # a bad --config or override fails here, before any work
+    return plan
+
+
+def main(argv: list[str] | None = None) -> int:
+    """credit-assignment study over estimators (mica_train)"""
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_intermixed_args(words)
+    if args.command is None:
+        args.command = " ".join(["mica study", *words])
+    from .report import check_publish_target
+    from .run import run_study
+
+    try:
+        plan = plan_from_args(args)
+        if args.publish:
+            check_publish_target(".")
+    except ValueError as exc:
+        print(f"mica study: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    run_study(plan, publish_root="." if args.publish else None)
+    return 0
