@@ -48,6 +48,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "format_field_help",
+    "make_env_config",
     "load_config",
     "overrides_from_args",
     "packaged_configs",
@@ -399,8 +400,6 @@ def check_config(cfg: TrainConfig) -> None:
     unknown = sorted(k for k in cfg.env.extra if k not in env_fields)
     if unknown:
         raise _unknown_key("env.extra", unknown[0], sorted(env_fields))
-    from .trainer import make_env_config
-
     try:
         make_env_config(cfg.env)
     except (TypeError, ValueError) as exc:
@@ -502,3 +501,19 @@ def format_field_help(width: int = 100) -> str:
         lines += textwrap.wrap(body, width=width, initial_indent=f"  {name:<{pad - 2}}",
                                subsequent_indent=" " * pad, break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def make_env_config(env_settings, max_turns: int | None = None):
+    """The environment's :class:`mica_train.env.EnvConfig` from the ``env`` settings (and an
+    evaluation's own turn limit)."""
+    from .env import EnvConfig
+
+    max_turns = max_turns or env_settings.max_turns
+    kwargs = {
+        "simulator": env_settings.simulator,
+        "success": env_settings.success,
+        "max_turns": max_turns,
+        "min_turns": min(env_settings.min_turns, max_turns),
+    }
+    kwargs.update(env_settings.extra)
+    return EnvConfig(**kwargs)

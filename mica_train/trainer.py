@@ -25,14 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, make_env_config
 from .rollout import derive_seed
 
 # Test hook of tests/train/test_train_resume.py, not a setting: with this variable set to N the
 # process SIGKILLs itself in the middle of step N + 1 (after N steps of this process).
 KILL_AFTER_STEPS_ENV = "MICA_TRAIN_TEST_KILL_AFTER_STEPS"
 
-__all__ = ["StepTimes", "Trainer", "evaluate", "make_env_config", "training_scenarios", "warmup_cosine"]
+__all__ = ["StepTimes", "Trainer", "evaluate", "training_scenarios", "warmup_cosine"]
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float):
@@ -46,20 +46,6 @@ def warmup_cosine(total: int, warmup: int, min_ratio: float):
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def make_env_config(env_settings, max_turns: int | None = None):
-    from .env import EnvConfig
-
-    max_turns = max_turns or env_settings.max_turns
-    kwargs = {
-        "simulator": env_settings.simulator,
-        "success": env_settings.success,
-        "max_turns": max_turns,
-        "min_turns": min(env_settings.min_turns, max_turns),
-    }
-    kwargs.update(env_settings.extra)
-    return EnvConfig(**kwargs)
 
 
 def training_scenarios(data_cfg) -> list:

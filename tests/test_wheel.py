@@ -6,6 +6,7 @@ session; ``make test`` includes it.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -31,9 +32,19 @@ def installed(tmp_path_factory):
     """``(bin folder, work folder)`` of a fresh venv holding the wheel with its training
     extra, versions pinned by requirements/ci.txt."""
     base = tmp_path_factory.mktemp("wheel")
+    # Build from a copy of the files a clone has (tracked, and new files git does not
+    # ignore), as they are in the working tree: no build/ or egg-info left by earlier builds
+    # can slip into the wheel.
+    src = base / "src"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
     dist = base / "dist"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-          "-w", str(dist), str(ROOT)])
+          "-w", str(dist), str(src)])
     wheels = list(dist.glob("mica_credit-*.whl"))
     assert len(wheels) == 1, wheels
     env_dir = base / "venv"
@@ -80,10 +91,9 @@ def test_estimators_and_advantages_from_the_wheel(installed):
     np.testing.assert_allclose(out["reward"].to_numpy(), [1.0, 1.0, -0.5, 1.0, 3.0, 0.5, 1.5])
 
 
-@pytest.mark.xfail(strict=True, reason="configs/ are not yet package data (issue 12, item 4)")
 def test_study_quick_from_the_wheel(installed):
     bin_dir, work = installed
     _run([str(bin_dir / "mica"), "study", "--quick"], cwd=work, env=_env(bin_dir))
-    made = [p for p in work.rglob("*") if p.is_file()]
-    assert any(p.name == "study.json" for p in made), made
+    made = {p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()}
+    assert "runs/study-quick/study.json" in made, sorted(made)
     assert not (work / "bench").exists() and not (work / "docs").exists()

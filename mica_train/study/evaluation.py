@@ -58,7 +58,7 @@ def evaluate_with_behaviour(policy, cfg) -> dict[str, Any]:
 
     from ..env import aggregate_metrics, eval_scenarios, make_env
     from ..rollout import derive_seed, run_episodes
-    from ..trainer import make_env_config
+    from ..config import make_env_config
 
     scenarios = list(eval_scenarios())
     env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
