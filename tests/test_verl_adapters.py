@@ -257,3 +257,23 @@ def test_grpo_adapter_equals_verl_formula_written_out():
         mean, std = (s.mean(), s.std()) if len(rows) > 1 else (0.0, 1.0)
         want[rows] = (s - mean) / (std + 1e-6)
     torch.testing.assert_close(adv, (want[:, None] * mask).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mica", "mica_adr", "grpo"])
+def test_v1_one_row_per_session_keeps_its_turns(name):
+    """v1 with an ordinary multi-turn agent loop: one row per session ({uid}_{s}_0) holds all
+    of its turns, found from the mask (or given boundaries) as in the legacy layout."""
+    rng = np.random.default_rng(9)
+    eps = L.random_episodes(rng, tool_p=0.0)
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = {k: v for k, v in rows["non_tensor"].items() if k != "mica_turn_start"}
+    keys = [f"{ep['uid']}_{ep['session']}_0" for ep in eps]
+    kw = dict(non_tensor_batch=nt, batch={"token_level_scores": scores}, gamma=0.85)
+    a, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], batch_keys=keys, **kw)
+    b, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], **kw)
+    assert torch.equal(a, b)
+    with pytest.raises(mc.MicaInputError, match="values but the row has 1 assistant turns"):
+        mv.verl_estimator(name)(scores, mask, nt["uid"], batch_keys=keys,
+                                config={"mica": {"v1_rows": "turn", "gamma": 0.85}},
+                                **{k: v for k, v in kw.items() if k != "gamma"})

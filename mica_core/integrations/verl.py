@@ -20,9 +20,10 @@ Layouts (docs/verl.md has the table):
 - one row per trajectory (verl's agent loop): the turns of a row are the runs of ones of
   ``response_mask``, or explicit boundaries (``non_tensor_batch["mica_turn_start"]``, per row
   the first token of each turn, or ``batch["mica_turn_index"]``, per token);
-- one row per turn (``trainer.use_v1=True``, multi-output agent loops): rows keyed
-  ``{uid}_{session}_{index}``; the rows of a session are one trajectory in ``index`` order,
-  each row one turn (unless explicit boundaries split it).
+- verl's v1 trainer (``trainer.use_v1=True``, the default in 0.9.1): rows keyed
+  ``{uid}_{session}_{index}``; the rows of a session are one trajectory in ``index`` order.
+  When a session has several rows (a multi-output agent loop) each row is one turn, else the
+  row's turns are found as above; ``algorithm.mica.v1_rows=turn|spans`` overrides.
 
 Turn rewards, from the first source present:
 
@@ -260,6 +261,23 @@ def _session_order(keys, labels):
     return row_order, traj, len(sessions), last, group
 
 
+def _rows_are_turns(keys, setting):
+    """v1 rows: is each row one turn (``"turn"``) or a piece holding whole turns (``"spans"``)?
+
+    ``auto`` (default): one turn per row as soon as a session has several rows (a multi-output
+    agent loop); with one row per session, rows are whole trajectories whose turns are found
+    the usual way.
+    """
+    setting = "auto" if setting is None else str(setting)
+    if setting not in ("auto", "turn", "spans"):
+        raise MicaInputError(f"must be 'auto', 'turn' or 'spans'; got {setting!r}",
+                             column="algorithm.mica.v1_rows", rule="choice")
+    if setting != "auto":
+        return setting == "turn"
+    sessions = {k.rsplit("_", 1)[0] for k in keys}
+    return len(sessions) < len(keys)
+
+
 def _row_values(field, column, b, width=None):
     """Row ``b`` of a per-row signal field as float64: ``[T]`` (or ``[T, width]``)."""
     try:
@@ -379,7 +397,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
         bounds["turn_start"] = list(nt[FIELDS["turn_start"]])
     elif batch is not None and FIELDS["turn_index"] in batch.keys():
         bounds["turn_index"] = batch[FIELDS["turn_index"]]
-    elif keys is not None:  # v1 rows: each row is one turn
+    elif keys is not None and _rows_are_turns(keys, _get(_get(config, "mica"), "v1_rows")):
         bounds["turn_index"] = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
     scores = None
     if batch is not None and "token_level_scores" in batch.keys():
