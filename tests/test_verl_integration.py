@@ -269,26 +269,33 @@ def _tiny_tokenizer():
         pad_token="<pad>")
 
 
+def agent_loop_worker(tokenizer, prompt_length, response_length):
+    """verl's AgentLoopWorker without Ray or servers: its post-processing methods only."""
+    from types import SimpleNamespace
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    worker = AgentLoopWorker.__new__(AgentLoopWorker)
+    worker.rollout_config = SimpleNamespace(prompt_length=prompt_length,
+                                            response_length=response_length)
+    worker.tokenizer = tokenizer
+    worker.processor = None
+    worker.mm_processor_kwargs = {}
+    worker.reward_loop_worker_handles = None
+    worker.distillation_enabled = False
+    return worker
+
+
 def agent_loop_batch(episodes, response_length, with_signals=True):
     """The DataProto verl's agent loop hands the trainer, made by verl's own
     AgentLoopWorker._agent_loop_postprocess (padding, masks, the score at the last valid
     response token) and AgentLoopWorker._postprocess (extra_fields -> non_tensor_batch)."""
     import asyncio
-    from types import SimpleNamespace
 
-    from verl.experimental.agent_loop.agent_loop import (
-        AgentLoopMetrics,
-        AgentLoopOutput,
-        AgentLoopWorker,
-    )
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 
-    worker = AgentLoopWorker.__new__(AgentLoopWorker)  # no Ray, no servers: the methods only
-    worker.rollout_config = SimpleNamespace(prompt_length=4, response_length=response_length)
-    worker.tokenizer = _tiny_tokenizer()
-    worker.processor = None
-    worker.mm_processor_kwargs = {}
-    worker.reward_loop_worker_handles = None
-    worker.distillation_enabled = False
+    worker = agent_loop_worker(_tiny_tokenizer(), prompt_length=4,
+                               response_length=response_length)
     rows = L.trajectory_rows(episodes)
     outputs = []
     for b, ep in enumerate(episodes):
