@@ -124,16 +124,7 @@ def broadcast_to_tokens(turn_advantage, response_mask):
     """verl layout: row b's k-th run of ones in response_mask gets its k-th turn advantage.
 
     ``turn_advantage`` is a list (per row) of lists (per turn)."""
-    out = []
-    for adv_row, mask_row in zip(turn_advantage, response_mask):
-        row, k, prev = [], -1, 0
-        for m in mask_row:
-            if m and not prev:
-                k += 1
-            row.append(float(adv_row[k]) if m else 0.0)
-            prev = m
-        out.append(row)
-    return out
+    return broadcast_to_turn_tokens(turn_advantage, response_mask)
 
 
 def turn_of_token(response_mask, turn_start=None, turn_index=None):

@@ -322,3 +322,24 @@ def test_cuda_broadcast_without_validation_is_sync_free():
     want = broadcast_to_tokens(adv.cpu(), mask.cpu())
     torch.testing.assert_close(a.cpu(), want)
     assert b.device.type == c.device.type == "cuda"
+
+
+@cuda_only
+def test_cuda_attribution_matches_cpu_and_is_deterministic():
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 512, generator=g) > 0.3
+    rew = torch.randn(64, 512, generator=g) * mask
+    rew[:, -1] += 1.0  # a score on the last token of every row
+    mask[:, 0] = True  # so that no reward lies before a row's first turn
+    index = torch.cumsum(torch.rand(64, 512, generator=g) > 0.97, 1)
+    for kw in ({}, {"turn_index": index}):
+        want, spans = turn_rewards_from_tokens(rew.double(), mask, **kw)
+        got = [turn_rewards_from_tokens(rew.double().to(dev), mask.to(dev),
+                                        **{k: v.to(dev) for k, v in kw.items()})[0]
+               for _ in range(2)]
+        assert torch.equal(got[0], got[1])
+        torch.testing.assert_close(got[0].cpu(), want)
+        tok = broadcast_to_tokens(got[0], mask.to(dev), validate=False,
+                                  **{k: v.to(dev) for k, v in kw.items()})
+        torch.testing.assert_close(tok.cpu(), broadcast_to_tokens(want, mask, **kw))
