@@ -293,12 +293,13 @@ def _row_values(field, column, b, width=None):
 
 
 def _signals(nt, config):
-    """``(kind, per-row values, per-row initial values)`` of the first signal present."""
+    """``(kind, field, per-row values, per-row initial values)`` of the first signal present."""
     if not nt:
         return None
     section = _get(config, "mica")
     if FIELDS["distance"] in nt:
-        return "distance", nt[FIELDS["distance"]], nt.get(FIELDS["initial_distance"])
+        return ("distance", FIELDS["distance"], nt[FIELDS["distance"]],
+                nt.get(FIELDS["initial_distance"]))
     if FIELDS["state"] in nt:
         from ..signals import distance_from_state
 
@@ -313,18 +314,17 @@ def _signals(nt, config):
                 for b in range(len(col))]
         d0 = [float(distance_from_state(_row_values(FIELDS["initial_state"], init, b), **kw))
               for b in range(len(init))]
-        return "distance", dist, d0
+        return "distance", FIELDS["state"], dist, d0
     if FIELDS["reward"] in nt:
-        return "reward", nt[FIELDS["reward"]], None
+        return "reward", FIELDS["reward"], nt[FIELDS["reward"]], None
     return None
 
 
-def _turn_rewards_from_signals(kind, values, initial, estimator, per_row, row_order, traj,
-                               n_traj):
+def _turn_rewards_from_signals(kind, field, values, initial, estimator, per_row, row_order,
+                               traj, n_traj):
     """Per-turn rewards (host float64, trajectory order) from per-row signal lists."""
     from ..signals import absolute_distance_reward, incremental_distance_reward
 
-    field = FIELDS[kind]
     chunks = []
     for b in row_order:
         v = _row_values(field, values, int(b))
@@ -404,6 +404,11 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
         scores = batch["token_level_scores"]
     signal = _signals(nt, config)
 
+    if keys is not None:
+        row_order, traj, n_traj, last, group = _session_order(keys, labels)
+    else:
+        row_order, traj, n_traj, last, group = np.arange(B), np.arange(B), B, None, labels
+
     with torch.no_grad():
         if signal is not None:
             # the score is replaced by the signals; what verl added to it (KL) stays
@@ -416,7 +421,6 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
         else:
             dense = token_level_rewards
         if dense is None:
-            row_order, traj, n_traj, last, group = _session_order(keys, labels)
             keep = torch.as_tensor(last, device=scores.device)[:, None]
             dense = torch.where(keep, token_level_rewards, token_level_rewards - scores)
         token_reward, spans = turn_rewards_from_tokens(dense, mask, **bounds)
@@ -426,19 +430,17 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
             raise MicaInputError("this row has no assistant token (response_mask is all 0): "
                                  "it has no turn to credit", column="response_mask",
                                  row=int(empty[0]), rule="at least one turn")
-        if keys is not None:
-            row_order, traj, n_traj, _, group = _session_order(keys, labels)
-        else:
-            row_order, traj, n_traj, group = (np.arange(B), np.arange(B), B, labels)
         # turn permutation: trajectory order (rows in session/index order) -> row-major
         host_off = spans.offsets.cpu().numpy()
-        perm = np.concatenate([np.arange(host_off[b], host_off[b + 1]) for b in row_order])
+        if keys is None:
+            perm = np.arange(host_off[-1])
+        else:
+            perm = np.concatenate([np.arange(host_off[b], host_off[b + 1]) for b in row_order])
         perm_t = torch.as_tensor(perm, device=token_reward.device)
         reward = token_reward[perm_t].to(torch.float64)
         if signal is not None:
-            kind, values, initial = signal
-            sig = _turn_rewards_from_signals(kind, values, initial, estimator, per_row,
-                                             row_order, traj, n_traj)
+            sig = _turn_rewards_from_signals(*signal, estimator, per_row, row_order, traj,
+                                             n_traj)
             reward = reward + torch.as_tensor(sig, device=reward.device)
         counts = np.bincount(traj, weights=per_row[row_order], minlength=n_traj).astype(np.int64)
         offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]),
