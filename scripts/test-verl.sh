@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs mica's verl integration tests against the real verl package in its own virtual
+# Runs mica's verl integration tests (and the CPU half of examples/verl_multiturn) against the real verl package in its own virtual
 # environment, .venv-verl (verl pins transformers < 5.11, which the main .venv does not).
 #
 #   bash scripts/test-verl.sh            # create or update .venv-verl, then run the tests
@@ -33,4 +33,4 @@ if [[ "$want" != "$have" ]]; then
 fi
 
 "$PY" -c "import verl, torch, mica_core; print('test-verl: verl', verl.__version__, '| torch', torch.__version__)"
-exec "$PY" -m pytest -q -p no:cacheprovider tests/test_verl_integration.py "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider tests/test_verl_integration.py tests/test_verl_example.py "$@"

@@ -133,13 +133,57 @@ def broadcast_to_tokens(turn_advantage, response_mask):
     """verl layout: row b's k-th run of ones in response_mask gets its k-th turn advantage.
 
     ``turn_advantage`` is a list (per row) of lists (per turn)."""
+    return broadcast_to_turn_tokens(turn_advantage, response_mask)
+
+
+def turn_of_token(response_mask, turn_start=None, turn_index=None):
+    """Per row, the turn of every token under design §5's attribution rule, by plain loops:
+    a token belongs to the latest turn that started at or before it (-1: none yet).
+
+    Turn starts: the first token of each run of ones; or ``turn_start[b]`` (token positions);
+    or, with ``turn_index``, every assistant token whose index differs from the previous
+    assistant token's in that row."""
     out = []
-    for adv_row, mask_row in zip(turn_advantage, response_mask):
-        row, k, prev = [], -1, 0
-        for m in mask_row:
-            if m and not prev:
+    for b, mask_row in enumerate(response_mask):
+        if turn_start is not None:
+            starts = set(int(p) for p in turn_start[b])
+        elif turn_index is not None:
+            starts, prev = set(), None
+            for j, m in enumerate(mask_row):
+                if m:
+                    if prev is None or turn_index[b][j] != prev:
+                        starts.add(j)
+                    prev = turn_index[b][j]
+        else:
+            starts = {j for j, m in enumerate(mask_row) if m and (j == 0 or not mask_row[j - 1])}
+        k, row = -1, []
+        for j in range(len(mask_row)):
+            if j in starts:
                 k += 1
-            row.append(float(adv_row[k]) if m else 0.0)
-            prev = m
+            row.append(k)
         out.append(row)
     return out
+
+
+def turn_rewards_from_tokens(rewards, response_mask, turn_start=None, turn_index=None):
+    """Per row, the list of per-turn rewards: exact sums (fsum) of the token rewards that
+    belong to each turn. A non-zero reward before a row's first turn raises ValueError."""
+    out = []
+    for b, ids in enumerate(turn_of_token(response_mask, turn_start, turn_index)):
+        n = max(ids) + 1
+        parts = [[] for _ in range(n)]
+        for j, k in enumerate(ids):
+            if k < 0:
+                if rewards[b][j] != 0:
+                    raise ValueError(f"row {b}: reward before the first turn")
+                continue
+            parts[k].append(float(rewards[b][j]))
+        out.append([math.fsum(p) for p in parts])
+    return out
+
+
+def broadcast_to_turn_tokens(turn_values, response_mask, turn_start=None, turn_index=None):
+    """Row b's k-th turn value on every assistant token of that turn, 0 elsewhere."""
+    ids = turn_of_token(response_mask, turn_start, turn_index)
+    return [[float(turn_values[b][k]) if m else 0.0 for m, k in zip(mask_row, ids[b])]
+            for b, mask_row in enumerate(response_mask)]

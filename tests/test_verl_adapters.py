@@ -14,6 +14,8 @@ torch = pytest.importorskip("torch")
 from naive import KEYED, PRESETS, naive_estimate
 from naive import broadcast_to_tokens as naive_broadcast
 
+import verl_layouts as L
+
 import mica_core as mc
 from mica_core.integrations import verl as mv
 
@@ -93,8 +95,8 @@ def test_options_come_from_kwargs_then_mica_section_then_top_level():
         gamma=0.5, eps=0.0, weight=0.25, baseline="loo")
     cfg["mica"]["gamma"] = 0.7
     assert mv.options_from_config("mica", cfg)["gamma"] == 0.7
-    assert mv.options_from_config("mica", Cfg(gamma=1.0, mica=Cfg(weight=0.1))) == dict(
-        gamma=1.0, weight=0.1)
+    assert mv.options_from_config("mica", Cfg(gamma=0.5, mica=Cfg(weight=0.1))) == dict(
+        gamma=0.5, weight=0.1)
     assert mv.options_from_config("mica", None, {"reward_baselines": 1}) == {}
 
 
@@ -114,13 +116,128 @@ def test_errors_name_the_row():
     with pytest.raises(mc.MicaInputError, match="no assistant token") as info:
         mv.compute_mica_advantage(rew, mask, np.array(["a", "b"], dtype=object))
     assert (info.value.column, info.value.row) == ("response_mask", 1)
-    mask[1, 1] = 1
-    rew[0, 3] = 1.0
-    with pytest.raises(mc.MicaInputError, match="outside any assistant span") as info:
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])
+    rew[1, 0] = 1.0
+    with pytest.raises(mc.MicaInputError, match="before the row's first assistant turn") as info:
         mv.compute_mica_advantage(rew, mask, np.array(["a", "b"], dtype=object))
-    assert info.value.row == 0
+    assert (info.value.row, str(info.value).count("\n")) == (1, 0)
     with pytest.raises(mc.MicaInputError, match="one label"):
         mv.compute_mica_advantage(torch.zeros(2, 4), mask, np.array(["a"], dtype=object))
+    with pytest.raises(mc.MicaInputError, match="keep data.non_tensor_batch\\['uid'\\]"):
+        mv.compute_mica_advantage(torch.zeros(2, 4), mask)  # verl omits index without uid
+    nt = {"mica_distance": np.array([[1.0], [1.0, 2.0]], dtype=object),
+          "mica_initial_distance": np.array([2.0, 3.0])}
+    with pytest.raises(mc.MicaInputError, match="has 2 values but the row has 1") as info:
+        mv.compute_mica_advantage(torch.zeros(2, 4), mask, np.array(["a", "a"], dtype=object),
+                                  non_tensor_batch=nt)
+    assert (info.value.column, info.value.row) == ("mica_distance", 1)
+
+
+def test_verl_default_gamma_warns_once_per_preset():
+    mv._GAMMA_WARNED.clear()
+    with pytest.warns(UserWarning, match="algorithm.gamma=1.0 .* preset 'mica_turn''s gamma 0.85"):
+        opts = mv.options_from_config("mica_turn", {"gamma": 1.0})
+    assert opts["gamma"] == 1.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mv.options_from_config("mica_turn", {"gamma": 1.0})           # warned already
+        mv.options_from_config("grpo", {"gamma": 1.0})                # its own gamma is 1.0
+        mv.options_from_config("mica", {"gamma": 0.9})                # set on purpose
+        assert mv.options_from_config("mica", {"gamma": 1.0, "mica": {"gamma": 0.85}})[
+            "gamma"] == 0.85                                          # mica's key wins
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("kl", [False, True])
+def test_distances_in_non_tensor_batch_one_row_per_trajectory(name, kl):
+    """verl's agent-loop layout: tool calls inside turns (turn starts given), user tokens after
+    each turn, the outcome score on the last valid token, per-turn distances in
+    non_tensor_batch, optionally a KL penalty on every assistant token."""
+    rng = np.random.default_rng(7)
+    eps = L.random_episodes(rng, tool_p=0.5)
+    rows = L.trajectory_rows(eps)
+    mask = torch.as_tensor(rows["response_mask"])
+    scores = torch.as_tensor(rows["scores"])
+    kl_tok = torch.zeros_like(scores)
+    if kl:
+        kl_tok = torch.as_tensor(np.float32(rng.uniform(0, 0.02, scores.shape))) * mask
+    rewards = scores - kl_tok
+    nt = rows["non_tensor"]
+    adv, ret = mv.verl_estimator(name)(rewards, mask, nt["uid"], non_tensor_batch=nt,
+                                       batch={"token_level_scores": scores}, gamma=0.85)
+    kl_turn = []
+    for b, ep in enumerate(eps):
+        starts = list(nt["mica_turn_start"][b]) + [mask.shape[1]]
+        kl_turn.append([-float(kl_tok[b, starts[k]:starts[k + 1]].double().sum())
+                        for k in range(len(ep["turns"]))])
+    want = L.expected(eps, name, kl=kl_turn if kl else None, gamma=0.85)
+    for col, got in ((2, adv), (1, ret)):
+        tok = L.expected_tokens(eps, want, col, "trajectory")
+        ref = np.zeros(tuple(mask.shape))
+        for b, row in enumerate(tok):
+            ref[b, :len(row)] = row
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5)
+    # without turn starts, a tool call makes two turns and the distances no longer fit
+    if any(t["tool"] for ep in eps for t in ep["turns"]):
+        nt2 = {k: v for k, v in nt.items() if k != "mica_turn_start"}
+        with pytest.raises(mc.MicaInputError, match="assistant turns|keys but the row"):
+            mv.verl_estimator(name)(rewards, mask, nt["uid"], non_tensor_batch=nt2)
+
+
+def test_mica_and_mica_adr_differ_given_distances():
+    rng = np.random.default_rng(3)
+    eps = L.random_episodes(rng)
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = rows["non_tensor"]
+    a, _ = mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    b, _ = mv.compute_mica_adr_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_score_only_trajectory_rows_credit_the_last_turn(name):
+    """No per-turn signal: verl's outcome score on the last valid (often user) token is the
+    last turn's reward; the other turns get 0."""
+    rng = np.random.default_rng(11)
+    eps = L.random_episodes(rng, tool_p=0.5)
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = {"uid": rows["non_tensor"]["uid"],
+          "mica_turn_start": rows["non_tensor"]["mica_turn_start"],
+          "mica_key": rows["non_tensor"]["mica_key"]}
+    adv, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], non_tensor_batch=nt, gamma=0.85)
+    want = L.expected(eps, name, signal="score", gamma=0.85)
+    tok = L.expected_tokens(eps, want, 2, "trajectory")
+    ref = np.zeros(tuple(mask.shape))
+    for b, row in enumerate(tok):
+        ref[b, :len(row)] = row
+    np.testing.assert_allclose(adv.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("signal", ["distance", "score"])
+def test_v1_rows_of_a_session_are_one_trajectory(name, signal):
+    """verl v1: one row per turn keyed {uid}_{session}_{index}, rows shuffled, the session's
+    score copied on every row (counted once)."""
+    rng = np.random.default_rng(5)
+    eps = L.random_episodes(rng, tool_p=0.5)
+    rows = L.turn_rows(eps, rng)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = rows["non_tensor"] if signal == "distance" else {
+        k: rows["non_tensor"][k] for k in ("uid", "mica_key")}
+    adv, ret = mv.verl_estimator(name)(scores, mask, nt["uid"], non_tensor_batch=nt,
+                                       batch={"token_level_scores": scores},
+                                       batch_keys=rows["keys"], gamma=0.85)
+    want = L.expected(eps, name, signal=signal, gamma=0.85)
+    by_ep = {id(ep): res for ep, res in zip(eps, want)}
+    for b, (ep, i) in enumerate(rows["turn"]):
+        m = mask[b].bool()
+        np.testing.assert_allclose(adv[b][m].numpy(), by_ep[id(ep)][i][2], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ret[b][m].numpy(), by_ep[id(ep)][i][1], rtol=1e-5, atol=1e-5)
+        assert torch.all(adv[b][~m] == 0)
 
 
 def test_grpo_adapter_equals_verl_formula_written_out():
@@ -142,3 +259,38 @@ def test_grpo_adapter_equals_verl_formula_written_out():
         mean, std = (s.mean(), s.std()) if len(rows) > 1 else (0.0, 1.0)
         want[rows] = (s - mean) / (std + 1e-6)
     torch.testing.assert_close(adv, (want[:, None] * mask).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["mica", "mica_adr", "grpo"])
+def test_v1_one_row_per_session_keeps_its_turns(name):
+    """v1 with an ordinary multi-turn agent loop: one row per session ({uid}_{s}_0) holds all
+    of its turns, found from the mask (or given boundaries) as in the legacy layout."""
+    rng = np.random.default_rng(9)
+    eps = L.random_episodes(rng, tool_p=0.0)
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = {k: v for k, v in rows["non_tensor"].items() if k != "mica_turn_start"}
+    keys = [f"{ep['uid']}_{ep['session']}_0" for ep in eps]
+    kw = dict(non_tensor_batch=nt, batch={"token_level_scores": scores}, gamma=0.85)
+    a, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], batch_keys=keys, **kw)
+    b, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], **kw)
+    assert torch.equal(a, b)
+    with pytest.raises(mc.MicaInputError, match="values but the row has 1 assistant turns"):
+        mv.verl_estimator(name)(scores, mask, nt["uid"], batch_keys=keys,
+                                config={"mica": {"v1_rows": "turn", "gamma": 0.85}},
+                                **{k: v for k, v in kw.items() if k != "gamma"})
+
+
+def test_gigpo_needs_a_key_per_turn():
+    rng = np.random.default_rng(2)
+    eps = L.random_episodes(rng)
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = {k: v for k, v in rows["non_tensor"].items() if k != "mica_key"}
+    with pytest.raises(mc.MicaInputError, match="mica_key") as info:
+        mv.compute_gigpo_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    assert info.value.rule == "required"
+    nt["mica_key"] = L._objects([["a"] * (len(ep["turns"]) + 1) for ep in eps])
+    with pytest.raises(mc.MicaInputError, match="keys but the row") as info:
+        mv.compute_gigpo_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    assert info.value.row == 0

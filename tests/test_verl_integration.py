@@ -10,9 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
+import verl_layouts as L
 from naive import PRESETS, naive_estimate
 from naive import broadcast_to_tokens as naive_broadcast
 
+from mica_core import MicaInputError
 from mica_core.integrations import verl as mv
 
 
@@ -135,3 +137,345 @@ def test_our_grpo_equals_verls_grpo_through_its_dispatch():
     lone = torch.as_tensor(uids == "uid-alone")
     torch.testing.assert_close(ours_default[~lone], theirs[~lone], rtol=1e-5, atol=1e-6)
     assert torch.all(ours_default[lone] == 0)
+
+
+# --- registration inside verl's TaskRunner actor --------------------------------------------
+
+#: The documented line (docs/verl.md): verl/__init__.py imports the modules named in
+#: VERL_USE_EXTERNAL_MODULES in every process that imports verl; Ray's runtime_env puts the
+#: variable into every worker of the job, the TaskRunner actor included.
+REGISTRATION = ("+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES="
+                "mica_core.integrations.verl")
+
+
+def compose_verl_config(overrides):
+    """verl's own ppo_trainer config, composed by hydra the way main_ppo's @hydra.main does."""
+    import os
+
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose("ppo_trainer", overrides=list(overrides))
+
+
+def _make_probe():
+    """A TaskRunner stand-in for verl's run_ppo: inside its Ray actor it runs verl's
+    compute_advantage for every name it is given and writes what happened to a JSON file.
+    Defined in a function so that Ray ships it by value (the worker cannot import tests/)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def run(self, config):
+            import json
+            import os
+
+            import numpy as np
+            import torch
+
+            from verl import DataProto
+            from verl.trainer.ppo.ray_trainer import compute_advantage
+
+            p = config.mica_probe
+            out = {"pid": os.getpid(), "results": {}}
+            for name in p.names:
+                data = DataProto.from_dict(
+                    tensors={"token_level_rewards": torch.tensor(list(p.rewards)),
+                             "response_mask": torch.tensor(list(p.mask))},
+                    non_tensors={"uid": np.array(list(p.uid), dtype=object)})
+                try:
+                    res = compute_advantage(data, adv_estimator=name, config=config.algorithm)
+                    out["results"][name] = res.batch["advantages"].tolist()
+                except Exception as e:  # noqa: BLE001 - the driver reads the message
+                    out["results"][name] = f"{type(e).__name__}: {e}"
+            with open(p.out, "w") as f:
+                json.dump(out, f)
+
+    return Probe
+
+
+@pytest.fixture(scope="module")
+def ray_task_runner(tmp_path_factory):
+    """Runs a probe through verl's run_ppo (which starts Ray from the config's ray_kwargs,
+    one local session for the module: 1 CPU, no dashboard) and returns its report."""
+    import json
+    import os
+
+    import ray
+    from omegaconf import OmegaConf, open_dict
+
+    from verl.trainer.main_ppo import run_ppo
+
+    rew, mask, uids, _ = _batch(seed=8)
+    cfg = compose_verl_config([
+        REGISTRATION, "+algorithm.mica.gamma=0.85", "ray_kwargs.ray_init.num_cpus=1",
+        "+ray_kwargs.ray_init.include_dashboard=false"])
+    names = [mv.verl_name(n) for n in PRESETS]
+    probe = _make_probe()
+    calls = 0
+
+    def run(actor_options=None):
+        nonlocal calls
+        calls += 1
+        out = tmp_path_factory.mktemp("probe") / f"report{calls}.json"
+        c = OmegaConf.create(OmegaConf.to_container(cfg))
+        with open_dict(c):
+            c.mica_probe = {"names": names, "rewards": rew.tolist(), "mask": mask.tolist(),
+                            "uid": [str(u) for u in uids], "out": str(out)}
+        runner = probe if actor_options is None else probe.options(**actor_options)
+        run_ppo(c, task_runner_class=runner)
+        return json.loads(out.read_text())
+
+    yield run, (rew, mask, uids, cfg)
+    ray.shutdown()
+    os.environ.pop("VERL_USE_EXTERNAL_MODULES", None)
+
+
+def test_registration_reaches_verls_task_runner_actor(ray_task_runner):
+    import os
+
+    run, (rew, mask, uids, cfg) = ray_task_runner
+    report = run()
+    assert report["pid"] != os.getpid()  # it ran in another process: the Ray actor
+    for name in PRESETS:
+        got = report["results"][mv.verl_name(name)]
+        assert not isinstance(got, str), got
+        want, _ = mv.verl_estimator(name)(rew, mask, uids, config=cfg.algorithm)
+        np.testing.assert_allclose(np.array(got), want.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_importing_in_the_driver_alone_does_not_reach_the_actor(ray_task_runner):
+    """Control: this process imported mica_core.integrations.verl (so verl's registry here has
+    every preset); an actor whose environment lacks the variable does not."""
+    run, _ = ray_task_runner
+    assert core_algos.get_adv_estimator_fn("mica") is mv.compute_mica_advantage
+    report = run({"runtime_env": {"env_vars": {"VERL_USE_EXTERNAL_MODULES": ""}}})
+    for name in PRESETS:
+        got = report["results"][mv.verl_name(name)]
+        assert isinstance(got, str) and "Unknown advantage estimator" in got, got
+
+
+# --- verl's agent-loop batches through verl's compute_advantage ------------------------------
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, 16)}}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")),
+        pad_token="<pad>")
+
+
+def agent_loop_worker(tokenizer, prompt_length, response_length):
+    """verl's AgentLoopWorker without Ray or servers: its post-processing methods only."""
+    from types import SimpleNamespace
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
+
+    worker = AgentLoopWorker.__new__(AgentLoopWorker)
+    worker.rollout_config = SimpleNamespace(prompt_length=prompt_length,
+                                            response_length=response_length)
+    worker.tokenizer = tokenizer
+    worker.processor = None
+    worker.mm_processor_kwargs = {}
+    worker.reward_loop_worker_handles = None
+    worker.distillation_enabled = False
+    return worker
+
+
+def agent_loop_batch(episodes, response_length, with_signals=True):
+    """The DataProto verl's agent loop hands the trainer, made by verl's own
+    AgentLoopWorker._agent_loop_postprocess (padding, masks, the score at the last valid
+    response token) and AgentLoopWorker._postprocess (extra_fields -> non_tensor_batch)."""
+    import asyncio
+
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    worker = agent_loop_worker(_tiny_tokenizer(), prompt_length=4,
+                               response_length=response_length)
+    rows = L.trajectory_rows(episodes)
+    outputs = []
+    for b, ep in enumerate(episodes):
+        n = int(rows["valid_length"][b])
+        extra = {}
+        if with_signals:
+            extra = {k: rows["non_tensor"][k][b] for k in
+                     ("mica_distance", "mica_initial_distance", "mica_turn_start")}
+        out = AgentLoopOutput(
+            prompt_ids=[1, 2, 3], response_ids=[5 + (j % 7) for j in range(n)],
+            response_mask=rows["response_mask"][b, :n].tolist(),
+            reward_score=L.score_of(ep), num_turns=2 * len(ep["turns"]) + 1,
+            metrics=AgentLoopMetrics(), extra_fields=extra)
+        outputs.append(asyncio.run(worker._agent_loop_postprocess(
+            out, validate=False, raw_prompt=[{"role": "user", "content": "t1"}])))
+    data = worker._postprocess(outputs)
+    data.non_tensor_batch["uid"] = np.array([ep["uid"] for ep in episodes], dtype=object)
+    return data, rows
+
+
+def trainer_rewards(data, kl):
+    """What RayPPOTrainer.fit does between the rollout and compute_advantage (ray_trainer.py):
+    extract_reward, the reward extra info into non_tensor_batch, apply_kl_penalty."""
+    import torch
+
+    from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+    from verl.trainer.ppo.reward import extract_reward
+
+    reward_tensor, extra = extract_reward(data)
+    data.batch["token_level_scores"] = reward_tensor
+    if extra:
+        data.non_tensor_batch.update({k: np.array(v) for k, v in extra.items()})
+    if kl:
+        g = torch.Generator().manual_seed(0)
+        shape = data.batch["response_mask"].shape
+        data.batch["old_log_probs"] = -torch.rand(shape, generator=g)
+        data.batch["ref_log_prob"] = -torch.rand(shape, generator=g)
+        data, _ = apply_kl_penalty(data, kl_ctrl=core_algos.FixedKLController(kl_coef=0.1),
+                                   kl_penalty="kl")
+    else:
+        data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+    return data
+
+
+def kl_per_turn(data, episodes, starts):
+    """Naive per-turn sums of what apply_kl_penalty added (rewards - scores)."""
+    dense = (data.batch["token_level_rewards"] - data.batch["token_level_scores"]).double()
+    L_ = dense.shape[1]
+    out = []
+    for b, ep in enumerate(episodes):
+        s = list(starts[b]) + [L_]
+        out.append([float(dense[b, s[k]:s[k + 1]].sum()) for k in range(len(ep["turns"]))])
+    return out
+
+
+@pytest.mark.parametrize("kl", [False, True], ids=["scores", "kl_in_reward"])
+@pytest.mark.parametrize("signals", [True, False], ids=["distances", "score_only"])
+def test_agent_loop_batches_through_verls_compute_advantage(signals, kl):
+    """Every preset, by name, through verl's compute_advantage on the agent loop's own batch:
+    tool calls inside turns (turn starts given), user tokens after turns, the score on the
+    last valid (often user) token, per-turn distances in non_tensor_batch, KL in reward."""
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    rng = np.random.default_rng(21)
+    episodes = L.random_episodes(rng, tool_p=0.5)
+    R = max(sum(len(L._turn_tokens(t)) for t in ep["turns"]) for ep in episodes) + 2
+    base, rows = agent_loop_batch(episodes, R, with_signals=signals)
+    if not signals:  # boundaries only, so that tool calls stay inside their turns
+        base.non_tensor_batch["mica_turn_start"] = rows["non_tensor"]["mica_turn_start"]
+    mask = base.batch["response_mask"]
+    assert mask.shape[1] == R and torch.equal(mask[:, :rows["response_mask"].shape[1]],
+                                              torch.as_tensor(rows["response_mask"]))
+    for name in PRESETS:
+        data = trainer_rewards(base.select_idxs(np.arange(len(base))), kl)
+        kl_turn = kl_per_turn(data, episodes, rows["non_tensor"]["mica_turn_start"]) if kl \
+            else None
+        out = compute_advantage(data, adv_estimator=mv.verl_name(name),
+                                config=AlgoConfig(gamma=0.85))
+        want = L.expected(episodes, name, signal="distance" if signals else "score",
+                          kl=kl_turn, gamma=0.85)
+        for col, key in ((2, "advantages"), (1, "returns")):
+            ref = np.zeros(tuple(mask.shape))
+            for b, row in enumerate(L.expected_tokens(episodes, want, col, "trajectory")):
+                ref[b, :len(row)] = row
+            np.testing.assert_allclose(out.batch[key].numpy(), ref, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("kl", [False, True], ids=["scores", "kl_in_reward"])
+def test_v1_multi_output_rows_through_verls_multi_trajectory_path(kl):
+    """verl's v1 trainer: one row per turn keyed {uid}_{session}_{index}, each row's
+    rm_scores made by AgentLoopOutput.as_dict with the session's score (verl copies it to every
+    output), through compute_advantage_for_multi_trajectories for every preset."""
+    from verl import DataProto
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.v1.utils import compute_advantage_for_multi_trajectories
+
+    rng = np.random.default_rng(4)
+    episodes = L.random_episodes(rng, tool_p=0.0)
+    rows = L.turn_rows(episodes, rng)
+    fields = []
+    for b, (ep, i) in enumerate(rows["turn"]):
+        n = len(L._turn_tokens(ep["turns"][i]))
+        fields.append(AgentLoopOutput(
+            prompt_ids=[1, 2], response_ids=[5] * n,
+            response_mask=rows["response_mask"][b, :n].tolist(), reward_score=L.score_of(ep),
+            metrics=AgentLoopMetrics()).as_dict())
+    Lmax = rows["response_mask"].shape[1]
+
+    def pad(key, dtype):
+        t = torch.zeros(len(fields), Lmax, dtype=dtype)
+        for b, f in enumerate(fields):
+            t[b, :f[key].shape[0]] = f[key]
+        return t
+
+    keys = rows["keys"]
+    kl_turn = None
+    for name in PRESETS:
+        data = DataProto.from_dict(
+            tensors={"response_mask": pad("response_mask", torch.int64),
+                     "token_level_scores": pad("rm_scores", torch.float32)},
+            non_tensors={"uid": rows["non_tensor"]["uid"]})
+        if kl:
+            g = torch.Generator().manual_seed(1)
+            data.batch["old_log_probs"] = -torch.rand(data.batch["response_mask"].shape,
+                                                      generator=g)
+            data.batch["ref_log_prob"] = -torch.rand(data.batch["response_mask"].shape,
+                                                     generator=g)
+            from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+
+            data, _ = apply_kl_penalty(data, core_algos.FixedKLController(0.1), "kl")
+            dense = (data.batch["token_level_rewards"] - data.batch["token_level_scores"])
+            by_turn = {(id(ep), i): float(dense[b].double().sum())
+                       for b, (ep, i) in enumerate(rows["turn"])}
+            kl_turn = [[by_turn[id(ep), i] for i in range(len(ep["turns"]))] for ep in episodes]
+        else:
+            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+        out = compute_advantage_for_multi_trajectories(
+            data, batch_keys=keys, adv_estimator=mv.verl_name(name),
+            config=AlgoConfig(gamma=0.85))
+        want = L.expected(episodes, name, signal="score", kl=kl_turn, gamma=0.85)
+        by_ep = {id(ep): res for ep, res in zip(episodes, want)}
+        adv = out.batch["advantages"]
+        m = data.batch["response_mask"].bool()
+        for b, (ep, i) in enumerate(rows["turn"]):
+            np.testing.assert_allclose(adv[b][m[b]].numpy(), by_ep[id(ep)][i][2], rtol=1e-5,
+                                       atol=1e-5, err_msg=f"{name} row {b}")
+            assert torch.all(adv[b][~m[b]] == 0)
+
+
+def test_verl_without_uid_gets_one_line_error():
+    """verl passes index only when data.non_tensor_batch has 'uid'."""
+    from verl import DataProto
+    from verl.trainer.config import AlgoConfig
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+
+    rew, mask, _, _ = _batch(seed=9)
+    data = DataProto.from_dict(tensors={"token_level_rewards": rew, "response_mask": mask})
+    with pytest.raises(MicaInputError, match="keep data.non_tensor_batch\\['uid'\\]") as info:
+        compute_advantage(data, adv_estimator="mica", config=AlgoConfig(gamma=0.85))
+    assert "\n" not in str(info.value)
+
+
+def test_verls_default_gamma_warns_once():
+    from verl.trainer.config import AlgoConfig
+
+    rew, mask, uids, _ = _batch(seed=10)
+    mv._GAMMA_WARNED.discard("mica_turn")
+    with pytest.warns(UserWarning, match="algorithm.gamma=1.0"):
+        a, _ = mv.compute_mica_turn_advantage(rew, mask, uids, config=AlgoConfig())
+    b, _ = mv.compute_mica_turn_advantage(rew, mask, uids, gamma=1.0)
+    assert torch.equal(a, b)
+    cfg = compose_verl_config(["algorithm.adv_estimator=mica_turn",
+                               "+algorithm.mica.gamma=0.85"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c, _ = mv.compute_mica_turn_advantage(rew, mask, uids, config=cfg.algorithm)
+    d, _ = mv.compute_mica_turn_advantage(rew, mask, uids, gamma=0.85)
+    assert torch.equal(c, d)
