@@ -3,7 +3,7 @@
     python -m mica_train.cli tiny-model --out runs/tiny/base
     python -m mica_train.cli warm-start --model runs/tiny/base --out runs/tiny/warm
     python -m mica_train.cli train --config configs/demo.yaml --set steps=20
-    python -m mica_train.cli eval --config configs/demo.yaml --checkpoint latest
+    python -m mica_train.cli eval --config configs/demo.yaml --checkpoint latest --transcripts eval.jsonl
 
 Heavy libraries (torch, transformers) are imported inside the commands: ``--help`` is instant.
 """
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="'latest' (the run's newest checkpoint, else the base model), 'base', or a checkpoint directory",
     )
     p.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+    p.add_argument("--transcripts", default=None, metavar="FILE.jsonl",
+                   help="write every episode's conversation with its per-turn credit (JSON lines; "
+                   "`mica report RUN_DIR --transcripts FILE.jsonl` shows them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("tiny-model", help="build the tiny offline model and tokenizer")
     p.add_argument("--out", required=True, help="output directory")
@@ -106,7 +110,8 @@ def _eval(args) -> int:
         weights = Path(args.checkpoint)
         weights = weights / "weights" if (weights / "weights").is_dir() else weights
     policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)
-    metrics = evaluate(policy, cfg)
+    metrics = evaluate(policy, cfg, transcripts=args.transcripts,
+                       progress=cfg.progress and not args.no_progress)
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"
     text = json.dumps(metrics, indent=2, sort_keys=True, default=str)
     if args.out:
