@@ -23,6 +23,10 @@ requests are the same whatever the order of arrival): ``timeout`` (answers after
 truncated JSON), ``bad_content`` (a chat completion whose content is not a rubric, or an empty
 user message), ``close`` (closes the connection without answering). ``injected`` counts them.
 Only loopback addresses are served; every request loop is bounded by the client.
+
+As a process (``python -m mica_train.env.local_server --latency 0.05``) it prints its base
+URL on the first line of stdout and serves until it is terminated; ``GET /stats`` returns the
+counters as JSON.
 """
 
 from __future__ import annotations
@@ -157,6 +161,12 @@ class LocalChatServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def do_GET(self):
+                if self.path != "/stats":
+                    self._send(404, b'{"error": "not found"}')
+                    return
+                self._send(200, json.dumps(server.stats()).encode())
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
@@ -205,6 +215,12 @@ class LocalChatServer:
 
         return Handler
 
+    def stats(self):
+        """``requests``, ``connections``, ``max_in_flight`` and ``injected`` (by kind)."""
+        with self._lock:
+            return {"requests": self.requests, "connections": self.connections,
+                    "max_in_flight": self.max_in_flight, "injected": dict(self.injected)}
+
     def start(self):
         class Server(ThreadingHTTPServer):
             daemon_threads = True
@@ -229,3 +245,28 @@ class LocalChatServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def main(argv=None):
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser(prog="python -m mica_train.env.local_server",
+                                description="A deterministic OpenAI-compatible chat server on 127.0.0.1.")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
+    p.add_argument("--port", type=int, default=0, help="port (0: any free port)")
+    args = p.parse_args(argv)
+    server = LocalChatServer(args.latency, port=args.port).start()
+    print(server.url, flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -184,3 +184,29 @@ def test_request_stats_metric_names():
 def test_the_server_serves_loopback_only():
     with pytest.raises(ValueError, match="loopback"):
         LocalChatServer(host="0.0.0.0")
+
+
+def test_the_llm_benchmark_runs(tmp_path):
+    """bench.llm_concurrency at a toy size (a smoke run: no timing is checked), with its server
+    as a separate process, as `make bench-llm` runs it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "NO_PROXY": "127.0.0.1,localhost"}
+    res = subprocess.run([sys.executable, "-m", "bench.llm_concurrency", "--episodes", "8", "--latency", "0.001",
+                          "--concurrency", "8", "--max-turns", "3", "--min-turns", "2", "--out", str(out)],
+                         cwd=root, env=env, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["identical_trajectories"] is True
+    serial, concurrent = result["serial"]["runs"][0], result["concurrent"]["runs"][0]
+    assert serial["requests"] == concurrent["requests"] > 8 * 3
+    assert serial["max_in_flight"] == 1 and concurrent["max_in_flight"] > 1
+    assert serial["connections"] == 1 and 1 < concurrent["connections"] <= 8
