@@ -84,7 +84,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     t = time.perf_counter()
     n_eval = 30 * cfg.eval.episodes_per_scenario
     say(f"evaluating before training ({n_eval} episodes, up to {cfg.eval.max_turns or cfg.env.max_turns} turns)")
-    before = evaluate(trainer.policy, cfg, transcripts=out / "eval_before.jsonl")
+    before = evaluate(trainer.policy, cfg, transcripts=out / "eval_before.jsonl", progress=progress)
     stages["eval_before"] = time.perf_counter() - t
     say(f"pass rate before: {before['pass_rate']:.3f} (mean final distance {before['mean_final_distance']:.2f})")
 
@@ -95,7 +95,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     stages["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    after = evaluate(trainer.policy, cfg, transcripts=out / "eval_after.jsonl")
+    after = evaluate(trainer.policy, cfg, transcripts=out / "eval_after.jsonl", progress=progress)
     stages["eval_after"] = time.perf_counter() - t
     say(f"pass rate after:  {after['pass_rate']:.3f} (mean final distance {after['mean_final_distance']:.2f})")
 

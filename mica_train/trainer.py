@@ -128,8 +128,8 @@ def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None, *, transcripts
 
         parts = all_gather_objects(dist, episode_transcripts(records, split="eval"))
         if dist.is_main:
-            mine_all = sorted((t for part in parts for t in part), key=lambda t: t["traj"])
-            write_transcripts(transcripts, add_credit(mine_all, cfg.advantage.estimator, **cfg.advantage.options))
+            episodes = sorted((t for part in parts for t in part), key=lambda t: t["traj"])
+            write_transcripts(transcripts, add_credit(episodes, cfg.advantage.estimator, **cfg.advantage.options))
     return dict(aggregate_metrics(metrics))
 
 
