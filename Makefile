@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-main test-verl test-fast lint bench clean
+.PHONY: setup demo test test-main test-verl test-fast lint bench bench-llm browser clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,15 @@ demo: $(STAMP)
 # (.venv-verl: verl pins transformers < 5.11).
 test: test-main test-verl
 
-test-main: $(STAMP)
-	$(PY) -m pytest -q --ignore=tests/test_verl_integration.py --ignore=tests/test_verl_example.py
+# The credit report's browser test needs Chromium: installed here when missing (Debian, root).
+# MICA_REQUIRE_BROWSER=1 makes a missing browser a failure rather than a skip.
+MICA_REQUIRE_BROWSER ?= 1
+test-main: $(STAMP) browser
+	MICA_REQUIRE_BROWSER=$(MICA_REQUIRE_BROWSER) $(PY) -m pytest -q --ignore=tests/test_verl_integration.py \
+		--ignore=tests/test_verl_example.py
+
+browser:
+	bash scripts/install-chromium.sh
 
 test-verl:
 	bash scripts/test-verl.sh
@@ -41,6 +48,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# LLM judge and user: serial vs concurrent rollouts against a latency-adding local server.
+bench-llm: $(STAMP)
+	$(PY) -m bench.llm_concurrency
 
 clean:
 	rm -rf build $(VENV) kernels/*.c mica_core/_ext*.so .pytest_cache .hypothesis

@@ -20,6 +20,7 @@ _EXPORTS = {
     "write_tiny_model": "tiny", "TinyModelConfig": "tiny",
     "warm_start": "warmstart", "WarmStartConfig": "warmstart", "generate_corpus": "warmstart",
     "plot_learning_curves": "metrics",
+    "write_report": "report", "read_transcripts": "transcripts", "add_credit": "transcripts",
 }
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "WarmStartConfig",
+    "add_credit",
     "apply_overrides",
     "collate_turns",
     "evaluate",
@@ -42,12 +44,14 @@ __all__ = [
     "plot_learning_curves",
     "policy_loss",
     "ppo_clip_token_losses",
+    "read_transcripts",
     "response_logprobs",
     "run_episodes",
     "save_checkpoint",
     "trajectory_table",
     "warm_start",
     "warmup_cosine",
+    "write_report",
     "write_tiny_model",
 ]
 

@@ -3,7 +3,7 @@
     mica tiny-model --out runs/tiny/base
     mica warm-start --model runs/tiny/base --out runs/tiny/warm
     mica train --config demo model.path=runs/tiny/warm steps=20
-    mica eval --config demo model.path=runs/tiny/warm --checkpoint latest
+    mica eval --config demo model.path=runs/tiny/warm --checkpoint latest --transcripts eval.jsonl
     mica train --help                      # every config field, its type, default and help
 
 ``--config`` is a YAML file or the name of a packaged config (demo, study, tiny). Overrides
@@ -68,6 +68,10 @@ def command_parser(name: str) -> argparse.ArgumentParser:
             "'base' (model.path itself), or a checkpoint directory",
         )
         p.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+        p.add_argument("--transcripts", default=None, metavar="FILE.jsonl",
+                       help="write every episode's conversation with its per-turn credit (JSON "
+                       "lines; `mica report RUN_DIR --transcripts FILE.jsonl` shows them)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
     elif name == "tiny-model":
         p.add_argument("--out", required=True, help="output directory")
         p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the tokenizer corpus")
@@ -166,7 +170,8 @@ def _eval(args) -> int:
     from .trainer import evaluate
 
     policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)
-    metrics = evaluate(policy, cfg)
+    metrics = evaluate(policy, cfg, transcripts=args.transcripts,
+                       progress=cfg.progress and not args.no_progress)
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"
     text = json.dumps(metrics, indent=2, sort_keys=True, default=str)
     if args.out:

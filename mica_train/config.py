@@ -178,6 +178,14 @@ class TrainConfig:
     tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard event files"})
     plot: bool = field(default=True, metadata={"help": "write learning-curve PNGs"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    transcripts_every: int = field(
+        default=0,
+        metadata={"help": "save the step's conversations with their credit to "
+                          "RUN_DIR/transcripts/step_NNNNNN.jsonl every N steps (0 off)"},
+    )
+    tensorboard_conversations: int = field(
+        default=2, metadata={"help": "sample conversations shown as TensorBoard text at each transcript step"}
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     env: EnvSettings = field(default_factory=EnvSettings)

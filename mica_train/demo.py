@@ -4,9 +4,11 @@
 
 1. build the tiny offline model and tokenizer (``OUT/tiny-base``);
 2. supervised warm start on generated replies of all three kinds (``OUT/tiny-warm``);
-3. evaluate on the fixed 30-scenario evaluation set (pass rate before);
-4. train a LoRA adapter with PPO-clip on MICA advantages against the embedded simulator;
-5. evaluate again (pass rate after), write ``OUT/summary.json`` and ``OUT/learning_curves.png``.
+3. evaluate on the fixed 30-scenario evaluation set (pass rate before; ``OUT/eval_before.jsonl``);
+4. train a LoRA adapter with PPO-clip on MICA advantages against the embedded simulator,
+   saving the rollouts of every 10th step with their credit (``OUT/train/transcripts/``);
+5. evaluate again (pass rate after; ``OUT/eval_after.jsonl``), write ``OUT/summary.json``,
+   ``OUT/learning_curves.png`` and the credit report ``OUT/report.html`` (``mica report``).
 
 Every stage is deterministic by seed; the training run starts afresh each time.
 """
@@ -47,6 +49,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
 
     from .config import load_config
     from .metrics import plot_learning_curves
+    from .report import write_report
     from .tiny import TinyModelConfig, write_tiny_model
     from .trainer import Trainer, evaluate
     from .warmstart import WarmStartConfig, corpus_texts, generate_corpus, warm_start
@@ -82,7 +85,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     t = time.perf_counter()
     n_eval = 30 * cfg.eval.episodes_per_scenario
     say(f"evaluating before training ({n_eval} episodes, up to {cfg.eval.max_turns or cfg.env.max_turns} turns)")
-    before = evaluate(trainer.policy, cfg)
+    before = evaluate(trainer.policy, cfg, transcripts=out / "eval_before.jsonl", progress=progress)
     stages["eval_before"] = time.perf_counter() - t
     say(f"pass rate before: {before['pass_rate']:.3f} (mean final distance {before['mean_final_distance']:.2f})")
 
@@ -93,7 +96,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     stages["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    after = evaluate(trainer.policy, cfg)
+    after = evaluate(trainer.policy, cfg, transcripts=out / "eval_after.jsonl", progress=progress)
     stages["eval_after"] = time.perf_counter() - t
     say(f"pass rate after:  {after['pass_rate']:.3f} (mean final distance {after['mean_final_distance']:.2f})")
 
@@ -105,6 +108,11 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
             curves.append({"step": records[-1]["step"], "eval_pass_rate": after["pass_rate"]})
         curves.sort(key=lambda r: r["step"])
         plot_learning_curves(curves, out / "learning_curves.png", title="mica demo: MICA on the tiny policy")
+    else:
+        curves = []
+    report = write_report(run_dir, out / "report.html", records=curves,
+                          transcripts=[out / "eval_before.jsonl", out / "eval_after.jsonl"],
+                          title="mica demo: MICA on the tiny policy (runs/demo)")
     split = _time_split(records)
     seconds = time.perf_counter() - t_start
     summary = {
@@ -122,6 +130,9 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
         "train_pass_rate_last": records[-1]["pass_rate"] if records else None,
         "warm_start": {k: ws[k] for k in ("steps", "loss_first", "loss_last", "seconds")},
         "plot": str(out / "learning_curves.png"),
+        "report": str(report),
+        "transcripts": sorted(str(p) for p in (run_dir / "transcripts").glob("*.jsonl"))
+        + [str(out / "eval_before.jsonl"), str(out / "eval_after.jsonl")],
         "run_dir": str(run_dir),
         "command": "python -m mica_train.demo",
     }
@@ -134,7 +145,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
             + ", ".join(f"{k} {split[k]['seconds']:.3f}s ({split[k]['percent']:.2f}%)" for k in ("rollout", "advantage", "update"))
         )
     say(f"done in {seconds:.0f}s: pass rate {before['pass_rate']:.3f} -> {after['pass_rate']:.3f}; "
-        f"wrote {out / 'summary.json'} and {out / 'learning_curves.png'}")
+        f"wrote {out / 'summary.json'}, {out / 'learning_curves.png'} and {report}")
     return summary
 
 

@@ -1,15 +1,17 @@
-"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step), TensorBoard scalars and PNG
-learning curves.
+"""Per-step metrics: ``metrics.jsonl`` (one JSON object per step), TensorBoard scalars and text,
+and PNG learning curves.
 
-``metrics.jsonl`` is rewritten atomically after every step, so after a kill it holds exactly
-the steps that completed; on resume the records after the checkpoint's step are dropped
-(those steps run again) and TensorBoard purges them too (``purge_step``).
+``metrics.jsonl`` is append-only: each step adds one line (written and flushed in one call), so
+the cost of a step does not grow with the run. On resume the file is cut back to the
+checkpoint's step (those steps run again; a line half-written by a kill is dropped too) and
+TensorBoard purges them (``purge_step``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,19 @@ CURVES = (
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a last line cut short by a kill is ignored."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON object") from None
+    return records
 
 
 def _finite(v: Any) -> bool:
@@ -49,25 +60,32 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        self._flush()
+        kept = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        if not self.path.is_file() or self.path.read_text() != kept:
+            atomic_write_text(self.path, kept)  # truncate to the resumed step, once
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
 
-    def _flush(self) -> None:
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        atomic_write_text(self.path, text)
-
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
-        self._flush()
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         if self.tb is not None:
             step = int(record["step"])
             for k, v in record.items():
                 if k != "step" and _finite(v):
                     self.tb.add_scalar(k.replace("time_", "time/", 1) if k.startswith("time_") else k, v, step)
+            self.tb.flush()
+
+    def log_text(self, tag: str, markdown: str, step: int) -> None:
+        """A Markdown text (TensorBoard's text tab) at ``step``."""
+        if self.tb is not None:
+            self.tb.add_text(tag, markdown, int(step))
             self.tb.flush()
 
     def close(self) -> None:

@@ -9,6 +9,10 @@ The trajectory table (Arrow, long form, one row per turn) is what ``mica_core`` 
 ``prompt_ids`` is exactly what the policy was conditioned on and ``response_ids`` exactly what
 it sampled (the reply span, end-of-turn token included); the text sent to the environment is
 ``reply``. The turn's advantage applies to every token of ``response_ids`` and nothing else.
+
+The environment steps of one lockstep turn go through ``env.step_episodes``, which runs them
+concurrently for the LLM simulators (their judge and user requests are in flight together);
+the policy still makes one batched ``generate`` call per turn.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class Turn:
     response_ids: list[int]
     reply: str
     distance: float
+    user_message: str = ""             # the message the reply answers
+    state: tuple | None = None         # support state after the turn
+    rubric: dict | None = None         # the judge's progress rubric (None: the judge failed)
+    judge_failed: bool = False
 
 
 @dataclass
@@ -42,6 +50,9 @@ class EpisodeRecord:
     initial_distance: float
     turns: list[Turn] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
+    scenario_id: str = ""
+    topic: str = ""
+    initial_state: tuple | None = None
 
 
 def run_episodes(
@@ -53,18 +64,25 @@ def run_episodes(
     trajs: Sequence[int],
     rollout_cfg,
     temperature: float | None = None,
+    progress=None,
 ) -> list[EpisodeRecord]:
-    """Play one episode per ``(scenario, seed)`` to its end; all live episodes advance together."""
+    """Play one episode per ``(scenario, seed)`` to its end; all live episodes advance together.
+
+    ``progress(finished, total, turn)`` is called after every lockstep turn when given.
+    """
     from .policy import encode_prompts, generate_replies, prompt_messages
 
     tok = policy.tokenizer
     temp = rollout_cfg.temperature if temperature is None else temperature
-    episodes = [env.reset(sc, seed=int(s)) for sc, s in zip(scenarios, seeds)]
+    episodes = _reset_episodes(env, scenarios, [int(s) for s in seeds])
     records = [
-        EpisodeRecord(group=int(g), traj=int(t), initial_distance=float(ep.initial_distance))
+        EpisodeRecord(group=int(g), traj=int(t), initial_distance=float(ep.initial_distance),
+                      scenario_id=str(ep.scenario.id), topic=str(getattr(ep.scenario, "topic", "")),
+                      initial_state=tuple(ep.initial_state))
         for g, t, ep in zip(groups, trajs, episodes)
     ]
     live = [i for i, ep in enumerate(episodes) if not ep.done]
+    turn = 0
     while live:
         convs = [
             prompt_messages(episodes[i].messages, rollout_cfg.context_messages, rollout_cfg.system_prompt)
@@ -79,14 +97,33 @@ def run_episodes(
             max_new_tokens=rollout_cfg.max_new_tokens,
             batch_size=rollout_cfg.batch_size,
         )
-        for i, p, r in zip(live, prompts, replies):
-            text = tok.decode(r, skip_special_tokens=True).strip()
-            result = episodes[i].step(text)
-            records[i].turns.append(Turn(prompt_ids=p, response_ids=r, reply=text, distance=float(result.distance)))
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in replies]
+        asked = [episodes[i].messages[-1]["content"] for i in live]
+        results = _step_episodes(env, [episodes[i] for i in live], texts)
+        for i, p, r, text, question, result in zip(live, prompts, replies, texts, asked, results):
+            records[i].turns.append(Turn(
+                prompt_ids=p, response_ids=r, reply=text, distance=float(result.distance),
+                user_message=question, state=tuple(result.state), rubric=result.rubric,
+                judge_failed=bool(result.judge_failed)))
         live = [i for i in live if not episodes[i].done]
+        turn += 1
+        if progress is not None:
+            progress(len(episodes) - len(live), len(episodes), turn)
     for rec, ep in zip(records, episodes):
         rec.metrics = dict(ep.metrics())
     return records
+
+
+def _reset_episodes(env, scenarios, seeds):
+    if hasattr(env, "reset_episodes"):
+        return env.reset_episodes(scenarios, seeds)
+    return [env.reset(sc, seed=s) for sc, s in zip(scenarios, seeds)]
+
+
+def _step_episodes(env, episodes, replies):
+    if hasattr(env, "step_episodes"):
+        return env.step_episodes(episodes, replies)
+    return [ep.step(r) for ep, r in zip(episodes, replies)]
 
 
 def trajectory_table(records: Sequence[EpisodeRecord]):

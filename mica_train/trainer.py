@@ -64,9 +64,14 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None) -> dict[str, Any]:
+def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None, *, transcripts=None,
+             progress: bool = False) -> dict[str, Any]:
     """Pass rate and the other aggregate metrics on the evaluation scenarios (default: the fixed
-    evaluation set). The torch RNG is forked, so evaluating does not change the training run."""
+    evaluation set). The torch RNG is forked, so evaluating does not change the training run.
+
+    ``transcripts``: a JSON-lines path for the episodes' transcripts (``mica_train.transcripts``;
+    credit from ``cfg.advantage``, episodes grouped by scenario). ``progress``: a bar of
+    finished episodes on stderr."""
     import torch
 
     from .distributed import DistInfo, all_gather_objects
@@ -76,21 +81,45 @@ def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None) -> dict[str, A
     dist = dist or DistInfo()
     scenarios = list(eval_scenarios() if scenarios is None else scenarios)
     env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
-    jobs = [(i, k) for i in range(len(scenarios)) for k in range(cfg.eval.episodes_per_scenario)]
+    per = cfg.eval.episodes_per_scenario
+    jobs = [(i, k) for i in range(len(scenarios)) for k in range(per)]
     mine = jobs[dist.rank::dist.world_size]
-    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
-        torch.manual_seed(derive_seed(cfg.eval.seed, dist.rank))
-        records = run_episodes(
-            policy,
-            env,
-            [scenarios[i] for i, _ in mine],
-            [derive_seed(cfg.eval.seed, i, k) for i, k in mine],
-            [i for i, _ in mine],
-            list(range(len(mine))),
-            cfg.rollout,
-            temperature=cfg.eval.temperature,
-        )
+    bar = None
+    if progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc="mica eval", unit="episode", dynamic_ncols=True)
+
+    def report(finished, total, turn):
+        bar.update(finished - bar.n)
+        bar.set_postfix(turn=turn)
+
+    try:
+        with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(cfg.eval.seed, dist.rank))
+            records = run_episodes(
+                policy,
+                env,
+                [scenarios[i] for i, _ in mine],
+                [derive_seed(cfg.eval.seed, i, k) for i, k in mine],
+                [i for i, _ in mine],
+                [i * per + k for i, k in mine],
+                cfg.rollout,
+                temperature=cfg.eval.temperature,
+                progress=report if bar is not None else None,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+        env.close()
     metrics = [m for part in all_gather_objects(dist, [r.metrics for r in records]) for m in part]
+    if transcripts is not None:
+        from .transcripts import add_credit, episode_transcripts, write_transcripts
+
+        parts = all_gather_objects(dist, episode_transcripts(records, split="eval"))
+        if dist.is_main:
+            episodes = sorted((t for part in parts for t in part), key=lambda t: t["traj"])
+            write_transcripts(transcripts, add_credit(episodes, cfg.advantage.estimator, **cfg.advantage.options))
     return dict(aggregate_metrics(metrics))
 
 
@@ -198,6 +227,24 @@ class Trainer:
                 grp.append(g)
                 traj.append(g * G + k)
         return run_episodes(self.policy, self.env, scen, seeds, grp, traj, cfg.rollout)
+
+    def save_transcripts(self, step: int, records, credit) -> None:
+        """``RUN_DIR/transcripts/step_NNNNNN.jsonl`` (this process's episodes, with the credit
+        the update used) and a few of them as TensorBoard text."""
+        from .transcripts import conversation_markdown, episode_transcripts, pick_samples, write_transcripts
+
+        found = episode_transcripts(records, credit, step=step, estimator=self.cfg.advantage.estimator)
+        write_transcripts(self.run_dir / "transcripts" / f"step_{step:06d}.jsonl", found)
+        if self.logger is not None:
+            for k, t in enumerate(pick_samples(found, self.cfg.tensorboard_conversations)):
+                self.logger.log_text(f"conversations/sample_{k}", conversation_markdown(t), step)
+
+    def plot_curves(self) -> None:
+        """``RUN_DIR/learning_curves.png`` from the metrics so far."""
+        if self.logger is not None and self.cfg.plot and self.logger.records:
+            from .metrics import plot_learning_curves
+
+            plot_learning_curves(self.logger.records, self.run_dir / "learning_curves.png", title=str(self.run_dir))
 
     # ---------------------------------------------------------------- advantage
     def advantages(self, table):
@@ -383,6 +430,10 @@ class Trainer:
         stats = self.update(table, adv, step)
         times.update = time.perf_counter() - t0
 
+        if self.dist.is_main and cfg.transcripts_every > 0 and step % cfg.transcripts_every == 0:
+            # This process's rows lead the gathered batch (see advantages()) on process 0.
+            self.save_transcripts(step, records, batch_table.slice(0, table.num_rows))
+
         from .env import aggregate_metrics
 
         ep_metrics = [m for part in all_gather_objects(self.dist, [r.metrics for r in records]) for m in part]
@@ -409,6 +460,7 @@ class Trainer:
             "time_update": times.update,
             "time_step": times.total,
         }
+        rec.update({k: v for k, v in agg.items() if k.startswith("llm_")})
         return rec
 
     # --------------------------------------------------------------------- loop
@@ -448,7 +500,8 @@ class Trainer:
                 step = self.step + 1
                 t_start = time.perf_counter()
                 rec = self.train_step(step)
-                if cfg.eval.every > 0 and step % cfg.eval.every == 0:
+                evaluated = cfg.eval.every > 0 and step % cfg.eval.every == 0
+                if evaluated:
                     ev = evaluate(self.policy, cfg, dist=self.dist)
                     rec["eval_pass_rate"] = float(ev["pass_rate"])
                     rec["eval_mean_final_distance"] = float(ev["mean_final_distance"])
@@ -457,8 +510,11 @@ class Trainer:
                 rec["elapsed_seconds"] = self.elapsed
                 if self.logger is not None:
                     self.logger.log(rec)
-                if step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0):
+                saved = step == cfg.steps or (cfg.save_every > 0 and step % cfg.save_every == 0)
+                if saved:
                     self.save()
+                if evaluated or saved:
+                    self.plot_curves()  # a killed run keeps curves up to its last checkpoint
                 self._steps_this_process += 1
                 last = rec
                 bar.update(1)
@@ -466,10 +522,8 @@ class Trainer:
         finally:
             bar.close()
         if self.logger is not None:
-            if cfg.plot:
-                from .metrics import plot_learning_curves
-
-                plot_learning_curves(self.logger.records, self.run_dir / "learning_curves.png", title=str(self.run_dir))
+            if not last:
+                self.plot_curves()  # nothing left to run: the curves of the finished run
             self.logger.close()
         return last
 

@@ -20,7 +20,8 @@ _EXPORTS = {
     "EnvConfig": "env", "StepResult": "env", "Episode": "env", "SupportEnv": "env",
     "make_env": "env", "aggregate_metrics": "env", "JudgeError": "env",
     "SCRIPTED_POLICIES": "policies", "run_episode": "policies", "evaluate_policy": "policies",
-    "ChatClient": "llm", "LLMJudge": "llm", "LLMUser": "llm",
+    "ChatClient": "llm", "LLMJudge": "llm", "LLMUser": "llm", "RequestStats": "llm",
+    "LocalChatServer": "local_server",
 }
 
 __all__ = sorted(_EXPORTS)

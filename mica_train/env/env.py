@@ -66,10 +66,16 @@ class EnvConfig:
     retries: int = _f(3, "retries after a failed request or an unparsable reply")
     backoff: float = _f(0.5, "first retry delay in seconds, doubled at each retry")
     backoff_max: float = _f(8.0, "largest retry delay in seconds")
+    backoff_jitter: float = _f(0.25, "each retry delay is multiplied by 1 - jitter * U(0, 1), "
+                                     "so that concurrent episodes do not retry in step")
+    max_concurrency: int = _f(64, "episodes stepped at once, and the size of the connection "
+                                  "pool (LLM simulators; a vLLM/SGLang server batches them)")
     judge_temperature: float = _f(0.0, "sampling temperature of the judge")
     user_temperature: float = _f(0.7, "sampling temperature of the user simulator")
     max_tokens: int = _f(256, "max_tokens of each completion")
     json_mode: bool = _f(False, "send response_format={'type': 'json_object'} to the judge")
+    json_schema: bool = _f(False, "send the progress rubric's JSON schema as response_format "
+                                  "(guided decoding on vLLM/SGLang; overrides json_mode)")
     history_messages: int = _f(12, "most recent messages shown to the LLM user and judge")
 
     def __post_init__(self):
@@ -103,6 +109,14 @@ class EnvConfig:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise MicaInputError(f"retries must be an integer >= 0, got {self.retries!r}",
                                  column="retries", rule="range")
+        v = self.max_concurrency
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise MicaInputError(f"max_concurrency must be an integer >= 1, got {v!r}",
+                                 column="max_concurrency", rule="range")
+        v = self.backoff_jitter
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise MicaInputError(f"backoff_jitter must be a number in [0, 1], got {v!r}",
+                                 column="backoff_jitter", rule="range")
 
     @classmethod
     def for_evaluation(cls, **overrides):
@@ -153,6 +167,7 @@ class Episode:
         self._valid_increments = []
         self.judge_failures = 0
         self.rubrics = []
+        self.request_stats = getattr(judge, "stats", None)  # LLM traffic (llm.RequestStats)
         self.messages = [] if messages is None else messages
         self.messages.append({"role": "user", "content": user.message(self._traj.state)})
 
@@ -213,6 +228,8 @@ class Episode:
         m["judge_failures"] = self.judge_failures
         m["user_failures"] = getattr(self._user, "failures", 0)
         m["scenario_id"] = self.scenario.id
+        if self.request_stats is not None:
+            m.update(self.request_stats.as_metrics())
         return m
 
 
@@ -222,6 +239,7 @@ class SupportEnv:
     def __init__(self, config):
         self.config = config
         self._client = None
+        self._pool = None
         if config.simulator != "embedded":
             from .llm import ChatClient
 
@@ -243,13 +261,61 @@ class SupportEnv:
         if cfg.simulator == "embedded":
             judge = EmbeddedJudge(_episode_rng(scenario, seed, "judge"), cfg.dynamics, user)
         else:
-            from .llm import LLMJudge, LLMUser
+            from .llm import LLMJudge, LLMUser, RequestStats
 
-            judge = LLMJudge(self._client, scenario, messages, cfg)
+            stats = RequestStats()  # one per episode, shared by its judge and user
+            judge = LLMJudge(self._client, scenario, messages, cfg, stats=stats)
             if cfg.simulator == "llm":
-                user = LLMUser(self._client, scenario, messages, cfg, fallback=user)
+                user = LLMUser(self._client, scenario, messages, cfg, fallback=user,
+                               stats=stats)
         ep = Episode(scenario, seed, cfg, judge, user, messages)
         return ep
+
+    # Many episodes at once. An LLM simulator spends its time waiting on the endpoint, so
+    # the episodes' requests go out together (up to max_concurrency), which is what lets a
+    # vLLM/SGLang server batch them. Each episode still runs in one thread at a time and
+    # draws only from its own generators, so the results do not depend on the concurrency.
+    def reset_episodes(self, scenarios, seeds):
+        """``[self.reset(sc, seed) for sc, seed in zip(scenarios, seeds)]``, concurrently
+        for LLM simulators."""
+        return self._map(lambda job: self.reset(*job), list(zip(scenarios, seeds)))
+
+    def step_episodes(self, episodes, replies):
+        """``[ep.step(r) for ep, r in zip(episodes, replies)]``, concurrently for LLM
+        simulators; results in input order. Every step finishes before an error (the first
+        in input order) is raised."""
+        episodes = list(episodes)
+        if len({id(ep) for ep in episodes}) != len(episodes):
+            raise ValueError("step_episodes: an episode appears twice in one call")
+        return self._map(lambda job: job[0].step(job[1]), list(zip(episodes, replies)))
+
+    def _map(self, fn, jobs):
+        if self._client is None or self.config.max_concurrency <= 1 or len(jobs) <= 1:
+            return [fn(job) for job in jobs]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=self.config.max_concurrency,
+                                            thread_name_prefix="mica-env")
+        from concurrent.futures import wait
+
+        futures = [self._pool.submit(fn, job) for job in jobs]
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def close(self):
+        """Stop the worker threads and close the endpoint's connections."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._client is not None:
+            self._client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def make_env(config=None, **overrides):
@@ -273,7 +339,8 @@ def aggregate_metrics(episode_metrics):
     Returns ``n``, ``pass_count``, ``pass_rate``, ``mean_final_distance``, ``mean_turns``,
     ``mean_energy``, ``mean_positive_energy_ratio``, ``mean_initial_distance``,
     ``mean_turns_to_success`` (None without successes), ``status_counts``,
-    ``judge_failures``, ``judge_failure_rate`` (per turn), ``user_failures``.
+    ``judge_failures``, ``judge_failure_rate`` (per turn), ``user_failures``, and for LLM
+    simulators the sums of the ``llm_*`` request counters (``llm.RequestStats``).
     """
     ms = list(episode_metrics)
     if not ms:
@@ -300,4 +367,6 @@ def aggregate_metrics(episode_metrics):
         "judge_failures": failures,
         "judge_failure_rate": failures / turns if turns else 0.0,
         "user_failures": sum(m.get("user_failures", 0) for m in ms),
+        **{k: sum(m.get(k, 0) for m in ms)
+           for k in sorted({k for m in ms for k in m if k.startswith("llm_")})},
     }

@@ -112,7 +112,8 @@ def endpoint(server, monkeypatch):
 
 def client(endpoint, **kw):
     sleeps = []
-    kw = {"timeout": 2.0, "retries": 2, "backoff": 0.01, "backoff_max": 0.02,
+    # No jitter: the tests below check the exact schedule (test_backoff_jitter the jitter).
+    kw = {"timeout": 2.0, "retries": 2, "backoff": 0.01, "backoff_max": 0.02, "jitter": 0.0,
           "sleep": sleeps.append, **kw}
     c = ChatClient(endpoint.url, "tiny-judge", KEY, **kw)
     c.sleeps = sleeps
