@@ -194,6 +194,16 @@ def test_catalogue(tmp_path, capsys, case, fmt, path):
     assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(src), "out.parquet"])
 
 
+@pytest.mark.parametrize("fmt", ["csv", "ipc"])
+def test_streamed_progress_without_a_known_total(tmp_path, capsys, fmt):
+    """CSV and IPC inputs have no row count before reading: progress counts rows only."""
+    src = write_input(table_of(base_rows()), str(tmp_path), fmt)
+    code, err = run_main(capsys, src, str(tmp_path / "out.parquet"), "--stream", "on",
+                         "--batch-rows", "1", "--progress", "on")
+    assert code == 0, err
+    assert f"{len(base_rows())} rows" in err and "/" not in err.split("\r")[-1]
+
+
 # --------------------------------------------------------------------------- OUT itself
 
 
