@@ -175,8 +175,7 @@ def check_label_type(t: pa.DataType, name: str):
     """Ids (groups, trajectories) are scalar values; a list, struct, map or union column is
     an error naming it."""
     if pa.types.is_nested(t):
-        raise MicaInputError(f"ids must be scalar values (numbers or strings); got {t}",
-                             column=name, rule="dtype")
+        raise _validate.label_not_scalar(name, None, t)
 
 
 def float_labels(col, name) -> np.ndarray:
