@@ -81,7 +81,9 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
     Args:
       offsets: int ``[n_traj + 1]``; trajectory ``i`` owns rows ``offsets[i]:offsets[i+1]``,
         row ``offsets[i] + t`` is its turn ``t``. Every trajectory has at least one turn.
-      group: ``[n_traj]`` rollout-group label per trajectory (any labels; GRPO's ``uid``).
+      group: ``[n_traj]`` rollout-group label per trajectory (GRPO's ``uid``): numbers,
+        strings or other scalars, equal when they are equal values of the same kind
+        (``1 == 1.0``, ``0.0 == -0.0``, ``1 != "1"``); NaN and None are errors.
       distance: ``[n_turns]`` residual distance ``D_t >= 0`` after each turn.
       initial_distance: ``[n_traj]`` distance ``D_{-1}`` before the first reply (IDR).
       reward: ``[n_turns]`` rewards given directly (instead of distances).

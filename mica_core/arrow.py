@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _compiled
+from . import validate as _validate
 from ._errors import MicaInputError
 from .api import run_plan
 from .estimators import resolve
@@ -101,6 +102,9 @@ def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
         raise MicaInputError(f"missing (needed as the {role} column; present: "
                              f"{', '.join(table.column_names) or 'none'})", column=name,
                              rule="missing column")
+    copies = table.column_names.count(name)
+    if copies > 1:
+        raise _validate.duplicate_column(name, copies)
     col = table.column(name)
     if col.null_count and not allow_null:
         first = int(pc.index(pc.is_null(col), True).as_py())
@@ -113,6 +117,8 @@ def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
 def _numpy(col, name, *, kind="float"):
     """A 1-D numpy view (a copy only for several chunks or a type change)."""
     t = col.type
+    if pa.types.is_null(t) and len(col) == 0:  # zero rows of unknown type (header-only CSV)
+        return np.zeros(0, dtype=np.float64 if kind == "float" else np.int64)
     if kind == "float":
         if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
             raise MicaInputError(f"must be numeric; got {t}", column=name, rule="dtype")
@@ -172,10 +178,34 @@ def _run_codes(a: np.ndarray):
     return codes, nruns, starts
 
 
-def _codes(col) -> tuple[np.ndarray, int]:
-    """int64 codes in order of first appearance, for any id type."""
-    if isinstance(col, pa.ChunkedArray) and col.num_chunks == 0:
+def check_label_type(t: pa.DataType, name: str):
+    """Ids (groups, trajectories) are scalar values; a list, struct, map or union column is
+    an error naming it."""
+    if pa.types.is_nested(t):
+        raise _validate.label_not_scalar(name, None, t)
+
+
+def float_labels(col, name) -> np.ndarray:
+    """A floating-point id column as float64 with ``-0.0`` as ``0.0``; NaN and infinities
+    are errors (:func:`mica_core.validate.factorize`'s rule)."""
+    a = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise _validate.label_not_finite(name, int(bad[0]))
+    return a + 0.0  # -0.0 + 0.0 == +0.0
+
+
+def _codes(col, name) -> tuple[np.ndarray, int]:
+    """int64 codes in order of first appearance, for any scalar id type. Ids are equal by
+    :func:`mica_core.validate.factorize`'s rule (a column holds one kind; floats compare as
+    numbers: ``0.0`` and ``-0.0`` are one id, NaN is an error)."""
+    check_label_type(col.type, name)
+    if len(col) == 0:
         return np.zeros(0, dtype=np.int64), 0
+    if pa.types.is_floating(col.type):
+        # Arrow hashes floats by their bits (0.0 and -0.0 differ, NaN is a value).
+        codes, uniques = _validate.factorize(float_labels(col, name), name)
+        return codes, len(uniques)
     ids = _int_ids(col)
     if ids is not None:
         # Fast path (no hashing): integer ids stored run by run.
@@ -213,7 +243,9 @@ def _list_parts(col, name):
     return offsets, values
 
 
-def _state_distance(table, name, n, *, weights, epsilon, kind):
+def _state_distance(table, name, n, *, weights, epsilon, kind, axes=None, axes_of=None):
+    """Potentials of a state column; ``axes``: the number of axes the column must have (that
+    of the column ``axes_of``). Returns ``(distances, axes)``."""
     col = _column(table, name, "state")
     offsets, values = _list_parts(col, name)
     lengths = np.diff(offsets)
@@ -222,6 +254,10 @@ def _state_distance(table, name, n, *, weights, epsilon, kind):
         raise MicaInputError(f"state has {lengths[row]} axes here but {lengths[0]} on row 0",
                              column=name, row=row, rule="same number of axes")
     k = int(lengths[0]) if n else 0
+    if n and axes is not None and k != axes:
+        # Potentials of states with different axes are not comparable (IDR subtracts them).
+        raise MicaInputError(f"state has {k} axes but {axes_of} has {axes}", column=name,
+                             row=0, rule="same number of axes")
     v = _numpy(values, name)
     if n and k == 0:
         raise MicaInputError("state vectors are empty", column=name, row=0, rule="non-empty")
@@ -229,7 +265,8 @@ def _state_distance(table, name, n, *, weights, epsilon, kind):
     if bad.size:
         raise MicaInputError("state value is not finite", column=name, row=int(bad[0]) // k,
                              rule="finite")
-    return distance_from_state(v.reshape(n, k) if n else np.zeros((0, 1)), weights, epsilon, kind)
+    return distance_from_state(v.reshape(n, k) if n else np.zeros((0, 1)), weights, epsilon,
+                               kind), k
 
 
 def _finite(a, name, order=None, *, non_negative=False, allow_missing=False):
@@ -331,12 +368,12 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
         lengths = np.diff(offsets)
         in_order = ext.ragged_check_turns(offsets, np.ascontiguousarray(turn)) < 0
     else:
-        traj, n_traj = _codes(tcol)
+        traj, n_traj = _codes(tcol, cols["traj"])
         lengths = np.bincount(traj, minlength=n_traj).astype(np.int64)
         offsets = ragged_from_lengths(lengths)
         in_order = n == 0 or (bool(np.all(traj[1:] >= traj[:-1]))
                               and np.array_equal(turn, turn_index(offsets)))
-    gcodes, ngroups = _codes(gcol)
+    gcodes, ngroups = _codes(gcol, cols["group"])
     order = None
     if not in_order and ext is not None and n:
         # Rows in any order: each row's place is offsets[traj] + turn (one O(n) pass).
@@ -355,6 +392,10 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
             same_prev = k > 0 and traj[order[k - 1]] == traj[row]
             if turn_sorted[k] < 0:
                 msg, rule = f"turn {turn_sorted[k]} is negative", "turns are 0..T-1"
+            elif same_prev and turn_sorted[k] == turn_sorted[k - 1] \
+                    and gcodes[row] != gcodes[order[k - 1]]:
+                # One id, two groups: usually rollouts numbered 0, 1, ... within each group.
+                raise _validate.trajectory_in_two_groups(cols["group"], row)
             elif same_prev and turn_sorted[k] == turn_sorted[k - 1]:
                 msg, rule = f"turn {turn_sorted[k]} appears twice in its trajectory", \
                     "no duplicate turns"
@@ -370,15 +411,13 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
         if mismatch.size:
             k = int(mismatch[0])
             row = k if order is None else int(order[k])
-            raise MicaInputError("trajectory appears in more than one group (a trajectory "
-                                 "belongs to one group)", column=cols["group"], row=row,
-                                 rule="one group per trajectory")
+            raise _validate.trajectory_in_two_groups(cols["group"], row)
     ragged = Ragged(offsets, np.ascontiguousarray(g_traj, dtype=np.int64), ngroups)
 
     def rows(a):
         return a if order is None else a[order]
 
-    d = d0 = r = None
+    d = d0 = r = init_axes = None
     if src == "reward":
         r = rows(_numpy(_column(table, cols["reward"], "reward", allow_null=carry),
                         cols["reward"]))
@@ -395,8 +434,9 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
             init_rows = rows(_numpy(_column(table, init_name, "initial distance"), init_name))
             _finite(init_rows, init_name, order, non_negative=True)
         else:
-            init_rows = rows(_state_distance(table, init_name, n, weights=weights,
-                                             epsilon=epsilon, kind=kind))
+            init_rows, init_axes = _state_distance(table, init_name, n, weights=weights,
+                                                   epsilon=epsilon, kind=kind)
+            init_rows = rows(init_rows)
         d0 = init_rows[offsets[:-1]] if n else np.zeros(0)
         if ext is not None and init_rows.dtype == np.float64 and init_rows.flags.c_contiguous:
             differs = np.zeros(0, dtype=np.int64)
@@ -416,7 +456,7 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
         _finite(d, cols["distance"], order, non_negative=True, allow_missing=carry)
     else:
         d = rows(_state_distance(table, cols["state"], n, weights=weights, epsilon=epsilon,
-                                 kind=kind))
+                                 kind=kind, axes=init_axes, axes_of=init_name)[0])
     if carry:
         if d0 is None and n and not np.isfinite(d[offsets[:-1]]).all():
             k = int(offsets[:-1][~np.isfinite(d[offsets[:-1]])][0])
@@ -430,10 +470,10 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
 def _read_nested(table, cols, src, need_initial):
     n_traj = table.num_rows
     gcol = _column(table, cols["group"], "group")
-    gcodes, ngroups = _codes(gcol)
+    gcodes, ngroups = _codes(gcol, cols["group"])
     if cols["traj"] in table.column_names:
         tcol = _column(table, cols["traj"], "trajectory")
-        tcodes, n_unique = _codes(tcol)
+        tcodes, n_unique = _codes(tcol, cols["traj"])
         if n_unique != n_traj:
             seen = np.zeros(n_unique, dtype=bool)
             for row, c in enumerate(tcodes):

@@ -23,7 +23,9 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,23 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _hold_signals():
+    """Block SIGINT and SIGTERM in this thread; returns what to restore (``None`` where
+    signal masks do not exist, or off the main thread, where Python runs no handlers)."""
+    if not hasattr(signal, "pthread_sigmask") or \
+            threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+
+
+def _release_signals(held) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _exists_error(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} exists; it was not replaced")
 
@@ -115,10 +134,19 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    # A signal handler that raises (SIGINT, the CLI's SIGTERM) must not run between creating
+    # the temporary file and entering the ``try`` that removes it: hold those signals back
+    # until then; one that arrived meanwhile is raised inside the ``try``.
+    held = _hold_signals()
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except BaseException:
+        _release_signals(held)
+        raise
     tmp = Path(name)
     try:
+        os.close(fd)
+        _release_signals(held)
         yield tmp
         os.chmod(tmp, default_file_mode())
         _fsync_file(tmp)

@@ -2,8 +2,11 @@
 
 ``mica advantages IN OUT`` mirrors :func:`mica_core.compute_advantages`: it reads Parquet,
 Arrow IPC or CSV (by extension), writes Parquet atomically (a temporary file in OUT's folder,
-then a rename) and keeps an existing OUT unless ``--force``. Bad input exits with status 2 and
-one line naming the column, the first offending row and the rule.
+then a rename) and keeps an existing OUT unless ``--force``. Bad input, and an OUT that cannot
+be written (a missing folder, a directory, no permission), exit with status 2 and one line
+naming the column, the first offending row and the rule (or the path and the reason).
+SIGTERM and SIGINT stop the command with one line and status 143 or 130; the temporary file
+is removed and OUT keeps its old content (or stays absent).
 
 Other packages add subcommands through the entry-point group ``mica.commands``: each entry
 point's name is the command, its object a callable ``main(argv: list[str]) -> int`` whose
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -29,6 +33,16 @@ STREAM_MIN_ROWS = 16_000_000  # --stream auto: about 1 GiB of value columns and 
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so that ``finally`` blocks and :mod:`mica_core.atomic`
+    clean up. A ``BaseException``, like ``KeyboardInterrupt``: ``except Exception`` does not
+    swallow it."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def plugin_commands() -> dict:
@@ -98,7 +112,7 @@ def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
                    f"{STREAM_MIN_ROWS:,}+ rows when the estimator has no batch-scope component "
                    "(batch statistics would become per-chunk)")
     a.add_argument("--batch-rows", type=int, default=None, metavar="N",
-                   help="rows per streamed chunk (default 1,048,576)")
+                   help="rows per streamed chunk, at least 1 (default 1,048,576)")
     a.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     a.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress on stderr (auto: for large inputs on a terminal)")
@@ -165,6 +179,31 @@ def _read_table(path: str):
         raise CliError(f"{path}: cannot read as {fmt}: {exc}".splitlines()[0]) from None
 
 
+def _check_output(path: str, force: bool):
+    """Refuse, before any work, an OUT that cannot or must not be written."""
+    if os.path.splitext(path)[1].lower() not in (".parquet", ".pq"):
+        raise CliError(f"{path}: OUT is written as Parquet; name it .parquet or .pq")
+    if os.path.isdir(path):
+        raise CliError(f"{path} is a directory; OUT names the Parquet file to write")
+    if os.path.exists(path) and not force:
+        raise CliError(f"{path} exists; pass --force to overwrite it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CliError(f"{folder}: no such folder (OUT's folder must exist)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"{folder}: permission denied (cannot create OUT there)")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``path: reason`` of an OSError, without Python's ``[Errno N]`` prefix."""
+    reason = exc.strerror or str(exc)
+    path = exc.filename
+    if path is not None and os.path.basename(os.fspath(path)).startswith("."):
+        # A temporary sibling of OUT: name the folder the user chose instead.
+        path = os.path.dirname(os.fspath(path)) or "."
+    return f"{os.fspath(path)}: {reason}" if path is not None else reason
+
+
 def write_parquet_atomic(table, path: str, *, force: bool = False):
     """Write ``table`` to ``path`` as Parquet, atomically (:mod:`mica_core.atomic`).
 
@@ -187,11 +226,9 @@ def write_parquet_atomic(table, path: str, *, force: bool = False):
 def _advantages(args) -> int:
     from . import compute_advantages
 
-    out_ext = os.path.splitext(args.output)[1].lower()
-    if out_ext not in (".parquet", ".pq"):
-        raise CliError(f"{args.output}: OUT is written as Parquet; name it .parquet or .pq")
-    if os.path.exists(args.output) and not args.force:
-        raise CliError(f"{args.output} exists; pass --force to overwrite it")
+    _check_output(args.output, args.force)
+    if args.batch_rows is not None and args.batch_rows < 1:
+        raise CliError(f"--batch-rows must be >= 1; got {args.batch_rows}")
     columns = {"group": args.group_col, "traj": args.traj_col, "turn": args.turn_col,
                "distance": args.distance_col, "initial_distance": args.initial_distance_col,
                "state": args.state_col, "initial_state": args.initial_state_col,
@@ -245,15 +282,19 @@ def _advantages_streamed(args, columns, options) -> int:
     fmt = _input_format(args.input)
     total = _count_rows(args.input, fmt)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
-    progress = _Progress(show and bool(total))
+    progress = _Progress(show)
 
     def on_chunk(rows: int):
-        progress.show(f"{rows:,} / {total:,} rows ({100.0 * rows / total:3.0f}%)")
+        if total:  # Parquet: counted from the footers; CSV and IPC: not known in advance
+            progress.show(f"{rows:,} / {total:,} rows ({100.0 * rows / total:3.0f}%)")
+        else:
+            progress.show(f"{rows:,} rows")
 
+    batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     try:
         write_advantages(args.input, args.output, args.estimator, columns,
-                         overwrite=args.force, batch_rows=args.batch_rows or DEFAULT_BATCH_ROWS,
-                         format=fmt, on_chunk=on_chunk, **options)
+                         overwrite=args.force, batch_rows=batch_rows, format=fmt,
+                         on_chunk=on_chunk, **options)
     except FileExistsError as exc:
         raise CliError(str(exc).replace("overwrite=True", "--force")) from None
     progress.done()
@@ -270,6 +311,32 @@ def _estimators() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``mica``; returns the exit status.
+
+    SIGTERM becomes :class:`Terminated` while the command runs (where the process has not
+    chosen to ignore it), so that a run stopped by a job scheduler or ``kill`` cleans up like
+    one stopped by Ctrl-C: both print one line and exit with 128 + the signal number.
+    """
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("mica: interrupted (SIGINT)\n")
+        return 128 + signal.SIGINT
+    except Terminated:
+        sys.stderr.write("mica: interrupted (SIGTERM)\n")
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = plugin_commands()
     if argv and argv[0] in plugins:
@@ -290,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "advantages":
             return _advantages(args)
         return _estimators()
-    except (CliError, MicaInputError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (CliError, MicaInputError, ValueError, OSError) as exc:
+        text = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        msg = text.splitlines()[0] if text else type(exc).__name__
         sys.stderr.write(f"mica: error: {msg}\n")
         return 2
 

@@ -17,8 +17,11 @@ dataset by group first (e.g. ``pyarrow.dataset`` + ``sort_by``, or DuckDB/Polars
 Every group is complete in one chunk, so scopes ``turn`` and ``group`` give exactly what
 :func:`~mica_core.compute_advantages` gives on the whole table. Components with scope
 ``batch`` (``mapo``, ``reinforce_pp``, ``reinforce_pp_idr``) normalize over each chunk (the
-chunk is the batch); a warning says so when there is more than one chunk. Trajectory ids are
-checked within their group (a trajectory belongs to one group).
+chunk is the batch); a warning says so when there is more than one chunk. Validity does not
+depend on the chunk size: a trajectory id used in two groups is an error whether the groups
+fall in one chunk or in two (the ids of finished chunks are remembered, 8 bytes per group and
+per trajectory, 16 for string ids), and ids follow the label rule of
+:func:`mica_core.validate.factorize` (``0.0`` and ``-0.0`` are one id, NaN is an error).
 
 Order: files given as a list are read in that order; a directory is read in the order the
 dataset discovers its files (by path). Long form only (one row per turn); the nested form has
@@ -38,10 +41,12 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ._errors import MicaInputError
-from .arrow import DEFAULT_COLUMNS, compute_advantages
+from .arrow import DEFAULT_COLUMNS, check_label_type, compute_advantages, float_labels
 from .estimators import get_estimator
+from .validate import duplicate_column, trajectory_in_two_groups
 
 __all__ = ["DEFAULT_BATCH_ROWS", "iter_advantages", "write_advantages"]
 
@@ -58,30 +63,61 @@ def _as_dataset(source, format):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or directory")
-        return ds.dataset(path, format=format)
-    if isinstance(source, (list, tuple)):
-        return ds.dataset([os.fspath(p) for p in source], format=format)
-    raise TypeError(f"source must be a path, a list of paths or a pyarrow.dataset.Dataset; got "
-                    f"{type(source).__name__}")
+        paths = path
+    elif isinstance(source, (list, tuple)):
+        paths = [os.fspath(p) for p in source]
+    else:
+        raise TypeError(f"source must be a path, a list of paths or a pyarrow.dataset.Dataset; "
+                        f"got {type(source).__name__}")
+    try:
+        return ds.dataset(paths, format=format)
+    except pa.ArrowInvalid as exc:
+        if "duplicate field names" in str(exc):
+            _raise_duplicate_column(paths, format)
+        raise
 
 
-class _SeenGroups:
-    """The group ids already processed, to catch a group whose rows come back later.
+def _raise_duplicate_column(paths, format):
+    """Name the repeated column of the first file that has one (the dataset's own error
+    does not say which)."""
+    import pyarrow.dataset as ds
+    from pyarrow.fs import LocalFileSystem
 
-    Integer ids are kept as they are; other ids (strings, binary) as 128-bit BLAKE2b digests
-    (a false match has probability about ``n^2 / 2^129``). Sorted int64 arrays in levels
-    (merged when a level doubles), so adding and looking up ``n`` ids costs
-    ``O(n log n)`` overall and 8 (16) bytes per group.
+    if isinstance(paths, str) and os.path.isdir(paths):
+        paths = sorted(os.path.join(root, f) for root, _, files in os.walk(paths)
+                       for f in files if not f.startswith((".", "_")))
+    # The FileFormat object for a format name, as ds.dataset resolves it.
+    file_format = ds.dataset([], format=format).format if isinstance(format, str) else format
+    local = LocalFileSystem()
+    for path in [paths] if isinstance(paths, str) else paths:
+        names = file_format.inspect(os.path.abspath(path), filesystem=local).names
+        for name in names:
+            if names.count(name) > 1:
+                raise duplicate_column(name, names.count(name))
+
+
+class _SeenIds:
+    """The ids already processed (groups, or the trajectories of finished chunks), to catch
+    one that comes back later.
+
+    Integer ids are kept as they are, floating-point ids as the bits of their float64 value
+    (``-0.0`` made ``0.0``); other ids (strings, binary) as 128-bit BLAKE2b digests (a false
+    match has probability about ``n^2 / 2^129``). Sorted int64 arrays in levels (merged when a
+    level doubles), so adding and looking up ``n`` ids costs ``O(n log n)`` overall and 8
+    (16) bytes per id.
     """
 
     def __init__(self):
         self._levels = []  # sorted key arrays (int64 [k] or [k, 2])
 
     @staticmethod
-    def keys(ids: pa.Array):
-        """int64 keys of the given ids (``[n]`` for integers, ``[n, 2]`` digests otherwise)."""
+    def keys(ids: pa.Array, name: str = ""):
+        """int64 keys of the given ids (``[n]`` for numbers, ``[n, 2]`` digests otherwise).
+        NaN and infinite ids are errors naming ``name`` and the row in ``ids``."""
         if pa.types.is_integer(ids.type):
             return np.asarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64)
+        if pa.types.is_floating(ids.type):
+            return float_labels(ids, name).view(np.int64)
         out = np.empty((len(ids), 2), dtype=np.int64)
         for i, value in enumerate(ids.to_pylist()):
             data = value if isinstance(value, bytes) else repr(value).encode()
@@ -92,17 +128,21 @@ class _SeenGroups:
     def _view(keys):
         return keys if keys.ndim == 1 else keys.view([("hi", np.int64), ("lo", np.int64)])[:, 0]
 
-    def first_seen(self, keys) -> int:
-        """Index of the first key already added, or -1."""
-        if not len(keys) or not self._levels:
-            return -1
-        probe = self._view(keys)
+    def seen(self, keys) -> np.ndarray:
+        """Whether each key was already added (bool ``[len(keys)]``)."""
         hit = np.zeros(len(keys), dtype=bool)
+        if not len(keys) or not self._levels:
+            return hit
+        probe = self._view(keys)
         for level in self._levels:
             pos = np.searchsorted(level, probe)
             pos = np.minimum(pos, len(level) - 1)
             hit |= level[pos] == probe
-        found = np.flatnonzero(hit)
+        return hit
+
+    def first_seen(self, keys) -> int:
+        """Index of the first key already added, or -1."""
+        found = np.flatnonzero(self.seen(keys))
         return int(found[0]) if found.size else -1
 
     def add(self, keys):
@@ -144,6 +184,30 @@ def _shift_rows(err: MicaInputError, base: int) -> MicaInputError:
     return MicaInputError(message, column=err.column, row=err.row + base, rule=err.rule)
 
 
+def _ids(table: pa.Table, name: str) -> pa.Array:
+    """The id column ``name`` of a chunk as one array, dictionary-decoded."""
+    col = table.column(name)
+    col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
+def _check_trajectories(seen: _SeenIds, head: pa.Table, tname: str, gname: str, start: int):
+    """Refuse a chunk that reuses a trajectory id of an earlier chunk (another group, since
+    groups are whole in a chunk), naming the chunk's first row with such an id; then
+    remember the chunk's ids."""
+    if tname not in head.column_names or head.num_rows == 0:
+        return
+    ids = _ids(head, tname)
+    unique = pc.unique(ids)
+    keys = _SeenIds.keys(unique, tname)
+    again = seen.seen(keys)
+    if again.any():
+        reused = pc.is_in(ids, value_set=unique.filter(pa.array(again)))
+        row = int(np.flatnonzero(reused.to_numpy(zero_copy_only=False))[0])
+        raise trajectory_in_two_groups(gname, start + row)
+    seen.add(keys)
+
+
 def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | None = None, *,
                     batch_rows: int = DEFAULT_BATCH_ROWS, format: str = "parquet",
                     **options) -> Iterator[pa.Table]:
@@ -172,15 +236,18 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
     cols = dict(DEFAULT_COLUMNS)
     if columns:
         cols.update(columns)
-    gname = cols["group"]
+    gname, tname = cols["group"], cols["traj"]
     if gname not in dataset.schema.names:
         raise MicaInputError(f"missing (needed as the group column; present: "
                              f"{', '.join(dataset.schema.names) or 'none'})", column=gname,
                              rule="missing column")
+    gtype = dataset.schema.field(gname).type
+    check_label_type(gtype.value_type if pa.types.is_dictionary(gtype) else gtype, gname)
     est = get_estimator(estimator)
     batch_scope = any(c.scope == "batch" for c in est.components)
 
-    seen = _SeenGroups()
+    seen = _SeenIds()
+    seen_trajectories = _SeenIds()
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     pending_start = 0  # dataset row of pending's first row
@@ -202,6 +269,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
             out = compute_advantages(head, estimator, columns, **options)
         except MicaInputError as err:
             raise _shift_rows(err, pending_start) from None
+        _check_trajectories(seen_trajectories, head, tname, gname, pending_start)
         pending = tail.to_batches()
         pending_rows = tail.num_rows
         pending_start += upto
@@ -222,7 +290,10 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
                                  rule="no nulls")
         if pa.types.is_dictionary(ids.type):
             ids = ids.cast(ids.type.value_type)
-        keys = _SeenGroups.keys(ids)
+        try:
+            keys = _SeenIds.keys(ids, gname)
+        except MicaInputError as err:
+            raise _shift_rows(err, row) from None
         starts = _runs(keys)
         # A first run that continues the group pending ends with is not a new appearance;
         # otherwise that group is finished.
@@ -231,9 +302,9 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
         fresh_keys = keys[fresh]
         finished = [] if continued or last_key is None else [last_key]
         again = seen.first_seen(fresh_keys)
-        probe = _SeenGroups._view(fresh_keys)
+        probe = _SeenIds._view(fresh_keys)
         if finished:
-            lk = _SeenGroups._view(np.asarray(last_key).reshape((1,) + keys.shape[1:]))
+            lk = _SeenIds._view(np.asarray(last_key).reshape((1,) + keys.shape[1:]))
             hits = np.flatnonzero(probe == lk[0])
             if hits.size and (again < 0 or hits[0] < again):
                 again = int(hits[0])

@@ -17,6 +17,8 @@ kernels trust what they are given.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +32,7 @@ __all__ = [
     "check_offsets",
     "check_values",
     "factorize",
+    "label_array",
     "make_ragged",
     "numpy_inputs",
     "torch_inputs",
@@ -132,7 +135,28 @@ def label_not_finite(column, row) -> MicaInputError:
 
 
 def label_null(column, row) -> MicaInputError:
-    return MicaInputError("labels must not be null", column=column, row=row, rule="not null")
+    return MicaInputError("null value", column=column, row=row, rule="no nulls")
+
+
+def label_not_scalar(column, row, kind) -> MicaInputError:
+    return MicaInputError(f"labels must be numbers, strings or other scalar values; got "
+                          f"{kind}", column=column, row=row, rule="dtype")
+
+
+def duplicate_column(column, copies) -> MicaInputError:
+    return MicaInputError(f"appears {copies} times in the table (column names must be unique)",
+                          column=column, rule="unique column names")
+
+
+def trajectory_in_two_groups(column, row) -> MicaInputError:
+    return MicaInputError("trajectory appears in more than one group (a trajectory belongs "
+                          "to one group)", column=column, row=row,
+                          rule="one group per trajectory")
+
+
+def offsets_too_large(row, value) -> MicaInputError:
+    return MicaInputError(f"offsets[{row}] = {value} is beyond the int64 range of row "
+                          f"numbers", column="offsets", row=row, rule="int64")
 
 
 def key_required(plan) -> MicaInputError:
@@ -152,26 +176,74 @@ def check_on_missing(on_missing) -> bool:
 # --------------------------------------------------------------------------- host data
 
 
+_SCALAR_TYPES = (int, float, str, bytes, np.generic)
+
+
+def label_array(labels) -> np.ndarray:
+    """``labels`` as a 1-D array that keeps what each label is.
+
+    numpy coerces a list of mixed kinds to one type (``[1, "1"]`` to two strings ``"1"``,
+    ``[2**53 + 1, 2.0**53]`` to two equal floats); a list or tuple whose items are not all
+    of one type becomes an object array instead, compared by Python equality.
+    """
+    if isinstance(labels, (list, tuple)):
+        types = set(map(type, labels))
+        if len(types) > 1 or (types and not issubclass(types.pop(), _SCALAR_TYPES)):
+            a = np.empty(len(labels), dtype=object)
+            for i, value in enumerate(labels):
+                a[i] = value
+            return a
+    return np.asarray(labels)
+
+
+def _factorize_objects(a: np.ndarray, name):
+    """Codes of an object array by Python equality and hashing (``1 == 1.0 == True``,
+    ``0.0 == -0.0``, ``1 != "1"``), rejecting None, NaN, infinities and unhashable values."""
+    index: dict = {}
+    codes = np.empty(len(a), dtype=np.int64)
+    for i, value in enumerate(a):
+        if value is None:
+            raise label_null(name, i)
+        try:
+            code = index.setdefault(value, len(index))
+        except TypeError:
+            raise label_not_scalar(name, i, type(value).__name__) from None
+        if isinstance(value, numbers.Number) and not isinstance(value, numbers.Integral) \
+                and (value != value or value in (math.inf, -math.inf)):
+            raise label_not_finite(name, i)
+        codes[i] = code
+    uniques = np.empty(len(index), dtype=object)
+    for value, code in index.items():
+        uniques[code] = value
+    return codes, uniques
+
+
 def factorize(labels, name="group"):
-    """Integer codes for any labels (numbers or strings), in order of first appearance.
+    """Integer codes for any labels, in order of first appearance (as ``pandas.factorize``).
+
+    The label-identity rule of every input path (README, "Choices the contract left open"):
+    two labels are the same when they are equal values of the same kind. Numbers compare as
+    numbers (``1``, ``1.0`` and ``True`` are one label, so are ``0.0`` and ``-0.0``); a
+    number never equals a string, nor ``bytes`` a ``str``. NaN, infinite and null (``None``)
+    labels are errors naming ``name`` and the row.
 
     Returns ``(codes int64, uniques)``.
     """
-    a = np.asarray(labels)
+    a = label_array(labels)
     if a.ndim != 1:
         raise MicaInputError(f"must be one-dimensional, got shape {a.shape}", column=name,
                              rule="shape")
     if a.size == 0:
         return np.zeros(0, dtype=np.int64), a
-    if a.dtype.kind == "f":
+    if a.dtype == object:
+        return _factorize_objects(a, name)
+    if a.dtype.kind in "fc":
         bad = np.flatnonzero(~np.isfinite(a))
         if bad.size:
             raise label_not_finite(name, int(bad[0]))
-    if a.dtype == object:
-        bad = [i for i, v in enumerate(a) if v is None]
-        if bad:
-            raise label_null(name, bad[0])
-        a = a.astype(str)
+    if a.dtype.kind not in "biufcUSmM":
+        raise label_not_scalar(name, 0, f"dtype {a.dtype}")
+    # np.unique compares with ==: 0.0 and -0.0 are one value.
     uniques, first, inverse = np.unique(a, return_index=True, return_inverse=True)
     # Renumber so codes follow first appearance (stable, like pandas.factorize).
     order = np.argsort(first, kind="stable")
@@ -188,6 +260,11 @@ def check_offsets(offsets) -> np.ndarray:
     if o.dtype.kind not in "iu":
         if not (o.dtype.kind == "f" and np.all(np.isfinite(o)) and np.all(o == np.round(o))):
             raise offsets_dtype(o.dtype)
+    if o.dtype.kind in "uf":  # values past int64 would wrap to negative counts
+        big = np.flatnonzero(o > np.uint64(np.iinfo(np.int64).max) if o.dtype.kind == "u"
+                             else o >= 2.0**63)
+        if big.size:
+            raise offsets_too_large(int(big[0]), int(o[big[0]]))
     o = o.astype(np.int64, copy=False)
     if o[0] != 0:
         raise offsets_start(int(o[0]))
@@ -200,7 +277,7 @@ def check_offsets(offsets) -> np.ndarray:
 
 def group_codes(group, n_traj) -> tuple[np.ndarray, int]:
     """``(codes int64 [n_traj], ngroups)`` for any host labels, one per trajectory."""
-    g = np.asarray(group)
+    g = label_array(group)
     if g.ndim != 1 or len(g) != n_traj:
         raise group_length(n_traj, g.shape)
     if g.dtype.kind in "iu" and (g.size == 0 or (g.min() >= 0

@@ -155,3 +155,69 @@ def test_bad_options():
         mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], weight=1.5)
     with pytest.raises(ValueError, match="backend"):
         mc.estimate([0, 1], [0], distance=[1.0], initial_distance=[2.0], backend="jax")
+
+
+def test_zero_rows_of_untyped_columns_give_empty_output():
+    """A header-only CSV reads as zero rows of type null: an empty batch, like a zero-row
+    Parquet file (README: an empty batch gives empty outputs)."""
+    names = list(long_rows()[0])
+    t = pa.table({name: pa.array([], pa.null()) for name in names})
+    out = mc.compute_advantages(t)
+    assert out.num_rows == 0 and out.column_names == names + ["reward", "return", "advantage"]
+    assert all(out.schema.field(c).type == pa.float64() for c in ("reward", "return",
+                                                                     "advantage"))
+    # Rows of type null are all nulls: still the null rule, not a type error.
+    t = pa.table({name: pa.array([None], pa.null()) for name in names})
+    expect(lambda: mc.compute_advantages(t), "group_id", 0, "no nulls")
+
+
+def test_duplicate_column_name():
+    t = pa.Table.from_pylist(long_rows())
+    t = pa.Table.from_arrays(t.columns + [t.column("turn")], t.column_names + ["turn"])
+    expect(lambda: mc.compute_advantages(t), "turn", None, "unique column names")
+
+
+@pytest.mark.parametrize("role, values", [
+    ("group_id", [{"k": 1}] * 5),
+    ("group_id", [[1]] * 5),
+    ("traj_id", [[0], [0], [1], [2], [2]]),
+    ("traj_id", [{"k": 0}, {"k": 0}, {"k": 1}, {"k": 2}, {"k": 2}]),
+])
+def test_nested_id_columns(role, values):
+    t = pa.Table.from_pylist(long_rows())
+    t = t.set_column(t.column_names.index(role), role, pa.array(values))
+    expect(lambda: mc.compute_advantages(t), role, None, "dtype")
+    nested = pa.table({"group_id": pa.array(values[:2]) if role == "group_id" else ["a", "b"],
+                       "distances": [[1.0], [2.0]], "initial_distance": [3.0, 3.0]})
+    if role == "group_id":
+        expect(lambda: mc.compute_advantages(nested), role, None, "dtype")
+
+
+def test_state_and_initial_state_need_the_same_axes():
+    rows = long_rows()
+    t = pa.Table.from_pylist(rows).drop_columns(["distance", "initial_distance"])
+    state = pa.array([[-2.0, -1.0, 0.5]] * len(rows), pa.list_(pa.float64(), 3))
+    initial = [[-3.0, -3.0, -3.0]] * len(rows)
+    t3 = t.append_column("state", state).append_column("initial_state", pa.array(initial))
+    assert mc.compute_advantages(t3).num_rows == len(rows)
+    initial[2] = [-3.0, -3.0]  # variable-size lists: one row differs
+    t2 = t.append_column("state", state).append_column("initial_state", pa.array(initial))
+    expect(lambda: mc.compute_advantages(t2), "initial_state", 2, "same number of axes")
+    fixed = pa.array([[-3.0, -3.0]] * len(rows), pa.list_(pa.float64(), 2))
+    t2 = t.append_column("state", state).append_column("initial_state", fixed)
+    expect(lambda: mc.compute_advantages(t2), "state", 0, "same number of axes")
+
+
+@pytest.mark.parametrize("offsets, row", [
+    (np.array([0, 2**64 - 1], dtype=np.uint64), 1),
+    (np.array([0, 1, 2**63 + 5], dtype=np.uint64), 2),
+    (np.array([0, 1e30]), 1),
+])
+def test_huge_offsets_are_named_not_wrapped(offsets, row):
+    with pytest.raises(MicaInputError) as info:
+        mc.estimate(offsets, np.zeros(len(offsets) - 1, dtype=np.int64),
+                    distance=np.ones(2), initial_distance=np.ones(len(offsets) - 1))
+    err = info.value
+    assert err.column == "offsets" and err.row == row, str(err)
+    assert str(int(offsets[row])) in str(err) and "int64" in str(err)
+    assert "-" not in str(err)  # no count wrapped to a negative number

@@ -221,3 +221,34 @@ def test_value_source_option_reaches_compute_advantages(tmp_path):
     got = pa.concat_tables(list(iter_advantages(path, "mica_group", source="reward",
                                                 batch_rows=40)))
     assert_same(got, mc.compute_advantages(table, "mica_group", source="reward"))
+
+
+def _per_group_trajectory_ids(table):
+    """The same table with trajectories numbered 0, 1, ... within each group (ids reused)."""
+    groups = table.column("group_id").to_numpy()
+    traj = table.column("traj_id").to_numpy()
+    local = np.empty_like(traj)
+    for g in np.unique(groups):
+        rows = groups == g
+        _, local[rows] = np.unique(traj[rows], return_inverse=True)
+    return table.set_column(1, "traj_id", pa.array(local))
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 37, 10_000])
+def test_trajectory_ids_reused_across_groups_are_an_error_at_any_chunk_size(tmp_path,
+                                                                             batch_rows):
+    """Validity does not depend on the chunk size: a trajectory id used in two groups is
+    refused whether the groups fall in one chunk or in two."""
+    table = _per_group_trajectory_ids(long_table(n_groups=6))
+    path = tmp_path / "reused.parquet"
+    pq.write_table(table, path, row_group_size=16)
+    with pytest.raises(mc.MicaInputError) as whole:
+        mc.compute_advantages(table)
+    with pytest.raises(mc.MicaInputError) as streamed:
+        list(iter_advantages(path, batch_rows=batch_rows))
+    for err in (whole.value, streamed.value):
+        assert err.rule == "one group per trajectory" and err.column == "group_id", str(err)
+    # The first row of group 1 reuses trajectory id 0 of group 0.
+    first_of_group_1 = int(np.flatnonzero(table.column("group_id").to_numpy() == 1)[0])
+    assert streamed.value.row == first_of_group_1
+    assert whole.value.row == first_of_group_1

@@ -255,6 +255,33 @@ def test_bad_input_names_column_row_and_rule(host_offsets):
     e = bad("max_turns", max_turns=1, offsets=torch.tensor([0, 2, 3]))
 
 
+
+def test_two_dimensional_values_name_the_shape():
+    e = _bad("1-D", distance=torch.zeros(3, 2, dtype=torch.float64))
+    assert (e.column, e.rule) == ("distance", "shape") and "(3, 2)" in str(e)
+    assert "None" not in str(e)
+    e = _bad("one per trajectory", initial_distance=torch.zeros(2, 2, dtype=torch.float64))
+    assert e.column == "initial_distance" and "(2, 2)" in str(e)
+
+
+def test_invalid_backend_is_refused_for_tensors_too():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mc.estimate(torch.tensor([0, 1]), [0], distance=torch.ones(1),
+                    initial_distance=torch.ones(1), backend="jax")
+
+
+def test_outputs_never_require_grad():
+    """Advantages are constants of the policy-gradient loss: inputs that require grad give
+    outputs outside any autograd graph."""
+    d = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    d0 = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    res = mc.estimate(torch.tensor([0, 2, 3]), ["a", "b"], distance=d, initial_distance=d0)
+    assert not any(t.requires_grad or t.grad_fn is not None for t in res)
+    r = torch.tensor([1.0, 0.5, 2.0], requires_grad=True)
+    res = mc.estimate(torch.tensor([0, 2, 3]), torch.tensor([0, 0]), reward=r,
+                      estimator="grpo")
+    assert not any(t.requires_grad for t in res)
+
 def test_validate_false_skips_value_checks():
     nan = torch.tensor([1.0, float("nan"), 2.0], dtype=torch.float64)
     res = mc.estimate(torch.tensor([0, 2, 3]), torch.tensor([0, 1]), ngroups=2, max_turns=2,
