@@ -347,7 +347,7 @@ def _with_key(table, cols, ti: TableInput, nested: bool) -> Ragged:
             raise MicaInputError("has a different number of keys than turns", column=name,
                                  row=row, rule="one key per turn")
         col = values
-    codes, nlabels = _codes(col)
+    codes, nlabels = _codes(col, name)
     if ti.order is not None:
         codes = codes[ti.order]
     buckets, nkeys = key_buckets(codes, nlabels, ragged.offsets, ragged.group)
