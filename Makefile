@@ -54,4 +54,4 @@ bench-llm: $(STAMP)
 	$(PY) -m bench.llm_concurrency
 
 clean:
-	rm -rf build $(VENV) kernels/*.c mica_core/_ext*.so .pytest_cache .hypothesis
+	rm -rf build *.egg-info $(VENV) kernels/*.c mica_core/_ext*.so .pytest_cache .hypothesis

@@ -34,7 +34,6 @@ from .api import run_plan
 from .estimators import resolve
 from .layout import ON_MISSING, Ragged, fill_missing, ragged_from_lengths
 from .signals import distance_from_state, turn_index
-from .validate import key_buckets
 
 __all__ = ["compute_advantages", "ragged_from_table", "DEFAULT_COLUMNS", "TableInput",
            "to_arrow_table"]
@@ -270,17 +269,10 @@ def _state_distance(table, name, n, *, weights, epsilon, kind, axes=None, axes_o
 
 
 def _finite(a, name, order=None, *, non_negative=False, allow_missing=False):
-    bad = np.flatnonzero(~np.isfinite(a)) if not allow_missing else np.zeros(0, dtype=np.int64)
-    if bad.size:
-        row = int(bad[0]) if order is None else int(order[bad[0]])
-        raise MicaInputError(f"value {a[bad[0]]} is not finite", column=name, row=row,
-                             rule="finite")
-    if non_negative:
-        bad = np.flatnonzero(a < 0)
-        if bad.size:
-            row = int(bad[0]) if order is None else int(order[bad[0]])
-            raise MicaInputError(f"distance {a[bad[0]]} is negative (distances are >= 0)",
-                                 column=name, row=row, rule="non-negative")
+    """The value rules of :func:`mica_core.validate.check_range`, naming input rows."""
+    if len(a):
+        _validate.check_range(a, name, allow_negative=not non_negative, allow_missing=allow_missing,
+                    order=order)
 
 
 def _pick_source(table, cols, source, nested):
@@ -350,7 +342,7 @@ def _with_key(table, cols, ti: TableInput, nested: bool) -> Ragged:
     codes, nlabels = _codes(col, name)
     if ti.order is not None:
         codes = codes[ti.order]
-    buckets, nkeys = key_buckets(codes, nlabels, ragged.offsets, ragged.group)
+    buckets, nkeys = _validate.key_buckets(codes, nlabels, ragged.offsets, ragged.group)
     return Ragged(ragged.offsets, ragged.group, ragged.ngroups, buckets, nkeys)
 
 
@@ -489,20 +481,14 @@ def _read_nested(table, cols, src, need_initial):
         raise MicaInputError("trajectory has no turns (empty list)", column=name,
                              row=int(empty[0]), rule="at least one turn")
     v = _numpy(values, name)
-    row_of = np.repeat(np.arange(n_traj), np.diff(offsets))
-    bad = np.flatnonzero(~np.isfinite(v))
-    if bad.size:
-        raise MicaInputError(f"value {v[bad[0]]} is not finite", column=name,
-                             row=int(row_of[bad[0]]), rule="finite")
+    # errors name the table row (the trajectory) that holds the list element
+    _finite(v, name, np.repeat(np.arange(n_traj), np.diff(offsets)),
+            non_negative=src != "reward")
     ragged = Ragged(offsets, np.ascontiguousarray(gcodes), ngroups)
     d = d0 = r = None
     if src == "reward":
         r = v
     else:
-        neg = np.flatnonzero(v < 0)
-        if neg.size:
-            raise MicaInputError(f"distance {v[neg[0]]} is negative (distances are >= 0)",
-                                 column=name, row=int(row_of[neg[0]]), rule="non-negative")
         d = v
         init_name = cols["initial_distance"]
         if need_initial or init_name in table.column_names:

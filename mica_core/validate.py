@@ -329,6 +329,20 @@ def check_key(key, n_rows, ragged) -> Ragged:
     return Ragged(ragged.offsets, ragged.group, ragged.ngroups, buckets, nkeys)
 
 
+#: The largest ``|value|`` accepted (distances, rewards, initial distances). Above it rewards,
+#: returns or squared deviations could leave float64's range (1.8e308) and the statistics
+#: would silently become inf, NaN or 0; below it they cannot for any batch that fits in
+#: memory (a squared deviation is at most (4 x 1e100 x turns)^2, summed over the turns).
+MAX_MAGNITUDE = 1e100
+
+
+def too_large(column, row, value) -> MicaInputError:
+    return MicaInputError(f"value {value:.6g} is too large: |values| must be at most "
+                          f"{MAX_MAGNITUDE:.0e} so that rewards, returns and squared deviations "
+                          f"stay within float64 (advantages do not depend on the scale: "
+                          f"rescale the values)", column=column, row=row, rule="magnitude")
+
+
 def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
     """Validate a flat per-row (or per-trajectory) float array; returns it as float32/float64.
 
@@ -340,14 +354,39 @@ def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
         raise not_numeric(name, a.dtype)
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float64)
-    # Fast path first: the common all-finite case allocates no index array.
-    if not allow_missing and not np.isfinite(a).all():
-        i = int(np.flatnonzero(~np.isfinite(a))[0])
-        raise not_finite(name, i, a[i])
-    if not allow_negative and (a < 0).any():  # NaN compares False: left to fill_missing
-        i = int(np.flatnonzero(a < 0)[0])
-        raise negative_distance(name, i, a[i])
+    if len(a):
+        check_range(a, name, allow_negative=allow_negative, allow_missing=allow_missing)
     return np.ascontiguousarray(a)
+
+
+def check_range(a, name, *, allow_negative=True, allow_missing=False, order=None):
+    """Finite (unless ``allow_missing``), non-negative (unless ``allow_negative``) and at most
+    :data:`MAX_MAGNITUDE` in size; ``order`` maps positions to the rows an error names."""
+    def row(i):
+        return int(i) if order is None else int(order[i])
+
+    if allow_missing:  # NaN and inf pass, to be filled; NaN compares False below
+        if not allow_negative and (a < 0).any():
+            i = np.flatnonzero(a < 0)[0]
+            raise negative_distance(name, row(i), a[i])
+        big = np.abs(a) > MAX_MAGNITUDE
+        big &= np.isfinite(a)
+        if big.any():
+            i = np.flatnonzero(big)[0]
+            raise too_large(name, row(i), a[i])
+        return
+    # Two reductions and no temporary in the common case: min and max are NaN if any value
+    # is NaN and infinite if any is; the minimum also answers "any negative?".
+    lo, hi = float(a.min()), float(a.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        i = np.flatnonzero(~np.isfinite(a))[0]
+        raise not_finite(name, row(i), a[i])
+    if not allow_negative and lo < 0:
+        i = np.flatnonzero(a < 0)[0]
+        raise negative_distance(name, row(i), a[i])
+    if max(-lo, hi) > MAX_MAGNITUDE:
+        i = np.flatnonzero(np.abs(a) > MAX_MAGNITUDE)[0]
+        raise too_large(name, row(i), a[i])
 
 
 def check_out(out, n_rows):
@@ -574,11 +613,17 @@ def _value_checks(v, name, d0, distances):
             raise negative_distance(col, i, float(x[i].cpu()))
         return _Check(_first_index(x < 0), x.shape[0], fail)
 
-    checks = [finite(v, name)]
+    def bounded(x, col):
+        def fail(i):
+            raise too_large(col, i, float(x[i].cpu()))
+        return _Check(_first_index(x.abs() > MAX_MAGNITUDE), x.shape[0], fail)
+
+    checks = [finite(v, name), bounded(v, name)]
     if distances:
         checks.append(nonneg(v, name))
     if d0 is not None:
-        checks += [finite(d0, "initial_distance"), nonneg(d0, "initial_distance")]
+        checks += [finite(d0, "initial_distance"), nonneg(d0, "initial_distance"),
+                   bounded(d0, "initial_distance")]
     return checks
 
 

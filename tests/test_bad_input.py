@@ -221,3 +221,36 @@ def test_huge_offsets_are_named_not_wrapped(offsets, row):
     assert err.column == "offsets" and err.row == row, str(err)
     assert str(int(offsets[row])) in str(err) and "int64" in str(err)
     assert "-" not in str(err)  # no count wrapped to a negative number
+
+
+@pytest.mark.parametrize("scale", [1e101, 1e160, 1e200, 1e300])
+def test_values_too_large_for_float64_statistics_are_refused(backend, scale):
+    # Above 1e100, squared deviations or sums could overflow float64 and the advantages
+    # silently become 0 or NaN (issue: all 0 at 1e160, NaN at 1e200): a clear error instead.
+    d = np.array([2.0, 1.0, 3.0, 2.0, 1.0, 0.0])
+    with pytest.raises(MicaInputError, match="too large") as info:
+        backend.estimate(np.array([0, 3, 5, 6]), ["A", "A", "B"], distance=d * scale,
+                         initial_distance=np.array([3.0, 3.0, 2.0]) * scale)
+    assert info.value.rule == "magnitude" and info.value.row == 0
+    with pytest.raises(MicaInputError, match="too large") as info:
+        backend.estimate(np.array([0, 3, 5, 6]), ["A", "A", "B"], reward=d - 1e300 * (d > 2))
+    assert info.value.column == "reward" and info.value.row == 2
+
+
+def test_values_just_below_the_limit_stay_exact_and_scale_free(backend):
+    d = np.array([2.0, 1.0, 3.0, 2.0, 1.0, 0.0])
+    d0 = np.array([3.0, 3.0, 2.0])
+    small = backend.estimate(np.array([0, 3, 5, 6]), ["A", "A", "B"], distance=d,
+                             initial_distance=d0, eps=1e-300)
+    big = backend.estimate(np.array([0, 3, 5, 6]), ["A", "A", "B"], distance=d * 1e99,
+                           initial_distance=d0 * 1e99, eps=1e-300)
+    np.testing.assert_allclose(big.advantage, small.advantage, rtol=1e-12)
+    np.testing.assert_allclose(big.reward, small.reward * 1e99, rtol=1e-15)
+
+
+def test_large_values_in_tables_name_the_input_row():
+    rows = [dict(group_id="g", traj_id=0, turn=t, distance=[1.0, 2e150, 3.0][t],
+                 initial_distance=4.0) for t in (2, 0, 1)]
+    with pytest.raises(MicaInputError, match="too large") as info:
+        mc.compute_advantages(pa.Table.from_pylist(rows))
+    assert (info.value.column, info.value.row) == ("distance", 2)
