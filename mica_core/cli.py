@@ -60,13 +60,15 @@ def plugin_commands() -> dict:
 
 
 def _load_command(ep):
-    """The entry point's callable, or ``None`` when its package cannot be imported (a
-    distribution that declares the command but lacks its optional package)."""
+    """``(callable, None)``, or ``(None, why)`` when its package cannot be imported (a
+    distribution that declares the command but lacks its optional package or a dependency)."""
     try:
         fn = ep.load()
-    except ImportError:
-        return None
-    return fn if callable(fn) else None
+    except ImportError as exc:
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not callable(fn):
+        return None, f"{ep.value} is not callable"
+    return fn, None
 
 
 def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
@@ -119,7 +121,7 @@ def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
 
     sub.add_parser("estimators", help="list the registered estimators")
     for name, ep in sorted((plugins or {}).items()):
-        fn = _load_command(ep)
+        fn, _ = _load_command(ep)
         if fn is not None:
             text = (fn.__doc__ or "").strip().splitlines()
             sub.add_parser(name, help=text[0] if text else None, add_help=False)
@@ -340,10 +342,10 @@ def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = plugin_commands()
     if argv and argv[0] in plugins:
-        fn = _load_command(plugins[argv[0]])
+        fn, why = _load_command(plugins[argv[0]])
         if fn is None:
-            sys.stderr.write(f"mica: error: the {argv[0]!r} command's package is not "
-                             f"installed ({plugins[argv[0]].value})\n")
+            sys.stderr.write(f"mica: error: the {argv[0]!r} command cannot be loaded "
+                             f"({plugins[argv[0]].value}): {why}\n")
             return 2
         return fn(argv[1:])
     parser = _parser(plugins)

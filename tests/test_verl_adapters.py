@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from naive import KEYED, PRESETS, naive_estimate
-from naive import broadcast_to_tokens as naive_broadcast
-
 import verl_layouts as L
 
 import mica_core as mc
 from mica_core.integrations import verl as mv
+
+from naive import KEYED, PRESETS, naive_estimate
+from naive import broadcast_to_tokens as naive_broadcast
 
 
 @st.composite

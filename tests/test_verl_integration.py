@@ -11,11 +11,12 @@ torch = pytest.importorskip("torch")
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
 import verl_layouts as L
-from naive import PRESETS, naive_estimate
-from naive import broadcast_to_tokens as naive_broadcast
 
 from mica_core import MicaInputError
 from mica_core.integrations import verl as mv
+
+from naive import PRESETS, naive_estimate
+from naive import broadcast_to_tokens as naive_broadcast
 
 
 def _batch(seed=0, B=12, L=24, dtype=torch.float32):
@@ -27,18 +28,26 @@ def _batch(seed=0, B=12, L=24, dtype=torch.float32):
     uids = np.array([f"uid-{i // 3}" for i in range(B)], dtype=object)
     uids[-1] = "uid-alone"  # a group of one
     for b in range(B):
-        t, rs = 0, []
+        t, rs, ks = 0, [], []
         while t < L - 2:
             span = int(rng.integers(1, 4))
             mask[b, t:t + span] = 1
             r = float(np.float32(rng.normal()))
             rew[b, t + span - 1] = r
             rs.append(r)
+            ks.append(f"s{int(rng.integers(0, 3))}")
             t += span + int(rng.integers(1, 4))
             if rng.random() < 0.3:
                 break
-        trajs.append({"group": uids[b], "rewards": rs})
+        trajs.append({"group": uids[b], "rewards": rs, "keys": ks})
     return (torch.as_tensor(rew, dtype=dtype), torch.as_tensor(mask), uids, trajs)
+
+
+def _non_tensors(uids, trajs):
+    """verl's non_tensor_batch of a _batch: uid, and the per-turn keys gigpo groups by."""
+    keys = np.empty(len(trajs), dtype=object)
+    keys[:] = [t["keys"] for t in trajs]
+    return {"uid": uids, "mica_key": keys}
 
 
 def test_presets_are_registered_with_verl():
@@ -72,14 +81,15 @@ def test_verl_compute_advantage_dispatch_reaches_mica(name):
     from verl.trainer.ppo.ray_trainer import compute_advantage
 
     rew, mask, uids, trajs = _batch(seed=1)
+    nt = _non_tensors(uids, trajs)
     data = DataProto.from_dict(tensors={"token_level_rewards": rew, "response_mask": mask},
-                               non_tensors={"uid": uids})
+                               non_tensors=nt)
     out = compute_advantage(data, adv_estimator=mv.verl_name(name),
                             config=AlgoConfig(gamma=0.85))
     want = naive_estimate(trajs, name, gamma=0.85)
     want_adv = naive_broadcast([[t[2] for t in row] for row in want], mask.tolist())
     np.testing.assert_allclose(out.batch["advantages"].numpy(), want_adv, rtol=1e-5, atol=1e-5)
-    direct, _ = mv.verl_estimator(name)(rew, mask, uids, gamma=0.85)
+    direct, _ = mv.verl_estimator(name)(rew, mask, uids, gamma=0.85, non_tensor_batch=nt)
     assert torch.equal(out.batch["advantages"], direct)
 
 
@@ -174,17 +184,19 @@ def _make_probe():
 
             import numpy as np
             import torch
-
             from verl import DataProto
             from verl.trainer.ppo.ray_trainer import compute_advantage
 
             p = config.mica_probe
             out = {"pid": os.getpid(), "results": {}}
+            keys = np.empty(len(p.turn_keys), dtype=object)
+            keys[:] = [list(k) for k in p.turn_keys]
             for name in p.names:
                 data = DataProto.from_dict(
                     tensors={"token_level_rewards": torch.tensor(list(p.rewards)),
                              "response_mask": torch.tensor(list(p.mask))},
-                    non_tensors={"uid": np.array(list(p.uid), dtype=object)})
+                    non_tensors={"uid": np.array(list(p.uid), dtype=object),
+                                 "mica_key": keys})
                 try:
                     res = compute_advantage(data, adv_estimator=name, config=config.algorithm)
                     out["results"][name] = res.batch["advantages"].tolist()
@@ -205,10 +217,9 @@ def ray_task_runner(tmp_path_factory):
 
     import ray
     from omegaconf import OmegaConf, open_dict
-
     from verl.trainer.main_ppo import run_ppo
 
-    rew, mask, uids, _ = _batch(seed=8)
+    rew, mask, uids, trajs = _batch(seed=8)
     cfg = compose_verl_config([
         REGISTRATION, "+algorithm.mica.gamma=0.85", "ray_kwargs.ray_init.num_cpus=1",
         "+ray_kwargs.ray_init.include_dashboard=false"])
@@ -223,12 +234,13 @@ def ray_task_runner(tmp_path_factory):
         c = OmegaConf.create(OmegaConf.to_container(cfg))
         with open_dict(c):
             c.mica_probe = {"names": names, "rewards": rew.tolist(), "mask": mask.tolist(),
-                            "uid": [str(u) for u in uids], "out": str(out)}
+                            "uid": [str(u) for u in uids], "turn_keys": [t["keys"] for t in trajs],
+                            "out": str(out)}
         runner = probe if actor_options is None else probe.options(**actor_options)
         run_ppo(c, task_runner_class=runner)
         return json.loads(out.read_text())
 
-    yield run, (rew, mask, uids, cfg)
+    yield run, (rew, mask, uids, cfg, _non_tensors(uids, trajs))
     ray.shutdown()
     os.environ.pop("VERL_USE_EXTERNAL_MODULES", None)
 
@@ -236,13 +248,14 @@ def ray_task_runner(tmp_path_factory):
 def test_registration_reaches_verls_task_runner_actor(ray_task_runner):
     import os
 
-    run, (rew, mask, uids, cfg) = ray_task_runner
+    run, (rew, mask, uids, cfg, nt) = ray_task_runner
     report = run()
     assert report["pid"] != os.getpid()  # it ran in another process: the Ray actor
     for name in PRESETS:
         got = report["results"][mv.verl_name(name)]
         assert not isinstance(got, str), got
-        want, _ = mv.verl_estimator(name)(rew, mask, uids, config=cfg.algorithm)
+        want, _ = mv.verl_estimator(name)(rew, mask, uids, config=cfg.algorithm,
+                                           non_tensor_batch=nt)
         np.testing.assert_allclose(np.array(got), want.numpy(), rtol=1e-6, atol=1e-6)
 
 
@@ -303,7 +316,7 @@ def agent_loop_batch(episodes, response_length, with_signals=True):
         extra = {}
         if with_signals:
             extra = {k: rows["non_tensor"][k][b] for k in
-                     ("mica_distance", "mica_initial_distance", "mica_turn_start")}
+                     ("mica_distance", "mica_initial_distance", "mica_turn_start", "mica_key")}
         out = AgentLoopOutput(
             prompt_ids=[1, 2, 3], response_ids=[5 + (j % 7) for j in range(n)],
             response_mask=rows["response_mask"][b, :n].tolist(),
@@ -320,7 +333,6 @@ def trainer_rewards(data, kl):
     """What RayPPOTrainer.fit does between the rollout and compute_advantage (ray_trainer.py):
     extract_reward, the reward extra info into non_tensor_batch, apply_kl_penalty."""
     import torch
-
     from verl.trainer.ppo.ray_trainer import apply_kl_penalty
     from verl.trainer.ppo.reward import extract_reward
 
@@ -364,8 +376,9 @@ def test_agent_loop_batches_through_verls_compute_advantage(signals, kl):
     episodes = L.random_episodes(rng, tool_p=0.5)
     R = max(sum(len(L._turn_tokens(t)) for t in ep["turns"]) for ep in episodes) + 2
     base, rows = agent_loop_batch(episodes, R, with_signals=signals)
-    if not signals:  # boundaries only, so that tool calls stay inside their turns
+    if not signals:  # boundaries (so that tool calls stay inside their turns) and keys only
         base.non_tensor_batch["mica_turn_start"] = rows["non_tensor"]["mica_turn_start"]
+        base.non_tensor_batch["mica_key"] = rows["non_tensor"]["mica_key"]
     mask = base.batch["response_mask"]
     assert mask.shape[1] == R and torch.equal(mask[:, :rows["response_mask"].shape[1]],
                                               torch.as_tensor(rows["response_mask"]))
@@ -419,7 +432,8 @@ def test_v1_multi_output_rows_through_verls_multi_trajectory_path(kl):
         data = DataProto.from_dict(
             tensors={"response_mask": pad("response_mask", torch.int64),
                      "token_level_scores": pad("rm_scores", torch.float32)},
-            non_tensors={"uid": rows["non_tensor"]["uid"]})
+            non_tensors={"uid": rows["non_tensor"]["uid"],
+                         "mica_key": rows["non_tensor"]["mica_key"]})
         if kl:
             g = torch.Generator().manual_seed(1)
             data.batch["old_log_probs"] = -torch.rand(data.batch["response_mask"].shape,

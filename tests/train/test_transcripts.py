@@ -25,7 +25,7 @@ from mica_train.transcripts import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "tiny.yaml"
+CONFIG = "tiny"  # the packaged config
 TURN_KEYS = {"turn", "user", "reply", "rubric", "judge_failed", "state", "distance", "reward",
              "return", "advantage"}
 
