@@ -1288,3 +1288,61 @@ def ragged_place_rows(const i64[::1] traj, const i64[::1] turn, const i64[::1] o
                 break
             order[p] = k
     return bad
+
+
+# --------------------------------------------------------------------------- array checks
+# Single-pass checks for mica_core.validate (arrays from numpy, the training-loop case): what
+# numpy does in several passes and temporaries, in one pass and none.
+
+
+def ragged_check_offsets(const i64[::1] offsets):
+    """First position that breaks "starts at 0, strictly increasing" (0 for a non-zero start,
+    ``i + 1`` when ``offsets[i + 1] <= offsets[i]``), or -1."""
+    cdef Py_ssize_t i, n = offsets.shape[0]
+    cdef i64 bad = -1
+    if n and offsets[0] != 0:
+        return 0
+    with nogil:
+        for i in range(1, n):
+            if offsets[i] <= offsets[i - 1]:
+                bad = i
+                break
+    return bad
+
+
+def small_codes(const i64[::1] labels, i64 limit, i64[::1] codes):
+    """Compact small non-negative integer labels: ``codes[i]`` = the rank of ``labels[i]``
+    among the distinct labels present (in value order). Returns the number of distinct labels,
+    or -1 when some label is negative or at least ``limit`` (then ``codes`` is not written)."""
+    cdef Py_ssize_t i, n = labels.shape[0]
+    cdef i64 v, top = -1, k = 0
+    cdef bint outside = False
+    cdef i64* rank
+    with nogil:
+        for i in range(n):
+            v = labels[i]
+            if v < 0 or v >= limit:
+                outside = True
+                break
+            if v > top:
+                top = v
+    if outside:
+        return -1
+    rank = <i64*>malloc((top + 1) * sizeof(i64) + 1)
+    if rank == NULL:
+        raise MemoryError()
+    with nogil:
+        for v in range(top + 1):
+            rank[v] = 0
+        for i in range(n):
+            rank[labels[i]] = 1
+        for v in range(top + 1):
+            if rank[v]:
+                rank[v] = k
+                k += 1
+            else:
+                rank[v] = -1
+        for i in range(n):
+            codes[i] = rank[labels[i]]
+    free(rank)
+    return k

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _compiled
 from ._errors import MicaInputError
 from .layout import ON_MISSING, Ragged, fill_missing
 
@@ -265,14 +266,20 @@ def check_offsets(offsets) -> np.ndarray:
                              else o >= 2.0**63)
         if big.size:
             raise offsets_too_large(int(big[0]), int(o[big[0]]))
-    o = o.astype(np.int64, copy=False)
+    o = np.ascontiguousarray(o, dtype=np.int64)
     if o[0] != 0:
         raise offsets_start(int(o[0]))
+    ext = _compiled.ext
+    if ext is not None:  # one pass, no temporaries
+        bad = ext.ragged_check_offsets(o)
+        if bad >= 0:
+            raise empty_trajectory(bad - 1, int(o[bad] - o[bad - 1]))
+        return o
     steps = np.diff(o)
     if not (steps > 0).all():
         i = int(np.flatnonzero(steps <= 0)[0])
         raise empty_trajectory(i, int(steps[i]))
-    return np.ascontiguousarray(o)
+    return o
 
 
 def group_codes(group, n_traj) -> tuple[np.ndarray, int]:
@@ -280,9 +287,15 @@ def group_codes(group, n_traj) -> tuple[np.ndarray, int]:
     g = label_array(group)
     if g.ndim != 1 or len(g) != n_traj:
         raise group_length(n_traj, g.shape)
-    if g.dtype.kind in "iu" and (g.size == 0 or (g.min() >= 0
-                                                 and g.max() < max(n_traj, 1) * 4 + 16)):
-        # Small non-negative integer codes: keep them, compact unused ones away.
+    limit = max(n_traj, 1) * 4 + 16
+    if g.dtype == np.int64 and _compiled.ext is not None:
+        # Small non-negative integer codes (the usual case): kept in value order, unused ones
+        # compacted away, in one pass.
+        codes = np.empty(len(g), dtype=np.int64)
+        ng = _compiled.ext.small_codes(np.ascontiguousarray(g), limit, codes)
+        if ng >= 0:
+            return codes, int(ng)
+    elif g.dtype.kind in "iu" and (g.size == 0 or (g.min() >= 0 and g.max() < limit)):
         used = np.zeros(int(g.max()) + 1 if g.size else 0, dtype=bool)
         used[g] = True
         remap = np.cumsum(used) - 1
@@ -375,8 +388,8 @@ def check_range(a, name, *, allow_negative=True, allow_missing=False, order=None
             i = np.flatnonzero(big)[0]
             raise too_large(name, row(i), a[i])
         return
-    # Two reductions and no temporary in the common case: min and max are NaN if any value
-    # is NaN and infinite if any is; the minimum also answers "any negative?".
+    # Two vectorized reductions and no temporary: min and max are NaN if any value is NaN and
+    # infinite if any is; the minimum also answers "any negative?".
     lo, hi = float(a.min()), float(a.max())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         i = np.flatnonzero(~np.isfinite(a))[0]

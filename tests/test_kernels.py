@@ -229,3 +229,29 @@ def test_reader_kernels_agree():
         assert mod.ragged_place_rows(codes[perm], turn[perm], offsets, order) == -1
         np.testing.assert_array_equal(codes[perm][order], codes)
         np.testing.assert_array_equal(turn[perm][order], turn)
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.integers(-2, 5), max_size=30), start=st.sampled_from([0, 0, 0, 1, -1]))
+def test_offsets_check_finds_the_first_break(steps, start):
+    from mica_core import _ext
+
+    o = np.concatenate([[start], start + np.cumsum(steps)]).astype(np.int64)
+    want = 0 if start != 0 else next((i + 1 for i, s in enumerate(steps) if s <= 0), -1)
+    assert _ext.ragged_check_offsets(o) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(labels=st.lists(st.integers(-3, 60), max_size=40), limit=st.integers(1, 70))
+def test_small_codes_rank_labels_in_value_order(labels, limit):
+    from mica_core import _ext
+
+    a = np.array(labels, dtype=np.int64)
+    codes = np.full(len(a), -9, dtype=np.int64)
+    n = _ext.small_codes(a, limit, codes)
+    if len(a) and (a.min() < 0 or a.max() >= limit):
+        assert n == -1
+        return
+    uniq = np.unique(a)
+    assert n == len(uniq)
+    np.testing.assert_array_equal(codes, np.searchsorted(uniq, a))
