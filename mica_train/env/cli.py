@@ -78,7 +78,8 @@ def _replay(args):
 
     validate_end_rule(args.max_turns, args.min_turns, args.success, 5, 0.05, args.epsilon)
     name = "<stdin>" if args.file == "-" else args.file
-    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    # bytes: a line that is not UTF-8 is reported with its number by iter_jsonl
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     out = []
     try:
         for lineno, where, record in iter_jsonl(stream, name):
@@ -87,7 +88,7 @@ def _replay(args):
                                     on_judge_failure=args.on_judge_failure, where=where)
             out.append(json.dumps({"line": lineno, **result}))
     finally:
-        if stream is not sys.stdin:
+        if args.file != "-":
             stream.close()
     # Printed only once every episode parsed: a bad line gives no partial output.
     for line in out:

@@ -262,17 +262,21 @@ def replay_episode(record, *, max_turns=45, min_turns=12, success="empa", epsilo
     valid = []
     failures = 0
     turns = record["turns"]
-    for i, turn in enumerate(turns):
+    # Every turn is checked, also those after the episode ends: whether a record is valid
+    # must not depend on --max-turns or the end rule.
+    increments = [None if turn is None else
+                  progress_increment(parse_progress_rubric(turn, where=f"{where}turn {i + 1}: "))
+                  for i, turn in enumerate(turns)]
+    for inc in increments:
         if traj.done:
             break
-        if turn is None:
+        if inc is None:
             failures += 1
             if on_judge_failure == "drop":
                 traj.apply((0, 0, 0), scored=False)
             else:
                 traj.apply(mean_increment(valid))
             continue
-        inc = progress_increment(parse_progress_rubric(turn, where=f"{where}turn {i + 1}: "))
         valid.append(inc)
         traj.apply(inc)
     return {

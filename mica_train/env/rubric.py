@@ -62,17 +62,27 @@ def input_error(message, *, column=None, row=None, rule=None):
 
 def iter_jsonl(lines, name):
     """``(lineno, where, obj)`` for each non-blank line of a JSON-lines file, where ``where``
-    is the ``"name:lineno: "`` prefix of error messages; a line that is not JSON raises."""
+    is the ``"name:lineno: "`` prefix of error messages. ``lines`` may be text or bytes (a
+    file opened in binary mode, so that bad UTF-8 is reported with its line); a line that is
+    not UTF-8, not JSON, or nested too deeply to read raises naming the line."""
     import json
 
     for lineno, line in enumerate(lines, start=1):
+        where = f"{name}:{lineno}: "
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise input_error(f"{where}not valid UTF-8 (byte {e.start + 1} of the line)",
+                                  rule="utf-8") from None
         if not line.strip():
             continue
-        where = f"{name}:{lineno}: "
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise input_error(f"{where}not valid JSON ({e.msg})", rule="json") from None
+        except RecursionError:
+            raise input_error(f"{where}nested too deeply to read as JSON", rule="json") from None
         yield lineno, where, obj
 
 PROGRESS_VALUES = {0: 0, 1: 1, 2: 3}

@@ -96,6 +96,35 @@ def test_replay_bad_input_exits_2_with_one_line(tmp_path, content, match):
     assert match.replace(":1:", ":2:") in out.stderr
 
 
+@pytest.mark.parametrize("line, match", [
+    (b"[" * 100_000 + b"\n", "episodes.jsonl:2: nested too deeply to read as JSON"),
+    (b'{"initial": "caf\xe9"}\n', "episodes.jsonl:2: not valid UTF-8 (byte 17 of the line)"),
+])
+def test_replay_unreadable_lines_name_file_and_line(tmp_path, line, match):
+    # Was: a RecursionError traceback; a UnicodeDecodeError without file or line.
+    p = tmp_path / "episodes.jsonl"
+    p.write_bytes(json.dumps({"initial": INITIAL, "turns": []}).encode() + b"\n" + line)
+    for stdin in (None, p.read_bytes()):
+        out = subprocess.run([sys.executable, "-m", "mica_train.env.cli", "replay",
+                              "-" if stdin else str(p)], input=stdin, capture_output=True,
+                             env={**os.environ, "PYTHONPATH": ROOT}, cwd=ROOT)
+        err = out.stderr.decode()
+        assert out.returncode == 2 and out.stdout == b"", err
+        assert len(err.strip().splitlines()) == 1
+        assert match.replace("episodes.jsonl", "<stdin>" if stdin else "episodes.jsonl") in err
+
+
+@pytest.mark.parametrize("max_turns", ["2", "45"])
+def test_a_malformed_turn_after_the_end_is_an_error_whatever_the_limit(tmp_path, max_turns):
+    # Was: accepted with --max-turns 2 (the episode ended before turn 3 was read) but
+    # rejected with the default limit.
+    path = write_episodes(tmp_path, [{"initial": INITIAL,
+                                      "turns": [prog(), prog(), prog(C_Prog=7)]}])
+    out = run("replay", path, "--max-turns", max_turns, "--min-turns", "2")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "episodes.jsonl:1: turn 3: C.Prog = 7 is out of range" in out.stderr
+
+
 @pytest.mark.parametrize("args, match", [
     (["replay", "/nonexistent/episodes.jsonl"], "No such file"),
     (["replay", "x.jsonl", "--min-turns", "50"], "min_turns"),
