@@ -87,9 +87,19 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     max_new_tokens: int = field(default=24, metadata={"help": "reply length cap in tokens"})
     context_messages: int = field(default=1, metadata={"help": "last messages the policy sees"})
+    context_replies: int = field(
+        default=2, metadata={"help": "the policy's own last replies shown before those messages (docs/training.md)"}
+    )
     max_prompt_tokens: int = field(default=96, metadata={"help": "prompt length cap (left-truncated)"})
     system_prompt: str = field(default="", metadata={"help": "optional system message"})
     batch_size: int = field(default=256, metadata={"help": "prompts per generate call"})
+    sampler: str = field(
+        default="mica",
+        metadata={"help": "mica (a KV-cache loop with inverse-CDF sampling) or hf (transformers' generate)"},
+    )
+    merge_lora: bool = field(
+        default=True, metadata={"help": "merge the LoRA adapter into the weights while generating (exact restore)"}
+    )
 
 
 @dataclass
@@ -107,6 +117,14 @@ class LossConfig:
     dual_clip: float = field(default=10.0, metadata={"help": "dual-clip c for negative advantages (0 off)"})
     kl_coef: float = field(default=0.0, metadata={"help": "weight of the k3 KL to the frozen base"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
+    old_logprobs: str = field(
+        default="auto",
+        metadata={"help": "PPO's old log-probs: rollout (from generate's logits), recompute (a forward "
+                          "pass, as verl), auto (rollout in float32, recompute otherwise)"},
+    )
+    kl_metric: bool = field(
+        default=False, metadata={"help": "measure the KL to the base even when kl_coef is 0 (one more forward pass)"}
+    )
 
 
 @dataclass

@@ -5,10 +5,13 @@ The trajectory table (Arrow, long form, one row per turn) is what ``mica_core`` 
 
     group_id int64, traj_id int64, turn int32, distance float64, initial_distance float64,
     prompt_ids list<int32>, response_ids list<int32>, reply string
+    [logprobs list<float32>, entropies list<float32>]   (rollouts run with_logprobs)
 
 ``prompt_ids`` is exactly what the policy was conditioned on and ``response_ids`` exactly what
 it sampled (the reply span, end-of-turn token included); the text sent to the environment is
 ``reply``. The turn's advantage applies to every token of ``response_ids`` and nothing else.
+``logprobs`` and ``entropies`` (one per token of ``response_ids``) are the sampling policy's
+log-probabilities and next-token entropies, from ``generate``'s logits.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Turn:
     response_ids: list[int]
     reply: str
     distance: float
+    logprobs: list[float] | None = None
+    entropies: list[float] | None = None
 
 
 @dataclass
@@ -53,8 +58,10 @@ def run_episodes(
     trajs: Sequence[int],
     rollout_cfg,
     temperature: float | None = None,
+    with_logprobs: bool = False,
 ) -> list[EpisodeRecord]:
-    """Play one episode per ``(scenario, seed)`` to its end; all live episodes advance together."""
+    """Play one episode per ``(scenario, seed)`` to its end; all live episodes advance together.
+    ``with_logprobs`` also records each reply token's log-probability and entropy."""
     from .policy import encode_prompts, generate_replies, prompt_messages
 
     tok = policy.tokenizer
@@ -67,22 +74,28 @@ def run_episodes(
     live = [i for i, ep in enumerate(episodes) if not ep.done]
     while live:
         convs = [
-            prompt_messages(episodes[i].messages, rollout_cfg.context_messages, rollout_cfg.system_prompt)
+            prompt_messages(episodes[i].messages, rollout_cfg.context_messages, rollout_cfg.system_prompt,
+                            rollout_cfg.context_replies)
             for i in live
         ]
         prompts = encode_prompts(tok, convs, rollout_cfg.max_prompt_tokens)
-        replies = generate_replies(
+        generated = generate_replies(
             policy,
             prompts,
             temperature=temp,
             top_p=rollout_cfg.top_p,
             max_new_tokens=rollout_cfg.max_new_tokens,
             batch_size=rollout_cfg.batch_size,
+            with_logprobs=with_logprobs,
+            sampler=rollout_cfg.sampler,
         )
-        for i, p, r in zip(live, prompts, replies):
+        replies, logprobs, entropies = generated if with_logprobs else (generated, None, None)
+        for j, (i, p, r) in enumerate(zip(live, prompts, replies)):
             text = tok.decode(r, skip_special_tokens=True).strip()
             result = episodes[i].step(text)
-            records[i].turns.append(Turn(prompt_ids=p, response_ids=r, reply=text, distance=float(result.distance)))
+            records[i].turns.append(Turn(prompt_ids=p, response_ids=r, reply=text, distance=float(result.distance),
+                                         logprobs=None if logprobs is None else logprobs[j],
+                                         entropies=None if entropies is None else entropies[j]))
         live = [i for i in live if not episodes[i].done]
     for rec, ep in zip(records, episodes):
         rec.metrics = dict(ep.metrics())
@@ -94,6 +107,7 @@ def trajectory_table(records: Sequence[EpisodeRecord]):
     import pyarrow as pa
 
     group, traj, turn, dist, init, prompts, responses, replies = [], [], [], [], [], [], [], []
+    logprobs, entropies = [], []
     for rec in records:
         for t, tr in enumerate(rec.turns):
             group.append(rec.group)
@@ -104,7 +118,9 @@ def trajectory_table(records: Sequence[EpisodeRecord]):
             prompts.append(tr.prompt_ids)
             responses.append(tr.response_ids)
             replies.append(tr.reply)
-    return pa.table(
+            logprobs.append(tr.logprobs)
+            entropies.append(tr.entropies)
+    table = pa.table(
         {
             "group_id": pa.array(group, pa.int64()),
             "traj_id": pa.array(traj, pa.int64()),
@@ -116,3 +132,7 @@ def trajectory_table(records: Sequence[EpisodeRecord]):
             "reply": pa.array(replies, pa.string()),
         }
     )
+    if logprobs and all(x is not None for x in logprobs):
+        table = table.append_column("logprobs", pa.array(logprobs, pa.list_(pa.float32())))
+        table = table.append_column("entropies", pa.array(entropies, pa.list_(pa.float32())))
+    return table

@@ -7,6 +7,12 @@ One step (one rollout batch)::
     update     old (and reference) log-probs, then epochs x minibatches AdamW updates of the
                token-mean PPO-clip loss, gradients clipped; the schedule advances per update
 
+Old log-probs come from the rollout's own logits (``loss.old_logprobs``: ``auto`` takes them in
+float32) or from a forward pass; the reference pass runs only for a KL term (``loss.kl_coef``)
+or the ``loss.kl_metric``; rollouts and evaluations generate with the LoRA adapter merged
+(``rollout.merge_lora``). Each of the three switches back gives the slower path, which
+``python -m bench.train`` measures side by side.
+
 Everything random in step ``k`` is seeded from ``(seed, k)``: scenario choice, environment
 seeds, sampling, minibatch order. With the optimizer, scheduler and weights restored from the
 checkpoint of step ``k``, a resumed run computes step ``k + 1`` exactly as an uninterrupted one.
@@ -14,6 +20,7 @@ checkpoint of step ``k``, a resumed run computes step ``k + 1`` exactly as an un
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -74,6 +81,11 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def generation_context(policy, rollout_cfg):
+    """Where rollouts and evaluations generate: the merged adapter when ``rollout.merge_lora``."""
+    return policy.merged_adapter() if rollout_cfg.merge_lora else contextlib.nullcontext()
+
+
 def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None) -> dict[str, Any]:
     """Pass rate and the other aggregate metrics on the evaluation scenarios (default: the fixed
     evaluation set). The torch RNG is forked, so evaluating does not change the training run."""
@@ -88,7 +100,8 @@ def evaluate(policy, cfg: TrainConfig, scenarios=None, dist=None) -> dict[str, A
     env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
     jobs = [(i, k) for i in range(len(scenarios)) for k in range(cfg.eval.episodes_per_scenario)]
     mine = jobs[dist.rank::dist.world_size]
-    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []), \
+            generation_context(policy, cfg.rollout):
         torch.manual_seed(derive_seed(cfg.eval.seed, dist.rank))
         records = run_episodes(
             policy,
@@ -143,7 +156,7 @@ class Trainer:
             cfg.model,
             cfg.lora,
             weights_dir=None if ckpt is None else ckpt / "weights",
-            need_reference=cfg.loss.kl_coef > 0,
+            need_reference=cfg.loss.kl_coef > 0 or cfg.loss.kl_metric,
         )
         self.env = make_env(make_env_config(cfg.env))
         self.scenarios = training_scenarios(cfg.data)
@@ -186,6 +199,8 @@ class Trainer:
                 f"advantage.estimator {cfg.advantage.estimator!r} is not registered; "
                 f"known: {mc.list_estimators()}"
             )
+        if cfg.loss.old_logprobs not in ("auto", "rollout", "recompute"):
+            raise ValueError(f"loss.old_logprobs must be auto, rollout or recompute, got {cfg.loss.old_logprobs!r}")
         if cfg.data.group_size < 2:
             raise ValueError("data.group_size must be >= 2: group baselines need several rollouts")
         if cfg.data.scenarios_per_step < self.dist.world_size:
@@ -194,6 +209,22 @@ class Trainer:
                             ("optim.minibatches", cfg.optim.minibatches)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def old_logprobs_from_rollout(self) -> bool:
+        """Whether PPO's old log-probs are the rollout's (``loss.old_logprobs``; ``auto``: in
+        float32, where generate's logits and a forward pass agree to rounding; in bf16/fp16
+        they differ by up to ~1e-2 and are recomputed, as verl does)."""
+        import torch
+
+        mode = self.cfg.loss.old_logprobs
+        return mode == "rollout" or (mode == "auto" and self.policy.dtype == torch.float32)
+
+    @property
+    def needs_reference_pass(self) -> bool:
+        """A KL term in the loss or the KL metric asks for the reference log-probs."""
+        lc = self.cfg.loss
+        return self.policy.has_reference and (lc.kl_coef > 0 or lc.kl_metric)
 
     # ------------------------------------------------------------------ rollout
     def _scenario_index(self, step: int, group: int) -> int:
@@ -217,7 +248,9 @@ class Trainer:
                 seeds.append(derive_seed(cfg.seed, step, g, k))
                 grp.append(g)
                 traj.append(g * G + k)
-        return run_episodes(self.policy, self.env, scen, seeds, grp, traj, cfg.rollout)
+        with generation_context(self.policy, cfg.rollout):
+            return run_episodes(self.policy, self.env, scen, seeds, grp, traj, cfg.rollout,
+                                with_logprobs=self.old_logprobs_from_rollout)
 
     # ---------------------------------------------------------------- advantage
     def advantages(self, table):
@@ -295,9 +328,14 @@ class Trainer:
         responses = table.column("response_ids").to_pylist()
         model = self.policy.model
         t0 = time.perf_counter()
-        old_logp, old_ent = self._score(model, prompts, responses, with_entropy=lc.entropy_coef <= 0)
+        if self.old_logprobs_from_rollout:
+            old_logp = [torch.tensor(x, dtype=torch.float32, device=self.policy.device)
+                        for x in table.column("logprobs").to_pylist()]
+            old_ent = [torch.tensor(x, dtype=torch.float32) for x in table.column("entropies").to_pylist()]
+        else:
+            old_logp, old_ent = self._score(model, prompts, responses, with_entropy=lc.entropy_coef <= 0)
         ref_logp = None
-        if self.policy.has_reference:
+        if self.needs_reference_pass:
             with self.policy.reference_model() as ref:
                 ref_logp, _ = self._score(ref, prompts, responses, with_entropy=False)
         t_score = time.perf_counter() - t0

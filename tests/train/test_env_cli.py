@@ -156,7 +156,8 @@ def test_replay_bad_input_exits_2_with_one_line(tmp_path, content, match):
 @pytest.mark.parametrize("args, match", [
     (["replay", "/nonexistent/episodes.jsonl"], "No such file"),
     (["replay", "x.jsonl", "--min-turns", "50"], "min_turns"),
-    (["eval", "--policy", "greedy"], "invalid choice"),
+    (["eval", "--policy", "oracle"], "invalid choice"),
+    (["eval", "--policy", "greedy", "--simulator", "llm"], "embedded simulator only"),
     (["eval", "--policy", "pacing", "--seeds", "0"], "--seeds"),
     (["eval", "--policy", "pacing", "--scenarios", "/nonexistent.jsonl"], "No such file"),
     (["frobnicate"], "invalid choice"),
