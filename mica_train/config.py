@@ -138,6 +138,9 @@ class OptimConfig:
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     minibatches: int = field(default=4, metadata={"help": "optimizer updates per pass"})
     micro_batch_rows: int = field(default=0, metadata={"help": "rows per forward (0: whole minibatch)"})
+    sort_by_length: bool = field(
+        default=True, metadata={"help": "group rows of similar length into each forward (less padding)"}
+    )
 
 
 @dataclass
