@@ -89,6 +89,8 @@ def command_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--episodes", type=int, default=200, help="corpus episodes")
         p.add_argument("--context-messages", type=int, default=1, help="messages of context, as in rollouts")
+        p.add_argument("--context-replies", type=int, default=2,
+                       help="own earlier replies in the context, as in rollouts")
         p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -211,6 +213,7 @@ def _warm_start(args) -> int:
         seed=args.seed,
         n_episodes=args.episodes,
         context_messages=args.context_messages,
+        context_replies=args.context_replies,
     )
     summary = warm_start(args.model, args.out, cfg, progress=not args.no_progress)
     print(json.dumps(summary, sort_keys=True))

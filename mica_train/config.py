@@ -119,9 +119,19 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     max_new_tokens: int = field(default=24, metadata={"help": "reply length cap in tokens"})
     context_messages: int = field(default=1, metadata={"help": "last messages the policy sees"})
+    context_replies: int = field(
+        default=2, metadata={"help": "the policy's own last replies shown before those messages (docs/training.md)"}
+    )
     max_prompt_tokens: int = field(default=96, metadata={"help": "prompt length cap (left-truncated)"})
     system_prompt: str = field(default="", metadata={"help": "optional system message"})
     batch_size: int = field(default=256, metadata={"help": "prompts per generate call"})
+    sampler: str = field(
+        default="mica",
+        metadata={"help": "mica (a KV-cache loop with inverse-CDF sampling) or hf (transformers' generate)"},
+    )
+    merge_lora: bool = field(
+        default=True, metadata={"help": "merge the LoRA adapter into the weights while generating (exact restore)"}
+    )
 
 
 @dataclass
@@ -139,6 +149,14 @@ class LossConfig:
     dual_clip: float = field(default=10.0, metadata={"help": "dual-clip c for negative advantages (0 off)"})
     kl_coef: float = field(default=0.0, metadata={"help": "weight of the k3 KL to the frozen base"})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus"})
+    old_logprobs: str = field(
+        default="auto",
+        metadata={"help": "PPO's old log-probs: rollout (from generate's logits), recompute (a forward "
+                          "pass, as verl), auto (rollout in float32, recompute otherwise)"},
+    )
+    kl_metric: bool = field(
+        default=False, metadata={"help": "measure the KL to the base even when kl_coef is 0 (one more forward pass)"}
+    )
 
 
 @dataclass
@@ -152,6 +170,9 @@ class OptimConfig:
     epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     minibatches: int = field(default=4, metadata={"help": "optimizer updates per pass"})
     micro_batch_rows: int = field(default=0, metadata={"help": "rows per forward (0: whole minibatch)"})
+    sort_by_length: bool = field(
+        default=True, metadata={"help": "group rows of similar length into each forward (less padding)"}
+    )
 
 
 @dataclass
@@ -366,9 +387,13 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 AT_LEAST = {  # field: smallest value that makes sense
     "steps": 1, "optim.epochs": 1, "optim.minibatches": 1, "data.group_size": 2,
     "data.scenarios_per_step": 1, "data.train_scenarios": 1, "rollout.max_new_tokens": 1,
-    "eval.episodes_per_scenario": 1, "lora.r": 1,
+    "eval.episodes_per_scenario": 1, "lora.r": 1, "rollout.context_messages": 1,
+    "rollout.context_replies": 0,
 }
 WHY = {"data.group_size": ": group baselines need several rollouts"}
+CHOICES = {  # field: the values it takes
+    "rollout.sampler": ("mica", "hf"), "loss.old_logprobs": ("auto", "rollout", "recompute"),
+}
 
 
 def _get(cfg, dotted: str) -> Any:
@@ -388,6 +413,9 @@ def check_config(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must be >= {low}, got {_get(cfg, name)}{WHY.get(name, '')}")
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    for name, allowed in CHOICES.items():
+        if _get(cfg, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {_get(cfg, name)!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.model.device):
         raise ConfigError(f"model.device must be auto, cpu, mps, cuda or cuda:N, got {cfg.model.device!r}")
     known = mc.list_estimators()

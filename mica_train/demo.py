@@ -67,7 +67,8 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
 
     t = time.perf_counter()
     say("building the tiny model and tokenizer")
-    examples = generate_corpus(200, seed=cfg.seed, context_messages=cfg.rollout.context_messages)
+    examples = generate_corpus(200, seed=cfg.seed, context_messages=cfg.rollout.context_messages,
+                               context_replies=cfg.rollout.context_replies)
     write_tiny_model(base_dir, corpus_texts(examples), TinyModelConfig(seed=cfg.seed))
     stages["tiny_model"] = time.perf_counter() - t
 
@@ -75,7 +76,8 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     say(f"warm start ({warm_start_steps} supervised steps on replies of all three kinds)")
     ws = warm_start(
         base_dir, warm_dir,
-        WarmStartConfig(steps=warm_start_steps, seed=cfg.seed, context_messages=cfg.rollout.context_messages),
+        WarmStartConfig(steps=warm_start_steps, seed=cfg.seed, context_messages=cfg.rollout.context_messages,
+                        context_replies=cfg.rollout.context_replies),
         progress=progress,
     )
     stages["warm_start"] = time.perf_counter() - t

@@ -5,6 +5,7 @@ The trajectory table (Arrow, long form, one row per turn) is what ``mica_core`` 
 
     group_id int64, traj_id int64, turn int32, distance float64, initial_distance float64,
     prompt_ids list<int32>, response_ids list<int32>, reply string
+    [logprobs list<float32>, entropies list<float32>]   (rollouts run with_logprobs)
 
 ``prompt_ids`` is exactly what the policy was conditioned on and ``response_ids`` exactly what
 it sampled (the reply span, end-of-turn token included); the text sent to the environment is
@@ -13,6 +14,9 @@ it sampled (the reply span, end-of-turn token included); the text sent to the en
 The environment steps of one lockstep turn go through ``env.step_episodes``, which runs them
 concurrently for the LLM simulators (their judge and user requests are in flight together);
 the policy still makes one batched ``generate`` call per turn.
+
+``logprobs`` and ``entropies`` (one per token of ``response_ids``) are the sampling policy's
+log-probabilities and next-token entropies, from ``generate``'s logits.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class Turn:
     state: tuple | None = None         # support state after the turn
     rubric: dict | None = None         # the judge's progress rubric (None: the judge failed)
     judge_failed: bool = False
+    logprobs: list[float] | None = None
+    entropies: list[float] | None = None
 
 
 @dataclass
@@ -64,10 +70,12 @@ def run_episodes(
     trajs: Sequence[int],
     rollout_cfg,
     temperature: float | None = None,
+    with_logprobs: bool = False,
     progress=None,
 ) -> list[EpisodeRecord]:
     """Play one episode per ``(scenario, seed)`` to its end; all live episodes advance together.
 
+    ``with_logprobs`` also records each reply token's log-probability and entropy;
     ``progress(finished, total, turn)`` is called after every lockstep turn when given.
     """
     from .policy import encode_prompts, generate_replies, prompt_messages
@@ -85,26 +93,33 @@ def run_episodes(
     turn = 0
     while live:
         convs = [
-            prompt_messages(episodes[i].messages, rollout_cfg.context_messages, rollout_cfg.system_prompt)
+            prompt_messages(episodes[i].messages, rollout_cfg.context_messages, rollout_cfg.system_prompt,
+                            rollout_cfg.context_replies)
             for i in live
         ]
         prompts = encode_prompts(tok, convs, rollout_cfg.max_prompt_tokens)
-        replies = generate_replies(
+        generated = generate_replies(
             policy,
             prompts,
             temperature=temp,
             top_p=rollout_cfg.top_p,
             max_new_tokens=rollout_cfg.max_new_tokens,
             batch_size=rollout_cfg.batch_size,
+            with_logprobs=with_logprobs,
+            sampler=rollout_cfg.sampler,
         )
+        replies, logprobs, entropies = generated if with_logprobs else (generated, None, None)
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in replies]
         asked = [episodes[i].messages[-1]["content"] for i in live]
         results = _step_episodes(env, [episodes[i] for i in live], texts)
-        for i, p, r, text, question, result in zip(live, prompts, replies, texts, asked, results):
+        for j, (i, p, r, text, question, result) in enumerate(
+                zip(live, prompts, replies, texts, asked, results)):
             records[i].turns.append(Turn(
                 prompt_ids=p, response_ids=r, reply=text, distance=float(result.distance),
                 user_message=question, state=tuple(result.state), rubric=result.rubric,
-                judge_failed=bool(result.judge_failed)))
+                judge_failed=bool(result.judge_failed),
+                logprobs=None if logprobs is None else logprobs[j],
+                entropies=None if entropies is None else entropies[j]))
         live = [i for i in live if not episodes[i].done]
         turn += 1
         if progress is not None:
@@ -131,6 +146,7 @@ def trajectory_table(records: Sequence[EpisodeRecord]):
     import pyarrow as pa
 
     group, traj, turn, dist, init, prompts, responses, replies = [], [], [], [], [], [], [], []
+    logprobs, entropies = [], []
     for rec in records:
         for t, tr in enumerate(rec.turns):
             group.append(rec.group)
@@ -141,7 +157,9 @@ def trajectory_table(records: Sequence[EpisodeRecord]):
             prompts.append(tr.prompt_ids)
             responses.append(tr.response_ids)
             replies.append(tr.reply)
-    return pa.table(
+            logprobs.append(tr.logprobs)
+            entropies.append(tr.entropies)
+    table = pa.table(
         {
             "group_id": pa.array(group, pa.int64()),
             "traj_id": pa.array(traj, pa.int64()),
@@ -153,3 +171,7 @@ def trajectory_table(records: Sequence[EpisodeRecord]):
             "reply": pa.array(replies, pa.string()),
         }
     )
+    if logprobs and all(x is not None for x in logprobs):
+        table = table.append_column("logprobs", pa.array(logprobs, pa.list_(pa.float32())))
+        table = table.append_column("entropies", pa.array(entropies, pa.list_(pa.float32())))
+    return table

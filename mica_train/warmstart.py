@@ -28,7 +28,7 @@ class SFTExample:
 
 
 def generate_corpus(n_episodes: int = 200, seed: int = 0, context_messages: int = 1, system_prompt: str = "",
-                    max_turns: int = 15) -> list[SFTExample]:
+                    max_turns: int = 15, context_replies: int = 2) -> list[SFTExample]:
     """Examples from ``n_episodes`` random-act episodes on generated scenarios (deterministic)."""
     from .env import SUPPORT_ACTS, EnvConfig, generate_scenarios, make_env, sample_reply
     from .policy import prompt_messages
@@ -41,7 +41,8 @@ def generate_corpus(n_episodes: int = 200, seed: int = 0, context_messages: int 
         while not ep.done:
             act = rng.choice(SUPPORT_ACTS)
             reply = sample_reply(act, rng, sc)
-            out.append(SFTExample(prompt_messages(ep.messages, context_messages, system_prompt), reply, act))
+            out.append(SFTExample(prompt_messages(ep.messages, context_messages, system_prompt, context_replies),
+                                  reply, act))
             ep.step(reply)
     return out
 
@@ -68,12 +69,14 @@ class WarmStartConfig:
     seed: int = 0
     n_episodes: int = 200
     context_messages: int = 1
+    context_replies: int = 2
     system_prompt: str = ""
 
 
 def tokenize_examples(tokenizer, examples: list[SFTExample], max_tokens: int) -> list[tuple[list[int], list[int]]]:
     """``(input_ids, assistant_mask)`` per example, through the chat template's generation mask
-    (only the reply and its end-of-turn token are trained on); long prompts are cut on the left."""
+    (only the reply and its end-of-turn token are trained on: the policy's earlier replies in
+    the context, ``context_replies``, are not); long prompts are cut on the left."""
     convs = [ex.context + [{"role": "assistant", "content": ex.reply}] for ex in examples]
     enc = tokenizer.apply_chat_template(
         convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -82,6 +85,12 @@ def tokenize_examples(tokenizer, examples: list[SFTExample], max_tokens: int) ->
     for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
         # The template ends with a newline after <|im_end|>; it is never trained on.
         ids, mask = list(ids)[-max_tokens:], list(mask)[-max_tokens:]
+        # the last run of ones is the reply; earlier runs are replies in the context
+        end = max((i for i, m in enumerate(mask) if m), default=-1)
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        mask = [1 if start <= i <= end else 0 for i in range(len(mask))]
         if any(mask):
             out.append((ids, mask))
     return out
@@ -111,7 +120,8 @@ def warm_start(model_dir: str | Path, out_dir: str | Path, cfg: WarmStartConfig 
         torch.manual_seed(cfg.seed)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.eval()  # no dropout: the warm start must be reproducible
-        examples = generate_corpus(cfg.n_episodes, cfg.seed, cfg.context_messages, cfg.system_prompt)
+        examples = generate_corpus(cfg.n_episodes, cfg.seed, cfg.context_messages, cfg.system_prompt,
+                                   context_replies=cfg.context_replies)
         data = tokenize_examples(tokenizer, examples, cfg.max_tokens)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.steps, cfg.warmup, 0.1))

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-POLICIES = ("pacing", "advice_first", "validation_only", "random")
+POLICIES = ("pacing", "advice_first", "validation_only", "random", "pacing_recent", "reactive", "greedy")
 
 
 class _UsageError(Exception):
@@ -103,6 +103,8 @@ def _eval(args):
 
     if args.seeds < 1:
         raise _UsageError("mica env eval: error: --seeds must be >= 1")
+    if args.policy == "greedy" and args.simulator != "embedded":
+        raise _UsageError("mica env eval: error: --policy greedy looks ahead in the embedded simulator only")
     scenarios = eval_scenarios() if args.scenarios == "eval" else load_scenarios(args.scenarios)
     cfg = EnvConfig(max_turns=args.max_turns, min_turns=args.min_turns, success=args.success,
                     epsilon=args.epsilon, on_judge_failure=args.on_judge_failure,

@@ -1,8 +1,9 @@
-"""Scripted policies: baselines that read only the conversation text.
+"""Scripted policies: baselines that read only the conversation text (and one oracle).
 
 Each policy is ``policy(episode, rng) -> reply`` (``rng`` a ``random.Random``). They read the
 user's last message (its distress opener and the needs it names) and their own earlier
-replies, never the hidden state.
+replies, never the hidden state; ``greedy`` is the exception, an oracle of the embedded
+simulator.
 
 - ``pacing``: pace, then lead. Validate on the first two turns (rapport); afterwards validate
   while the user is in high distress (at most three times in a row), otherwise answer the
@@ -13,10 +14,20 @@ replies, never the hidden state.
   cognitive, plan otherwise), never pausing on feelings.
 - ``validation_only``: validates on every turn.
 - ``random``: a uniformly random act each turn.
+- ``pacing_recent``: ``pacing`` reading only what a trained policy sees by default
+  (``rollout.context_messages: 1``, ``context_replies: 2``): the user's latest message and its
+  own last two replies. Validates while fewer than two replies are visible (the first two
+  turns), then as ``pacing``, never using one act a third time in a row.
+- ``reactive``: reads only the user's latest message: validates when its opener shows high
+  distress, otherwise answers the first need it names. The best memoryless rule we found.
+- ``greedy``: the locally greedy oracle: on each turn it tries one reply of each act on a
+  copy of the episode (the true embedded simulator, its random draws included) and sends the
+  one whose next distance is lowest (ties: ``SUPPORT_ACTS`` order). Embedded simulator only.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 
 from .acts import SUPPORT_ACTS, detect_acts, sample_reply
@@ -98,6 +109,34 @@ def advice_first(episode, rng):
     return sample_reply(act, rng, episode.scenario)
 
 
+def pacing_recent(episode, rng):
+    replies = [detect_acts(m["content"]) for m in episode.messages if m["role"] == "assistant"][-2:]
+    message = _last_user(episode)
+    if len(replies) < 2:
+        act = "validate"
+    elif read_distress(message) == "high" and _run_length(replies, "validate") < 2:
+        act = "validate"
+    else:
+        candidates = [NEED_ACT[a] for a in read_needs(message)] + ["validate"] + list(SUPPORT_ACTS)
+        act = next(a for a in candidates if _run_length(replies, a) < 2)
+    return sample_reply(act, rng, episode.scenario)
+
+
+def reactive(episode, rng):
+    message = _last_user(episode)
+    needs = read_needs(message)
+    if read_distress(message) == "high" or not needs:
+        act = "validate"
+    else:
+        act = NEED_ACT[needs[0]]
+    return sample_reply(act, rng, episode.scenario)
+
+
+def greedy(episode, rng):
+    options = [sample_reply(act, rng, episode.scenario) for act in SUPPORT_ACTS]
+    return min(options, key=lambda reply: copy.deepcopy(episode).step(reply).distance)
+
+
 def validation_only(episode, rng):
     return sample_reply("validate", rng, episode.scenario)
 
@@ -111,6 +150,9 @@ SCRIPTED_POLICIES = {
     "advice_first": advice_first,
     "validation_only": validation_only,
     "random": random_policy,
+    "pacing_recent": pacing_recent,
+    "reactive": reactive,
+    "greedy": greedy,
 }
 
 

@@ -8,8 +8,15 @@ Initial rubric (one level ``0..3`` per indicator, three indicators per axis)::
     s0[axis]         = sum of its three indicator values
 
 so weight x1 gives -2/-4/-6, x1.5 gives -3/-6/-9 and x2 gives -4/-8/-12 for levels 1/2/3.
-Default weights: ``X.1`` x2, ``X.2`` x1.5, ``X.3`` x1 on every axis (``INDICATOR_WEIGHTS``);
-an axis therefore lies in ``[-27, 0]``.
+Default weights (``INDICATOR_WEIGHTS``) are EMPA's published IED scoring key
+(``IED_SCORING_KEY`` in ``Benchmark/epj/scoring.py`` of the EMPA authors' benchmark code,
+github.com/KAYA-HAI/EMPA-Benchmark-EPMSandbox)::
+
+    C.1 x1    C.2 x1    C.3 x1.5
+    A.1 x1    A.2 x2    A.3 x1.5
+    P.1 x1    P.2 x2    P.3 x1.5
+
+so the cognitive axis lies in ``[-21, 0]`` and the affective and proactive axes in ``[-27, 0]``.
 
 Progress rubric (one judgement per turn)::
 
@@ -46,8 +53,12 @@ AXES = ("C", "A", "P")
 INITIAL_KEYS = tuple(f"{axis}.{i}" for axis in AXES for i in (1, 2, 3))
 PROGRESS_KEYS = tuple(f"{axis}.{kind}" for axis in AXES for kind in ("Prog", "Neg"))
 
-INDICATOR_WEIGHTS = {f"{axis}.{i}": w for axis in AXES for i, w in zip((1, 2, 3), (2.0, 1.5, 1.0))}
-"""Default weight of each initial indicator (x2, x1.5, x1 for indicators 1, 2, 3)."""
+INDICATOR_WEIGHTS = {
+    "C.1": 1.0, "C.2": 1.0, "C.3": 1.5,
+    "A.1": 1.0, "A.2": 2.0, "A.3": 1.5,
+    "P.1": 1.0, "P.2": 2.0, "P.3": 1.5,
+}
+"""Default weight of each initial indicator: EMPA's IED scoring key (module docstring)."""
 
 _ALLOWED_WEIGHTS = (1.0, 1.5, 2.0)
 

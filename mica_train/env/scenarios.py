@@ -9,6 +9,9 @@ bands on the initial state (axis values; the dominant axis is strictly the deepe
     medium       -19 .. -15        -10 .. -5
     hard         -27 .. -20        -13 .. -6
 
+Under EMPA's scoring key the cognitive axis reaches only -21 (``C.1`` and ``C.2`` weigh x1,
+``C.3`` x1.5), so a hard cognitive-dominant card always has ``C = -21`` (levels 3/3/3).
+
 The evaluation set (``eval_scenarios``) is 30 fixed cards, 10 per dominant axis (3 easy,
 4 medium, 3 hard), frozen in ``_eval_set.py``. ``generate_scenarios`` never returns a card whose
 rubric levels equal an evaluation card's, so training and evaluation stay apart.
@@ -24,8 +27,8 @@ from dataclasses import dataclass, field
 
 from mica_core.atomic import atomic_write_text
 
-from .rubric import (AXES, INITIAL_KEYS, initial_state, input_error, iter_jsonl,
-                     parse_initial_rubric)
+from .rubric import (AXES, INDICATOR_WEIGHTS, INITIAL_KEYS, initial_state, input_error,
+                     iter_jsonl, parse_initial_rubric)
 
 __all__ = [
     "DIFFICULTIES",
@@ -146,12 +149,14 @@ class Scenario:
 
 
 # ---------------------------------------------------------------------- generation
-def _axis_levels(rng, band):
-    """Three indicator levels whose axis value lies in ``band`` (rejection sampling)."""
+def _axis_levels(rng, axis, band):
+    """Three indicator levels of ``axis`` whose value (under ``INDICATOR_WEIGHTS``) lies in
+    ``band`` (rejection sampling)."""
     low, high = band
+    weights = [INDICATOR_WEIGHTS[f"{axis}.{i}"] for i in (1, 2, 3)]
     while True:
         levels = [rng.randrange(4) for _ in range(3)]
-        value = -4 * levels[0] - 3 * levels[1] - 2 * levels[2]  # weights x2, x1.5, x1
+        value = sum(-2 * w * level for w, level in zip(weights, levels))
         if low <= value <= high:
             return levels
 
@@ -160,7 +165,7 @@ def _card(rng, card_id, dominant, difficulty):
     dom_band, other_band = DIFFICULTY_BANDS[difficulty]
     rubric = {}
     for axis in AXES:
-        levels = _axis_levels(rng, dom_band if axis == dominant else other_band)
+        levels = _axis_levels(rng, axis, dom_band if axis == dominant else other_band)
         for i, level in enumerate(levels, start=1):
             rubric[f"{axis}.{i}"] = level
     topic = rng.choice(sorted(TOPICS))
@@ -205,7 +210,8 @@ def generate_scenarios(n, seed=0, *, dominant=None, difficulty=None, prefix="tra
 
 def _build_eval_set():
     """How ``_eval_set.py`` was made (kept to document it; the frozen file is the truth)."""
-    rng = random.Random("mica-eval-scenarios-v1")
+    # v2: drawn under EMPA's IED scoring key (v1 used x2/x1.5/x1 on every axis).
+    rng = random.Random("mica-eval-scenarios-v2")
     cards = []
     for axis in AXES:
         for j, diff in enumerate(("easy",) * 3 + ("medium",) * 4 + ("hard",) * 3, start=1):

@@ -19,8 +19,8 @@ def run(*args, stdin=None):
                           capture_output=True, text=True, env=env, cwd=ROOT)
 
 
-INITIAL = {**dict.fromkeys(INITIAL_KEYS, 0), "C.1": 1, "C.2": 2, "A.2": 1, "A.3": 2,
-           "P.1": 1, "P.3": 1}                                  # P0 = (-10, -7, -6)
+INITIAL = {**dict.fromkeys(INITIAL_KEYS, 0), "C.1": 2, "C.2": 3, "A.1": 2, "A.3": 1,
+           "P.1": 1, "P.2": 1}                  # P0 = (-10, -7, -6) under EMPA's scoring key
 
 
 def prog(**kw):
@@ -71,6 +71,63 @@ def test_replay_prints_one_line_per_episode(tmp_path):
     out2 = run("replay", "-", "--min-turns", "2", "--max-turns", "6",
                stdin=open(path).read())
     assert out2.stdout == out.stdout
+
+
+def rubric(**levels):
+    return {**dict.fromkeys(INITIAL_KEYS, 0), **{k.replace("_", "."): v for k, v in levels.items()}}
+
+
+def test_replay_gives_empas_p0_distances_and_end_turns(tmp_path):
+    """Judge JSON replayed under EMPA's IED scoring key (Benchmark/epj/scoring.py of
+    KAYA-HAI/EMPA-Benchmark-EPMSandbox): C.1 x1, C.2 x1, C.3 x1.5; A.1 x1, A.2 x2, A.3 x1.5;
+    P.1 x1, P.2 x2, P.3 x1.5; an indicator is worth -2 x weight x level. Numbers by hand."""
+    plus3 = prog(C_Prog=2, A_Prog=2, P_Prog=2)                      # (+3, +3, +3)
+    records = [
+        # every indicator at 3: C = -6-6-9, A = P = -6-12-9; six turns of +3 end at max_turns
+        {"initial": rubric(**dict.fromkeys([k.replace(".", "_") for k in INITIAL_KEYS], 3)),
+         "turns": [plus3] * 6},
+        # the x1.5 and x2 indicators: C.3=2 -> -6, A.2=1 -> -4, P.3=3 -> -9; five setbacks
+        # on C in a row (negative energy) end in failure at turn 5
+        {"initial": rubric(C_3=2, A_2=1, P_3=3), "turns": [prog(C_Neg=-1)] * 6},
+        # C.1=1 -> -2, A.1=1 -> -2, P.2=1 -> -4: crosses the hyperplane at turn 2 with
+        # E_2 = (18 + 6)/sqrt(24) = |P_0| exactly: success at turn 2
+        {"initial": rubric(C_1=1, A_1=1, P_2=1),
+         "turns": [prog(A_Prog=2, P_Prog=2), prog(C_Prog=2), plus3]},
+        # the example in EMPA's scoring.py: P_0 = (-4-2-6, -4-4-6, -4-12-9); its MDEP-PR
+        # example (C.Prog 1, A.Prog 2, P.Prog 1, P.Neg -1) moves it by (1, 3, -1)
+        {"initial": rubric(C_1=2, C_2=1, C_3=2, A_1=2, A_2=1, A_3=2, P_1=2, P_2=3, P_3=3),
+         "turns": [prog(C_Prog=1, A_Prog=2, P_Prog=1, P_Neg=-1)] * 2},
+    ]
+    out = run("replay", write_episodes(tmp_path, records), "--min-turns", "2", "--max-turns", "6")
+    assert out.returncode == 0, out.stderr
+    a, b, c, d = (json.loads(x) for x in out.stdout.splitlines())
+
+    assert a["initial_state"] == [-21, -27, -27]
+    assert a["initial_distance"] == pytest.approx((20**2 + 26**2 + 26**2) ** 0.5)
+    assert a["states"][0] == [-18, -24, -24] and a["states"][-1] == [-3, -9, -9]
+    assert a["distances"] == pytest.approx(
+        [((17 - 3 * k) ** 2 + 2 * (23 - 3 * k) ** 2) ** 0.5 for k in range(6)])
+    assert (a["status"], a["end_turn"]) == ("max_turns", 6)
+
+    assert b["initial_state"] == [-6, -4, -9]
+    assert b["initial_distance"] == pytest.approx(98 ** 0.5)
+    assert b["distances"] == pytest.approx([122 ** 0.5, 154 ** 0.5, 194 ** 0.5, 242 ** 0.5,
+                                            298 ** 0.5])
+    assert b["energies"] == pytest.approx([-12 / 133 ** 0.5] * 5)
+    assert (b["status"], b["end_turn"], b["turns_after_end"]) == ("failure", 5, 1)
+
+    assert c["initial_state"] == [-2, -2, -4]
+    assert c["initial_distance"] == pytest.approx(11 ** 0.5)
+    assert c["states"] == [[-2, 1, -1], [1, 1, -1]]
+    assert c["distances"] == pytest.approx([1.0, 0.0])
+    assert c["cumulative_energy"] == pytest.approx(24 ** 0.5)
+    assert (c["status"], c["end_turn"]) == ("success", 2)
+
+    assert d["initial_state"] == [-12, -14, -25]
+    assert d["initial_distance"] == pytest.approx((11**2 + 13**2 + 24**2) ** 0.5)
+    assert d["states"] == [[-11, -11, -26], [-10, -8, -27]]
+    assert d["distances"] == pytest.approx([825 ** 0.5, (81 + 49 + 676) ** 0.5])
+    assert (d["status"], d["end_turn"]) == ("running", None)
 
 
 def test_replay_max_turns_and_drop(tmp_path):
@@ -128,7 +185,8 @@ def test_a_malformed_turn_after_the_end_is_an_error_whatever_the_limit(tmp_path,
 @pytest.mark.parametrize("args, match", [
     (["replay", "/nonexistent/episodes.jsonl"], "No such file"),
     (["replay", "x.jsonl", "--min-turns", "50"], "min_turns"),
-    (["eval", "--policy", "greedy"], "invalid choice"),
+    (["eval", "--policy", "oracle"], "invalid choice"),
+    (["eval", "--policy", "greedy", "--simulator", "llm"], "embedded simulator only"),
     (["eval", "--policy", "pacing", "--seeds", "0"], "--seeds"),
     (["eval", "--policy", "pacing", "--scenarios", "/nonexistent.jsonl"], "No such file"),
     (["frobnicate"], "invalid choice"),

@@ -32,26 +32,34 @@ def prog(**levels):
 
 
 # ---------------------------------------------------------------- rubric tables
-@pytest.mark.parametrize("axis", ["C", "A", "P"])
-def test_initial_indicator_values_follow_the_weight_table(axis):
-    i = "CAP".index(axis)
-    # indicator 1 is x2 (-4/-8/-12), 2 is x1.5 (-3/-6/-9), 3 is x1 (-2/-4/-6)
-    for key, values in ((f"{axis}.1", (-4, -8, -12)), (f"{axis}.2", (-3, -6, -9)),
-                        (f"{axis}.3", (-2, -4, -6))):
-        for level, value in zip((1, 2, 3), values):
-            s = initial_state(rubric0(**{key.replace(".", "_"): level}))
-            assert s[i] == value and sum(s) == value
+# EMPA's IED scoring key (Benchmark/epj/scoring.py, KAYA-HAI/EMPA-Benchmark-EPMSandbox):
+# value of levels 1/2/3 per indicator.
+EMPA_IED_KEY = {
+    "C.1": (-2, -4, -6), "C.2": (-2, -4, -6), "C.3": (-3, -6, -9),
+    "A.1": (-2, -4, -6), "A.2": (-4, -8, -12), "A.3": (-3, -6, -9),
+    "P.1": (-2, -4, -6), "P.2": (-4, -8, -12), "P.3": (-3, -6, -9),
+}
+
+
+@pytest.mark.parametrize("key", INITIAL_KEYS)
+def test_initial_indicator_values_follow_empas_scoring_key(key):
+    i = "CAP".index(key[0])
+    for level, value in zip((1, 2, 3), EMPA_IED_KEY[key]):
+        s = initial_state(rubric0(**{key.replace(".", "_"): level}))
+        assert s[i] == value and sum(s) == value
+    assert initial_state(rubric0()) == (0, 0, 0)
 
 
 def test_initial_axis_is_the_sum_of_its_indicators():
     r = rubric0(C_1=1, C_2=2, A_2=1, A_3=2, P_1=1, P_3=1)
-    assert initial_state(r) == (-4 - 6, -3 - 4, -4 - 2)
-    assert initial_state(dict.fromkeys(INITIAL_KEYS, 3)) == (-27, -27, -27)
+    assert initial_state(r) == (-2 - 4, -4 - 6, -2 - 3)
+    assert initial_state(dict.fromkeys(INITIAL_KEYS, 3)) == (-21, -27, -27)
 
 
 def test_initial_weights_can_be_overridden():
     r = rubric0(C_1=3, C_3=3)
-    assert initial_state(r, weights={"C.1": 1, "C.3": 2}) == (-6 - 12, 0, 0)
+    assert initial_state(r, weights={"C.1": 2, "C.3": 2}) == (-12 - 12, 0, 0)
+    assert initial_state(r) == (-6 - 9, 0, 0)
     with pytest.raises(MicaInputError, match="weight"):
         initial_state(r, weights={"C.1": 3})
 
@@ -98,7 +106,7 @@ def test_integral_floats_and_extra_keys_are_accepted():
 
 # ---------------------------------------------------------------- hand-computed episodes
 # P0 = (-10, -7, -6): C.1=1 (-4) + C.2=2 (-6); A.2=1 (-3) + A.3=2 (-4); P.1=1 (-4) + P.3=1 (-2)
-INITIAL = rubric0(C_1=1, C_2=2, A_2=1, A_3=2, P_1=1, P_3=1)
+INITIAL = rubric0(C_1=2, C_2=3, A_1=2, A_3=1, P_1=1, P_2=1)   # EMPA key: (-4-6, -4-3, -2-4)
 NORM0 = math.sqrt(185)
 
 

@@ -23,7 +23,7 @@ from mica_train.env import (
     sample_reply,
 )
 from mica_train.env.acts import _REPLIES
-from mica_train.env.policies import read_distress, read_needs
+from mica_train.env.policies import SCRIPTED_POLICIES, read_distress, read_needs
 from mica_train.env.simulator import EmbeddedJudge, EmbeddedUser
 
 SCENARIO = eval_scenarios()[4]
@@ -290,27 +290,42 @@ def test_pacing_succeeds_within_the_training_limits():
     assert rand["pass_rate"] <= 0.2
 
 
-def _greedy_episode(env, scenario, seed):
-    """One-step lookahead on the true simulator: the reply whose next distance is lowest."""
-    ep = env.reset(scenario, seed=seed)
-    rng = random.Random(seed)
-    while not ep.done:
-        options = [sample_reply(a, rng, scenario) for a in SUPPORT_ACTS]
-        ep.step(min(options, key=lambda r: copy.deepcopy(ep).step(r).distance))
-    return ep
-
-
 def test_the_greedy_reply_is_not_the_best_sequence():
     env = make_env(EnvConfig())
     scen = eval_scenarios()
-    greedy = aggregate_metrics([_greedy_episode(env, s, 0).metrics() for s in scen])
+    greedy = aggregate_metrics(evaluate_policy("greedy", scen, env))
     pacing = aggregate_metrics(evaluate_policy("pacing", scen, env))
     assert pacing["pass_rate"] >= greedy["pass_rate"] + 0.2
     # on the first turn greedy leads with advice on a cognitive-dominant card, pacing validates
     card = next(s for s in scen if s.dominant == "C" and -s.initial_state[1] > 6)
-    first = _greedy_episode(make_env(EnvConfig()), card, 0).messages[1]["content"]
+    first = run_episode(env, card, "greedy").messages[1]["content"]
     assert detect_acts(first) == ("reframe",)
     assert detect_acts(run_episode(env, card, "pacing").messages[1]["content"]) == ("validate",)
+
+
+def test_greedy_looks_ahead_in_the_true_simulator():
+    env = make_env(EnvConfig())
+    ep = env.reset(SCENARIO, seed=3)
+    rng = random.Random(0)
+    reply = SCRIPTED_POLICIES["greedy"](ep, random.Random(0))
+    options = [sample_reply(a, rng, SCENARIO) for a in SUPPORT_ACTS]
+    best = min(copy.deepcopy(ep).step(r).distance for r in options)
+    assert ep.turn == 0 and len(ep.messages) == 1      # the episode itself did not move
+    assert reply in options and copy.deepcopy(ep).step(reply).distance == best
+
+
+def test_two_remembered_replies_are_enough_for_pacing_at_the_training_limit():
+    """What the trained policy sees by default (the latest user message and its own last two
+    replies) suffices for pacing's sequence; the latest message alone does not at 15 turns,
+    although it nearly does at 45: the turn limit is where the sequence matters."""
+    scen = eval_scenarios()
+    train, full = make_env(EnvConfig()), make_env(EnvConfig.for_evaluation())
+    rate = {(p, n): aggregate_metrics(evaluate_policy(p, scen, env))["pass_rate"]
+            for p in ("pacing", "pacing_recent", "reactive") for n, env in ((15, train), (45, full))}
+    assert rate["pacing_recent", 15] >= rate["pacing", 15] - 0.1
+    assert rate["pacing_recent", 45] >= 0.9
+    assert rate["reactive", 15] <= rate["pacing_recent", 15] - 0.3
+    assert rate["reactive", 45] >= 0.8
 
 
 def test_policy_runs_are_deterministic():

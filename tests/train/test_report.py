@@ -139,7 +139,7 @@ def test_the_report_renders_in_a_browser(transcript_run, tmp_path):
     blue = ((abs(r - 9) < 30) & (abs(g - 105) < 30) & (abs(b - 218) < 30)).sum()
     green = ((g > r + 25) & (g > b + 15)).sum()
     red = ((r > g + 40) & (r > b + 40)).sum()
-    assert blue > 500 and green > 2000 and red > 2000, (blue, green, red)
+    assert blue > 500 and green > 500 and red > 500, (blue, green, red)
     artifacts = Path(os.environ.get("MICA_TEST_ARTIFACTS", ROOT / "runs" / "test-artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, artifacts / "report.png")
