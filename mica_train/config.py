@@ -43,6 +43,7 @@ __all__ = [
     "add_config_arguments",
     "apply_overrides",
     "check_config",
+    "check_resume",
     "check_model_dir",
     "config_fields",
     "config_from_dict",
@@ -216,6 +217,40 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+#: Fields a resumed run may change: they say how the run is watched, saved or evaluated, not
+#: what is trained (evaluations fork the random state). Every other field must equal the
+#: run's ``config.json``, or the resumed steps would train something the record does not say.
+RESUME_MAY_CHANGE = ("threads", "save_every", "keep_checkpoints", "tensorboard", "plot",
+                     "progress", "transcripts_every", "tensorboard_conversations", "eval.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("options", "extra"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(saved: dict, cfg: TrainConfig, where: str) -> None:
+    """Refuse to resume a run with a config that trains something else than the run's
+    ``config.json`` (``saved``): a :class:`ConfigError` naming the changed fields."""
+    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+               and k != "run_dir"]
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"{where} has a checkpoint of a run trained with another config "
+                          f"({shown}{more}); resuming would continue the old run under a "
+                          f"record that no longer matches it: use a new run_dir, or the "
+                          f"run's own config (only eval.*, save_every, keep_checkpoints, "
+                          f"threads and logging may change on resume)")
 
 
 PACKAGE_CONFIG_DIR = "configs"  # YAML files shipped inside mica_train (package data)

@@ -177,6 +177,13 @@ class Trainer:
         seed_all(derive_seed(cfg.seed, 0, self.dist.rank))
         ckpt = latest_checkpoint(self.run_dir)
         self.resumed_from = ckpt
+        saved_config = self.run_dir / "config.json"
+        if ckpt is not None and saved_config.is_file():
+            import json
+
+            from .config import check_resume
+
+            check_resume(json.loads(saved_config.read_text()), cfg, f"run_dir {self.run_dir}")
         self.policy = load_policy(
             cfg.model,
             cfg.lora,

@@ -79,3 +79,23 @@ def test_latest_checkpoint_ignores_incomplete_directories(tmp_path):
     (root / "step_000002" / "trainer_state.json").write_text("{}")
     assert latest_checkpoint(tmp_path).name == "step_000002"
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+@pytest.mark.slow
+def test_resuming_with_another_training_config_is_refused(tiny_model_dir, tmp_path):
+    # Was: optim.lr and lora.r silently ignored (old schedule and adapter continued) while
+    # config.json was overwritten with the new values.
+    run = tmp_path / "run"
+    first = _train(tiny_model_dir, run, "steps=2", "save_every=1")
+    assert first.returncode == 0, first.stderr
+    record = (run / "config.json").read_text()
+    changed = _train(tiny_model_dir, run, "steps=2", "save_every=1", "optim.lr=0.5", "lora.r=8")
+    assert changed.returncode == 2
+    err = changed.stderr.strip().splitlines()
+    assert len(err) == 1 and "another config" in err[0], changed.stderr
+    assert "lora.r: 4 -> 8" in err[0] and "optim.lr:" in err[0] and "-> 0.5" in err[0]
+    assert (run / "config.json").read_text() == record  # the record is untouched
+    # watching and evaluation settings may change: the run resumes (and has nothing left)
+    same = _train(tiny_model_dir, run, "steps=2", "save_every=2", "eval.episodes_per_scenario=1",
+                  "progress=false")
+    assert same.returncode == 0, same.stderr
