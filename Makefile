@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml setup.py requirements/ci.txt kernels/*.pyx
 demo: $(STAMP)
 	$(PY) -m mica_train.demo
 
-# The whole suite: the main environment, then the verl integration in its own environment
-# (.venv-verl: verl pins transformers < 5.11).
-test: test-main test-verl
+# The whole suite: lint, the main environment, then the verl integration in its own
+# environment (.venv-verl: verl pins transformers < 5.11).
+test: lint test-main test-verl
 
 # The credit report's browser test needs Chromium: installed here when missing (Debian, root).
 # MICA_REQUIRE_BROWSER=1 makes a missing browser a failure rather than a skip.

@@ -10,7 +10,8 @@ the trainer runs it, against ``mica_train.env.local_server.LocalChatServer`` on 
 which adds ``--latency`` seconds to every request and answers deterministically. The default,
 100 ms, stands in for a judge's completion on a fast local server (a real one generating a
 ~50-token JSON rubric takes several times that); with less latency the policy's own
-generation, the same in both settings, weighs more in the ratio. The server runs in its own process, as a vLLM or SGLang server
+generation, the same in both settings, weighs more in the ratio. The server runs in its own process,
+as a vLLM or SGLang server
 would (a fresh one for each run); both settings run one after the other in this process:
 
 - serial: ``max_concurrency=1``, one request in flight at a time (mica_train before this
@@ -56,7 +57,7 @@ def parse_args(argv=None):
 def run_batch(policy, env, scenarios, rollout_cfg):
     import torch
 
-    from mica_train.rollout import run_episodes, trajectory_table
+    from mica_train.rollout import run_episodes
 
     n = len(scenarios)
     torch.manual_seed(0)
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
                 env.close()
                 stats = server.stats()
             stats["connections"] -= 1  # the /stats request's own
-            runs.append({"wall_s": wall, "cpu_s": cpu, **{k: stats[k] for k in ("requests", "connections", "max_in_flight")},
+            served = {k: stats[k] for k in ("requests", "connections", "max_in_flight")}
+            runs.append({"wall_s": wall, "cpu_s": cpu, **served,
                          "turns": sum(len(r.turns) for r in records),
                          "judge_failures": sum(r.metrics["judge_failures"] for r in records),
                          "user_failures": sum(r.metrics["user_failures"] for r in records)})
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
         "settings": {"episodes": args.episodes, "rollouts_per_scenario": 8, "latency_s": args.latency,
                      "concurrency": args.concurrency, "repeats": args.repeats, **turns,
                      "policy": "tiny Llama (mica_train.tiny defaults), generate with 24 new tokens, 1 torch thread",
-                     "server": "python -m mica_train.env.local_server (its own process) on 127.0.0.1, HTTP/1.1 keep-alive"},
+                     "server": "python -m mica_train.env.local_server (its own process) on "
+                               "127.0.0.1, HTTP/1.1 keep-alive"},
         "embedded_floor": {"wall_s": floor_wall, "cpu_s": floor_cpu},
         "serial": {"median_wall_s": med(serial, "wall_s"), "median_cpu_s": med(serial, "cpu_s"), "runs": serial},
         "concurrent": {"median_wall_s": med(concurrent, "wall_s"), "median_cpu_s": med(concurrent, "cpu_s"),

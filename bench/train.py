@@ -47,7 +47,8 @@ PHASES = ("rollout", "advantage", "logprob", "update", "step")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="training config: a packaged name or a YAML path (default: demo)")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="training config: a packaged name or a YAML path (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, for both variants (repeatable)")
     p.add_argument("--model", default=None, help="a warm-started model directory (default: build one)")

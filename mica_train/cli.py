@@ -97,7 +97,8 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """``python -m mica_train.cli``: the list of commands (each parses its own arguments)."""
-    parser = argparse.ArgumentParser(prog="mica", description="mica_train: LoRA policy-gradient training with mica advantages")
+    parser = argparse.ArgumentParser(
+        prog="mica", description="mica_train: LoRA policy-gradient training with mica advantages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)

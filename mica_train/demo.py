@@ -144,7 +144,8 @@ def run_demo(out: str | Path = "runs/demo", config: str | Path | None = None, ov
     if split:
         say(
             "time split per step: "
-            + ", ".join(f"{k} {split[k]['seconds']:.3f}s ({split[k]['percent']:.2f}%)" for k in ("rollout", "advantage", "update"))
+            + ", ".join(f"{k} {split[k]['seconds']:.3f}s ({split[k]['percent']:.2f}%)"
+                        for k in ("rollout", "advantage", "update"))
         )
     say(f"done in {seconds:.0f}s: pass rate {before['pass_rate']:.3f} -> {after['pass_rate']:.3f}; "
         f"wrote {out / 'summary.json'}, {out / 'learning_curves.png'} and {report}")

@@ -29,7 +29,8 @@ import torch
 __all__ = ["LossTerms", "k3_kl", "masked_token_mean", "policy_loss", "ppo_clip_token_losses"]
 
 
-def masked_token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+def masked_token_mean(x: torch.Tensor, mask: torch.Tensor,
+                      n_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
     m = mask.to(x.dtype)
     denom = m.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=x.dtype, device=x.device)
     return (x * m).sum() / denom.clamp(min=1.0)

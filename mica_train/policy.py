@@ -208,7 +208,8 @@ def load_policy(model_cfg, lora_cfg, weights_dir: str | Path | None = None, need
     # Dropout stays off: rollouts, old log-probs and updates see the same function.
     model.eval()
     torch.set_grad_enabled(True)
-    return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora=lora_cfg.enabled, reference=reference)
+    return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora=lora_cfg.enabled,
+                  reference=reference)
 
 
 def save_policy_weights(policy: Policy, out_dir: str | Path) -> None:
@@ -235,7 +236,8 @@ def load_policy_weights(model, weights_dir: str | Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"{weights_dir}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"{weights_dir}: weights do not match the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
 
 
 def prompt_messages(messages: Sequence[dict], context_messages: int, system_prompt: str = "",
@@ -470,7 +472,8 @@ class TokenBatch:
         return int(self.response_mask.shape[1])
 
 
-def collate_turns(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device) -> TokenBatch:
+def collate_turns(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                  device) -> TokenBatch:
     """Left-pad prompts and right-pad replies into one ``[B, P + R]`` batch (module docstring)."""
     import torch
 

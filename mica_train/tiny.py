@@ -120,6 +120,7 @@ def build_tiny_model(tokenizer, cfg: TinyModelConfig | None = None):
 def write_tiny_model(out_dir: str | Path, texts: Iterable[str], cfg: TinyModelConfig | None = None) -> Path:
     """Train the tokenizer on ``texts``, build the model and save both to ``out_dir`` atomically."""
     from mica_core.atomic import atomic_dir
+
     from .policy import quiet_transformers
 
     quiet_transformers()

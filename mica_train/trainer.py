@@ -217,6 +217,7 @@ class Trainer:
         self.logger = None
         if self.dist.is_main:
             from mica_core.atomic import atomic_write_json
+
             from .metrics import MetricsLogger
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +329,8 @@ class Trainer:
     def _batch(self, prompts, responses, idx):
         from .policy import collate_turns
 
-        return collate_turns([prompts[i] for i in idx], [responses[i] for i in idx], self.policy.tokenizer.pad_token_id, self.policy.device)
+        return collate_turns([prompts[i] for i in idx], [responses[i] for i in idx],
+                             self.policy.tokenizer.pad_token_id, self.policy.device)
 
     def _pad_rows(self, rows, idx, width):
         import torch
@@ -402,7 +404,8 @@ class Trainer:
                 for sl in self._micro_slices(mb, lengths) if len(mb) else []:
                     batch = self._batch(prompts, responses, sl)
                     R = batch.response_width
-                    logp, ent = response_logprobs(model, batch, cfg.rollout.temperature, with_entropy=lc.entropy_coef > 0)
+                    logp, ent = response_logprobs(model, batch, cfg.rollout.temperature,
+                                                  with_entropy=lc.entropy_coef > 0)
                     mask = batch.response_mask
                     adv_rows = torch.as_tensor(advantage[sl], dtype=torch.float32, device=mask.device)
                     adv_tok = mc.broadcast_to_tokens(adv_rows, mask, layout="turn")
@@ -452,7 +455,8 @@ class Trainer:
         if lc.entropy_coef <= 0:
             # Entropy of the sampling policy, measured on the old log-prob pass.
             tok_ent = torch.cat(old_ent) if old_ent else torch.zeros(0)
-            ent_sum, ent_n = all_reduce_sum(self.dist, [float(tok_ent.sum()), float(tok_ent.numel())], self.policy.device)
+            ent_sum, ent_n = all_reduce_sum(self.dist, [float(tok_ent.sum()), float(tok_ent.numel())],
+                                            self.policy.device)
             stats["entropy"] = ent_sum / max(ent_n, 1.0)
         stats["lr"] = float(self.scheduler.get_last_lr()[0])
         stats["time_logprob"] = t_score

@@ -109,6 +109,7 @@ def warm_start(model_dir: str | Path, out_dir: str | Path, cfg: WarmStartConfig 
     from transformers import AutoModelForCausalLM
 
     from mica_core.atomic import atomic_dir, atomic_write_json
+
     from .policy import load_tokenizer, quiet_transformers
     from .trainer import warmup_cosine
 

@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import naive
-from naive import broadcast_to_tokens as naive_broadcast
 
 import mica_core as mc
 from mica_core.tokens import (
@@ -16,6 +14,9 @@ from mica_core.tokens import (
     turn_rewards_from_tokens,
     turn_spans,
 )
+
+import naive
+from naive import broadcast_to_tokens as naive_broadcast
 
 try:
     import torch

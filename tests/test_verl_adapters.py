@@ -47,7 +47,7 @@ def verl_batches(draw, max_rows=8, max_turns=4):
     for b, (m, r) in enumerate(rows):
         mask[b, :len(m)] = m
         rew[b, :len(r)] = r
-    for tr, b in zip(trajs, range(B)):
+    for tr in trajs[:B]:
         tr["rewards"] = [float(np.float32(x)) for x in tr["rewards"]]
     index = np.array([tr["group"] for tr in trajs], dtype=object)
     return torch.from_numpy(rew), torch.from_numpy(mask), index, trajs

@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("verl.trainer.ppo.core_algos")
 
-from naive import naive_estimate
-
 from mica_core.integrations import verl as mv
+
+from naive import naive_estimate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "verl_multiturn")
@@ -79,7 +79,6 @@ def run_agent_loop(config, tok, states, start=0):
     """The example's agent loop, instantiated as AgentLoopWorker._run_agent_loop does."""
     import hydra
     from omegaconf import OmegaConf
-
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
     from verl.workers.rollout.replica import TokenOutput
 
@@ -119,7 +118,6 @@ def test_agent_loop_distances_reach_mica_through_verl(config):
     """The example's per-turn distances, through verl's agent-loop post-processing and
     compute_advantage: mica's advantages equal the naive per-turn computation on them."""
     from test_verl_integration import agent_loop_worker, trainer_rewards
-
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker  # noqa: F401
     from verl.trainer.ppo.ray_trainer import compute_advantage
 

@@ -20,9 +20,8 @@ from __future__ import annotations
 from typing import Any
 from uuid import uuid4
 
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
-
 from support_user import ScriptedSupportUser
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
 
 DEFAULT_STATE = (-3.0, -3.5, -2.5)
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from mica_core._errors import MicaInputError
 
-from .errors import JudgeError
 from .engine import SupportTrajectory, mean_increment, validate_end_rule
+from .errors import JudgeError
 from .rubric import progress_increment
 from .scenarios import Scenario
 from .simulator import EmbeddedDynamics, EmbeddedJudge, EmbeddedUser

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 
 from mica_core.atomic import atomic_write_text
 
-from .rubric import (AXES, INDICATOR_WEIGHTS, INITIAL_KEYS, initial_state, input_error,
-                     iter_jsonl, parse_initial_rubric)
+from .rubric import AXES, INDICATOR_WEIGHTS, INITIAL_KEYS, initial_state, input_error, iter_jsonl, parse_initial_rubric
 
 __all__ = [
     "DIFFICULTIES",

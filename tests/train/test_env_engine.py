@@ -159,7 +159,7 @@ def test_success_waits_for_min_turns():
 
 def test_failure_after_five_negative_energy_turns():
     traj = SupportTrajectory((-10, -7, -6), max_turns=15, min_turns=5)
-    for t in range(1, 5):
+    for _ in range(1, 5):
         assert traj.apply_rubric(prog(C_Neg=-1)).status == "running"
     rec = traj.apply_rubric(prog(C_Neg=-1))
     assert rec.status == "failure" and traj.end_turn == 5

@@ -9,11 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
+from train_helpers import ROOT
 
 from mica_train import study
 from mica_train.study.credit import _auc, credit_diagnostic, label_rollouts
 from mica_train.study.report import TABLES, replace_tables
-from train_helpers import ROOT
 
 STUDY_KEYS = {
     "command", "complete", "runs_done", "runs_planned", "wall_seconds", "run_seconds_total", "run_cpu_seconds_total",

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import yaml
+from train_helpers import ROOT, run_mica, subprocess_env
 
 from mica_train.cli import main
 from mica_train.config import ConfigError, check_config, config_fields, load_config, packaged_configs
-from train_helpers import ROOT, run_mica, subprocess_env
 
 
 @pytest.mark.parametrize("module, argv, expect", [

@@ -4,7 +4,6 @@ outputs of a run, and a two-process data-parallel run (gloo on CPU)."""
 import json
 
 import pytest
-
 from train_helpers import run_mica, run_module
 
 

@@ -7,6 +7,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from train_helpers import write_small_tiny_model
+
 from mica_train.config import load_config
 from mica_train.policy import (
     collate_turns,
@@ -17,7 +19,6 @@ from mica_train.policy import (
     response_logprobs,
 )
 from mica_train.warmstart import generate_corpus, tokenize_examples
-from train_helpers import write_small_tiny_model
 
 torch.set_num_threads(1)
 
@@ -96,7 +97,9 @@ def test_old_logprobs_match_generation(tiny_dir, tmp_path, temperature):
     cfg = _cfg(tiny_dir, tmp_path)
     policy = load_policy(cfg.model, cfg.lora)
     tok = policy.tokenizer
-    convs = [[{"role": "user", "content": "I feel awful."}], [{"role": "user", "content": "I'm confused about why they let me go and not the others. Also, what to do now?"}]]
+    convs = [[{"role": "user", "content": "I feel awful."}],
+             [{"role": "user",
+               "content": "I'm confused about why they let me go and not the others. Also, what to do now?"}]]
     prompts = encode_prompts(tok, convs, 0)
     assert len(prompts[0]) != len(prompts[1])  # left padding is exercised
     torch.manual_seed(0)
@@ -215,7 +218,8 @@ def test_rollout_logprobs_equal_a_forward_pass(tiny_dir, tmp_path, sampler):
             replies, logps, ents = generate_replies(policy, prompts, temperature=0.8, max_new_tokens=12,
                                                     with_logprobs=True, sampler=sampler)
         order = list(reversed(range(len(prompts))))
-        batch = collate_turns([prompts[i] for i in order], [replies[i] for i in order], policy.tokenizer.pad_token_id, "cpu")
+        batch = collate_turns([prompts[i] for i in order], [replies[i] for i in order],
+                              policy.tokenizer.pad_token_id, "cpu")
         with torch.no_grad():
             ref, ref_ent = response_logprobs(policy.model, batch, 0.8, with_entropy=True)
         for j, i in enumerate(order):

@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from train_helpers import run_mica, subprocess_env
+
 from mica_train.checkpoint import latest_checkpoint
 from mica_train.trainer import KILL_AFTER_STEPS_ENV
-from train_helpers import run_mica, subprocess_env
 
 
 def _train(tiny_dir, run_dir, *overrides, kill_after=None):

@@ -172,7 +172,8 @@ def _env():
 def test_eval_writes_transcripts_and_shows_progress(tiny_model_dir, tmp_path):
     out = tmp_path / "eval.jsonl"
     res = subprocess.run(
-        [sys.executable, "-m", "mica_train.cli", "eval", "--config", str(CONFIG), "--set", f"model.path={tiny_model_dir}",
+        [sys.executable, "-m", "mica_train.cli", "eval", "--config", str(CONFIG), "--set",
+         f"model.path={tiny_model_dir}",
          "--set", f"run_dir={tmp_path / 'none'}", "--set", "progress=true", "--set", "eval.max_turns=3",
          "--checkpoint", "base", "--transcripts", str(out)],
         env=_env(), cwd=ROOT, capture_output=True, text=True, check=False)
