@@ -294,3 +294,20 @@ def test_gigpo_needs_a_key_per_turn():
     with pytest.raises(mc.MicaInputError, match="keys but the row") as info:
         mv.compute_gigpo_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
     assert info.value.row == 0
+
+
+def test_a_call_without_verls_batch_warns_once_that_fields_are_not_read(monkeypatch):
+    import warnings
+
+    rng = np.random.default_rng(4)
+    rows = L.trajectory_rows(L.random_episodes(rng))
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    monkeypatch.setattr(mv, "_CONTEXT_WARNED", [])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mv.compute_mica_advantage(scores, mask, rows["non_tensor"]["uid"])
+        mv.compute_mica_advantage(scores, mask, rows["non_tensor"]["uid"])
+        mv.compute_mica_advantage(scores, mask, rows["non_tensor"]["uid"],
+                                  non_tensor_batch=rows["non_tensor"])
+    msgs = [str(w.message) for w in seen if "no verl DataProto" in str(w.message)]
+    assert len(msgs) == 1 and "mica_distance are not read" in msgs[0]

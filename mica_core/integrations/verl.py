@@ -126,6 +126,7 @@ FIELDS = {
 REGISTERED: dict = {}
 
 _GAMMA_WARNED: set = set()
+_CONTEXT_WARNED: list = []
 
 
 def verl_name(estimator: str) -> str:
@@ -399,6 +400,14 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
                              column="index", rule="required")
     opts = options_from_config(estimator, config, kwargs)
     data, keys = _verl_call_context(token_level_rewards)
+    if data is None and kwargs.get("non_tensor_batch") is None and not _CONTEXT_WARNED:
+        # Outside verl's compute_advantage (or in a verl that calls estimators differently)
+        # the rollout's per-turn fields cannot be read: say so once rather than silently use
+        # the token rewards where distances were meant.
+        _CONTEXT_WARNED.append(True)
+        warnings.warn("mica: no verl DataProto found for this call (and no non_tensor_batch= "
+                      "given): per-turn fields such as mica_distance are not read; the "
+                      "advantages come from the token-level rewards", stacklevel=3)
     nt = kwargs.get("non_tensor_batch")
     batch = kwargs.get("batch")
     if nt is None and data is not None:
