@@ -28,11 +28,16 @@ from ._errors import MicaInputError
 from .layout import ON_MISSING, Ragged, fill_missing
 
 __all__ = [
+    "MAX_MAGNITUDE",
     "NumpyInputs",
     "TorchInputs",
+    "check_key",
     "check_offsets",
+    "check_out",
+    "check_range",
     "check_values",
     "factorize",
+    "key_buckets",
     "label_array",
     "make_ragged",
     "numpy_inputs",
