@@ -160,11 +160,10 @@ def assert_one_line(err, word):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case, fmt", [(c, f) for c in CASES for f in FORMATS if f in c.formats],
+                         ids=[f"{c.name}-{f}" for c in CASES for f in FORMATS if f in c.formats])
 def test_catalogue(tmp_path, capsys, case, fmt, path):
-    if fmt not in case.formats:
-        pytest.skip(f"{fmt} cannot hold this input")
+    # (formats that cannot hold a case's input, e.g. a struct column in CSV, are not run)
     src = write_input(case.table(), str(tmp_path), fmt)
     out = tmp_path / "out.parquet"
     argv = [src, str(out), *PATHS[path]]
