@@ -542,8 +542,12 @@ class Trainer:
             )
         barrier(self.dist)
 
-    def train(self) -> dict[str, Any]:
-        """Run steps ``self.step + 1 .. cfg.steps``; returns the last metrics record (or {})."""
+    def train(self, on_step=None) -> dict[str, Any]:
+        """Run steps ``self.step + 1 .. cfg.steps``; returns the last metrics record (or {}).
+
+        ``on_step(step, record)``, when given, is called after each step's update and
+        evaluation, before the record is logged (entries it adds are logged too): ``mica
+        study`` evaluates its checkpoints there."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -565,6 +569,8 @@ class Trainer:
                     ev = evaluate(self.policy, cfg, dist=self.dist)
                     rec["eval_pass_rate"] = float(ev["pass_rate"])
                     rec["eval_mean_final_distance"] = float(ev["mean_final_distance"])
+                if on_step is not None:
+                    on_step(step, rec)
                 self.step = step
                 self.elapsed += time.perf_counter() - t_start
                 rec["elapsed_seconds"] = self.elapsed

@@ -220,6 +220,35 @@ class Episode:
                           judge_failed=rubric is None, turn=rec.turn,
                           cumulative_energy=rec.cumulative_energy, rubric=rubric)
 
+    def fork(self, seed=None):
+        """An independent copy of this episode as it stands: the conversation, the support
+        state and the simulator's hidden state (rapport, act streaks, a pending setback).
+
+        ``seed=None`` copies the random generators too, so the fork draws what the original
+        would draw next (the same replies give the same future). An integer ``seed`` instead
+        reseeds the user's and the judge's generators from ``(scenario, episode seed, seed)``:
+        forks made with one ``seed`` share their future draws whatever replies they are sent
+        (common random numbers), forks with different seeds do not. Embedded simulator only
+        (an LLM endpoint cannot be copied); raises ``ValueError`` otherwise.
+        """
+        import copy
+
+        if self.config.simulator != "embedded":
+            raise ValueError(f"Episode.fork: the {self.config.simulator!r} simulator cannot be "
+                             "copied (embedded only)")
+        # Scenario, config and dynamics are never mutated: share them. The generators are
+        # copied only when they are kept (a Random's state is most of a deep copy's cost).
+        memo = {id(self.scenario): self.scenario, id(self.config): self.config,
+                id(self.config.dynamics): self.config.dynamics}
+        if seed is not None:
+            memo[id(self._user.rng)] = None
+            memo[id(self._judge.rng)] = None
+        new = copy.deepcopy(self, memo)
+        if seed is not None:
+            new._user.rng = _episode_rng(self.scenario, self.seed, f"fork|{int(seed)}|user")
+            new._judge.rng = _episode_rng(self.scenario, self.seed, f"fork|{int(seed)}|judge")
+        return new
+
     def metrics(self):
         """``pass``, ``status``, ``turns``, ``initial_distance``, ``final_distance``,
         ``energy`` (cumulative), ``positive_energy_ratio``, ``judge_failures``,

@@ -2,7 +2,7 @@
 
     mica study                                 # the full study, in runs/study/
     mica study --quick                         # a smoke run of every stage, in runs/study-quick/
-    mica study --seeds 3 --estimators mica,grpo --steps 8 optim.lr=1e-3
+    mica study --seeds 3 --estimators mica,grpo --steps 8 --checkpoints 2 optim.lr=1e-3
     mica study --publish                       # also write bench/results/study.json,
                                                # docs/study_curves.png and docs/study.md's tables
 """
@@ -22,9 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mica study",
         description="Credit-assignment study: every estimator trains the same warm-started tiny policy "
-        "at equal rollout budget over several seeds and is evaluated on the evaluation scenario set. "
-        "Writes study.json, study_curves.png and study.md into the run directory; an interrupted "
-        "study resumes where it stopped.",
+        "at equal rollout budget over several seeds and is evaluated at several checkpoints on the "
+        "evaluation scenario set; the pre-registered contrasts (docs/study.md) are tested on the pass "
+        "rate averaged over the checkpoints. Writes study.json, study_curves.png and study.md into the "
+        "run directory; an interrupted study resumes where it stopped.",
     )
     p.add_argument("--quick", action="store_true",
                    help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; not a result)")
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST .. FIRST+N-1")
     p.add_argument("--estimators", default=None, help=f"comma-separated (default: {','.join(ESTIMATORS)})")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
+    p.add_argument("--checkpoints", type=int, default=None,
+                   help=f"evaluations per run, evenly spaced, the last at the final step "
+                   f"(default {FULL.checkpoints}; --quick: {QUICK.checkpoints})")
     p.add_argument("--run-dir", default=None,
                    help=f"warm start, runs and outputs (default {FULL.run_dir}; --quick: {QUICK.run_dir})")
     p.add_argument("--publish", action="store_true",
@@ -63,6 +67,8 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     n_seeds = args.seeds if args.seeds is not None else len(base.seeds)
     if n_seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if args.checkpoints is not None and args.checkpoints < 1:
+        raise ValueError("--checkpoints must be >= 1")
     overrides = list(base.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
@@ -80,6 +86,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         workers=max(1, args.workers),
         threads=args.threads,
         warm=warm,
+        checkpoints=args.checkpoints or base.checkpoints,
         command=args.command or base.command,
     )
     plan.load()  # a bad --config or override fails here, before any work

@@ -1,8 +1,8 @@
 """The study's evaluation: ``mica_train.trainer.evaluate``'s episodes and metrics, plus what the
 policy does in them.
 
-``evaluate_with_behaviour`` plays exactly the episodes of ``evaluate`` (same scenarios, seeds and
-torch generator; a test checks the metrics agree) and keeps the replies. Each episode is then
+``evaluate_with_behaviour`` plays exactly the episodes of ``evaluate`` (same scenarios, seeds,
+torch generator and merged adapter; a test checks the metrics agree) and keeps the replies. Each episode is then
 replayed in the deterministic embedded simulator, asking the scripted ``pacing`` policy
 (docs/env.md section 4) which act it would use on every turn. The behaviour summary:
 
@@ -52,21 +52,25 @@ def behaviour_summary(records, scenarios, seeds, env) -> dict[str, Any]:
     }
 
 
-def evaluate_with_behaviour(policy, cfg) -> dict[str, Any]:
-    """``evaluate(policy, cfg)`` on the evaluation set (one process) plus ``behaviour``."""
+def evaluate_with_behaviour(policy, cfg, eval_seed: int | None = None) -> dict[str, Any]:
+    """``evaluate(policy, cfg)`` on the evaluation set (one process) plus ``behaviour``;
+    ``eval_seed`` replaces ``cfg.eval.seed`` (other episodes of the same cards)."""
     import torch
 
+    from ..config import make_env_config
     from ..env import aggregate_metrics, eval_scenarios, make_env
     from ..rollout import derive_seed, run_episodes
-    from ..config import make_env_config
+    from ..trainer import generation_context
 
+    base = cfg.eval.seed if eval_seed is None else int(eval_seed)
     scenarios = list(eval_scenarios())
     env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
     jobs = [(i, k) for i in range(len(scenarios)) for k in range(cfg.eval.episodes_per_scenario)]
     cards = [scenarios[i] for i, _ in jobs]
-    seeds = [derive_seed(cfg.eval.seed, i, k) for i, k in jobs]
-    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []):
-        torch.manual_seed(derive_seed(cfg.eval.seed, 0))
+    seeds = [derive_seed(base, i, k) for i, k in jobs]
+    with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []), \
+            generation_context(policy, cfg.rollout):
+        torch.manual_seed(derive_seed(base, 0))
         records = run_episodes(policy, env, cards, seeds, [i for i, _ in jobs], list(range(len(jobs))),
                                cfg.rollout, temperature=cfg.eval.temperature)
     out = dict(aggregate_metrics([r.metrics for r in records]))

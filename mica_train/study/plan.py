@@ -1,12 +1,14 @@
-"""What a study runs: the estimators, seeds, training config, warm start and evaluation, and the
-jobs that follow from them. Nothing here imports torch.
+"""What a study runs: the estimators, seeds, contrasts, training config, warm start, evaluation
+checkpoints and credit diagnostic, and the jobs that follow from them. Nothing here imports
+torch.
 
 A :class:`StudyPlan` is a frozen dataclass; :data:`FULL` and :data:`QUICK` are the two presets
 and ``dataclasses.replace(FULL, seeds=(0, 1), ...)`` makes any other. ``plan.jobs()`` lists the
-:class:`Job` s: the warm start's evaluation first, then one training run per (seed, estimator),
-seed by seed, so that a partial study is balanced. A job's ``fingerprint`` covers everything
-that determines its result (the resolved config, the warm start, the result format), which is
-what lets an interrupted study resume without rerunning finished jobs.
+:class:`Job` s: the credit diagnostic per seed (no model needed), the warm start's evaluation,
+then one training run per (seed, estimator), seed by seed, so that a partial study is
+balanced. A job's ``fingerprint`` covers everything that determines its result (the resolved
+config, the warm start, the checkpoints, the result format), which is what lets an interrupted
+study resume without rerunning finished jobs.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CONTRASTS",
     "CURVE_KEYS",
     "ESTIMATORS",
     "EVAL_METRICS",
@@ -26,22 +29,25 @@ __all__ = [
     "FULL",
     "QUICK",
     "RESULT_VERSION",
+    "CreditSpec",
     "Job",
     "StudyPlan",
     "WarmStartSpec",
+    "checkpoint_steps",
 ]
 
-# The paper's comparison, in the order of the tables.
-ESTIMATORS = (
-    "mica",
-    "mica_turn",
-    "mica_group",
-    "mica_adr",
-    "mapo",
-    "grpo",
-    "reinforce_pp",
-    "reinforce_pp_idr",
+# The pre-registered contrasts (docs/study.md): (a, b) reads "a against b"; a positive paired
+# difference a - b is the direction the MICA paper reports.
+CONTRASTS = (
+    ("mica", "mica_turn"),        # the mixed advantage against its turn-level part alone
+    ("mica", "mica_group"),       # ... against its group-level part alone
+    ("mica_group", "mica_group_adr"),  # the reward ablation: IDR against ADR at group level
+    ("mica", "grpo"),             # against trajectory-level GRPO
+    ("mica", "reinforce_pp"),     # against trajectory-level REINFORCE++
 )
+
+# The estimators the contrasts need, in the order of the tables.
+ESTIMATORS = ("mica", "mica_turn", "mica_group", "mica_group_adr", "grpo", "reinforce_pp")
 
 # Metrics of the evaluation episodes reported per estimator (EMPA-style, aggregate_metrics).
 EVAL_METRICS = (
@@ -60,6 +66,7 @@ CURVE_KEYS = (
     "mean_turns",
     "advantage_std",
     "clip_frac",
+    "ppo_kl",
     "entropy",
     "grad_norm",
     "time_step",
@@ -67,12 +74,18 @@ CURVE_KEYS = (
 
 EVAL_SCENARIOS = 30  # the fixed evaluation set (mica_train.env.eval_scenarios)
 
-# Bumped when a run's result.json changes shape: older results are then run again.
-RESULT_VERSION = 2
+# Bumped when a result file changes shape: older results are then run again.
+RESULT_VERSION = 3
 
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_steps(steps: int, n: int) -> tuple[int, ...]:
+    """``n`` evaluation steps spread evenly over ``1..steps``, the last one ``steps``:
+    ``round(steps * k / n)`` for ``k = 1..n`` (fewer when ``steps < n``)."""
+    return tuple(sorted({max(1, round(steps * k / n)) for k in range(1, max(1, n) + 1)}))
 
 
 @dataclass(frozen=True)
@@ -86,10 +99,27 @@ class WarmStartSpec:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One unit of work: the warm start's evaluation (``estimator`` None) or one training run
-    followed by its evaluation. ``result`` is the JSON file it writes."""
+class CreditSpec:
+    """Sizes of the training-free credit diagnostic (``credit.py``), per study seed: random-act
+    rollouts of ``scenarios`` cards x ``group_size``; the true advantage from ``forks`` forks per
+    act on every turn of the first ``fork_scenarios`` cards."""
 
+    scenarios: int = 64
+    group_size: int = 8
+    forks: int = 8
+    fork_scenarios: int = 12
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work, written to ``result`` as JSON:
+
+    - ``credit``: the credit diagnostic of seed ``seed`` (no model);
+    - ``before``: the warm start's evaluation (and a replicate on other episode seeds);
+    - ``train``: one training run of ``estimator`` with evaluations at ``checkpoints``.
+    """
+
+    kind: str
     estimator: str | None
     seed: int
     result: Path
@@ -97,10 +127,16 @@ class Job:
     overrides: tuple[str, ...]
     threads: int
     fingerprint: str
+    checkpoints: tuple[int, ...] = ()
+    credit: tuple = ()  # (estimators, CreditSpec, max_turns, min_turns) of a credit job
 
     @property
     def label(self) -> str:
-        return "warm start" if self.estimator is None else f"{self.estimator} seed {self.seed}"
+        if self.kind == "before":
+            return "warm start"
+        if self.kind == "credit":
+            return f"credit diagnostic seed {self.seed}"
+        return f"{self.estimator} seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -109,18 +145,25 @@ class StudyPlan:
 
     ``config`` is a YAML path or a packaged config name (``study``); ``overrides`` are
     ``key=value`` strings applied to every run. Per run the plan sets ``model.path`` (the warm
-    start), ``seed``, ``threads``, ``advantage.estimator`` and ``run_dir``.
+    start), ``seed``, ``threads``, ``advantage.estimator`` and ``run_dir``. Each run is evaluated
+    at ``checkpoints`` evenly spaced steps (:func:`checkpoint_steps`); the primary metric is its
+    pass rate averaged over them. ``contrasts`` are tested at level ``alpha`` (Holm over the
+    family) and sized at ``power``.
     """
 
     estimators: tuple[str, ...] = ESTIMATORS
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    seeds: tuple[int, ...] = tuple(range(8))
     config: str = "study"
     overrides: tuple[str, ...] = ()
     run_dir: Path = Path("runs/study")
     workers: int = 2
     threads: int = 1
     warm: WarmStartSpec = WarmStartSpec()
-    credit_size: tuple[int, int] = (64, 8)  # credit diagnostic: cards x rollouts per seed
+    credit: CreditSpec = CreditSpec()
+    checkpoints: int = 4
+    contrasts: tuple[tuple[str, str], ...] = CONTRASTS
+    alpha: float = 0.05
+    power: float = 0.8
     quick: bool = False
     command: str = "mica study"
 
@@ -129,6 +172,7 @@ class StudyPlan:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "contrasts", tuple(tuple(c) for c in self.contrasts))
 
     def replace(self, **changes) -> StudyPlan:
         return dataclasses.replace(self, **changes)
@@ -146,9 +190,9 @@ class StudyPlan:
         return self.run_dir / "runs" / estimator / f"seed{seed}"
 
     @property
-    def reference(self) -> str:
-        """The estimator every other is compared with, seed by seed."""
-        return "mica" if "mica" in self.estimators else self.estimators[0]
+    def active_contrasts(self) -> tuple[tuple[str, str], ...]:
+        """The contrasts whose two estimators this plan runs."""
+        return tuple(c for c in self.contrasts if c[0] in self.estimators and c[1] in self.estimators)
 
     # -------------------------------------------------------------------- configs
     def run_overrides(self, estimator: str | None, seed: int) -> list[str]:
@@ -163,7 +207,12 @@ class StudyPlan:
 
         return load_config(self.config, self.run_overrides(estimator, seed))
 
+    def checkpoint_steps(self) -> tuple[int, ...]:
+        return checkpoint_steps(self.load().steps, self.checkpoints)
+
     def warm_spec(self) -> dict:
+        """What determines the warm start: the model, its corpus and the context it is shown
+        (the same ``context_messages`` and ``context_replies`` as the rollouts)."""
         cfg = self.load()
         return {
             "warm_start_steps": self.warm.steps,
@@ -171,6 +220,8 @@ class StudyPlan:
             "tiny": self.warm.tiny,
             "corpus_episodes": self.warm.corpus_episodes,
             "context_messages": cfg.rollout.context_messages,
+            "context_replies": cfg.rollout.context_replies,
+            "system_prompt": cfg.rollout.system_prompt,
         }
 
     def run_fingerprint(self, estimator: str | None, seed: int) -> str:
@@ -181,18 +232,34 @@ class StudyPlan:
         cfg.pop("threads", None)
         if estimator is None:  # the warm-start evaluation: only the policy and the evaluation matter
             cfg = {k: cfg[k] for k in ("model", "lora", "env", "rollout", "eval")}
-        return fingerprint({"config": cfg, "warm": self.warm_spec(), "version": RESULT_VERSION})
+            extra = {}
+        else:
+            extra = {"checkpoints": self.checkpoint_steps()}
+        return fingerprint({"config": cfg, "warm": self.warm_spec(), "version": RESULT_VERSION, **extra})
+
+    def credit_args(self) -> tuple:
+        cfg = self.load()
+        return (self.estimators, self.credit, cfg.env.max_turns, cfg.env.min_turns)
 
     # -------------------------------------------------------------------- jobs
     def jobs(self) -> list[Job]:
-        """The warm-start evaluation, then the runs seed by seed (so a partial study is balanced)."""
-        specs = [(None, self.seeds[0], self.run_dir / "before.json")]
-        specs += [(est, seed, self.train_dir(est, seed) / "result.json")
-                  for seed in self.seeds for est in self.estimators]
-        return [Job(estimator=est, seed=seed, result=result, config=self.config,
-                    overrides=tuple(self.run_overrides(est, seed)), threads=self.threads,
-                    fingerprint=self.run_fingerprint(est, seed))
-                for est, seed, result in specs]
+        """The credit diagnostics, the warm-start evaluation, then the runs seed by seed (so a
+        partial study is balanced)."""
+        credit = self.credit_args()
+        out = [Job(kind="credit", estimator=None, seed=seed, result=self.run_dir / "credit" / f"seed{seed}.json",
+                   config=self.config, overrides=(), threads=self.threads, credit=credit,
+                   fingerprint=fingerprint({"credit": [list(credit[0]), dataclasses.asdict(credit[1]), *credit[2:]],
+                                            "seed": seed, "version": RESULT_VERSION}))
+               for seed in self.seeds]
+        out.append(Job(kind="before", estimator=None, seed=self.seeds[0], result=self.run_dir / "before.json",
+                       config=self.config, overrides=tuple(self.run_overrides(None, self.seeds[0])),
+                       threads=self.threads, fingerprint=self.run_fingerprint(None, self.seeds[0])))
+        steps = self.checkpoint_steps()
+        out += [Job(kind="train", estimator=est, seed=seed, result=self.train_dir(est, seed) / "result.json",
+                    config=self.config, overrides=tuple(self.run_overrides(est, seed)), threads=self.threads,
+                    fingerprint=self.run_fingerprint(est, seed), checkpoints=steps)
+                for seed in self.seeds for est in self.estimators]
+        return out
 
     def settings(self) -> dict:
         """The sizes of the study as ``study.json`` reports them, plus the resolved config."""
@@ -207,13 +274,20 @@ class StudyPlan:
         return {
             "estimators": list(self.estimators),
             "seeds": list(self.seeds),
+            "contrasts": [list(c) for c in self.active_contrasts],
+            "alpha": self.alpha,
+            "power": self.power,
             "steps": cfg.steps,
+            "checkpoints": list(self.checkpoint_steps()),
             "scenarios_per_step": cfg.data.scenarios_per_step,
             "group_size": cfg.data.group_size,
             "episodes_per_step": episodes,
             "episodes_per_run": episodes * cfg.steps,
+            "updates_per_run": cfg.steps * cfg.optim.epochs * cfg.optim.minibatches,
             "train_max_turns": cfg.env.max_turns,
             "train_min_turns": cfg.env.min_turns,
+            "context_messages": cfg.rollout.context_messages,
+            "context_replies": cfg.rollout.context_replies,
             "eval_scenarios": EVAL_SCENARIOS,
             "eval_episodes_per_scenario": cfg.eval.episodes_per_scenario,
             "eval_episodes": EVAL_SCENARIOS * cfg.eval.episodes_per_scenario,
@@ -223,6 +297,7 @@ class StudyPlan:
             "lr": cfg.optim.lr,
             "warm_start_steps": self.warm.steps,
             "tiny_model": self.warm.tiny or "defaults",
+            "credit": dataclasses.asdict(self.credit),
             "workers": self.workers,
             "threads_per_worker": self.threads,
             "config_file": self.config,
@@ -232,14 +307,14 @@ class StudyPlan:
         }
 
 
-# The full study (docs/study.md): 8 estimators x 5 seeds on the packaged `study` config.
+# The full study (docs/study.md): 6 estimators x 8 seeds on the packaged `study` config.
 FULL = StudyPlan()
 
 # --quick: seconds-long runs that exercise every stage (sizes only; not a result).
 QUICK = StudyPlan(
     seeds=(0, 1),
     overrides=(
-        "steps=1",
+        "steps=2",
         "data.scenarios_per_step=2",
         "data.group_size=2",
         "env.max_turns=4",
@@ -255,7 +330,8 @@ QUICK = StudyPlan(
         tiny={"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1},
         corpus_episodes=12,
     ),
-    credit_size=(6, 4),
+    credit=CreditSpec(scenarios=6, group_size=4, forks=2, fork_scenarios=2),
+    checkpoints=2,
     quick=True,
     command="mica study --quick",
 )

@@ -3,12 +3,13 @@
 Every study writes ``RUN_DIR/study.json``, ``RUN_DIR/study_curves.png`` and ``RUN_DIR/study.md``
 (the tables). ``mica study --publish`` also writes the committed results of a mica checkout:
 ``bench/results/study.json``, ``docs/study_curves.png`` and the tables of ``docs/study.md``,
-which sit between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` markers (NAME is
-``evaluation``, ``behaviour`` or ``credit``) so that the prose around them stays as written.
+which sit between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` markers (NAME is a key
+of :data:`TABLES`) so that the prose around them stays as written.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -17,9 +18,13 @@ __all__ = [
     "TABLES",
     "check_publish_target",
     "format_behaviour_table",
+    "format_contrast_table",
     "format_credit_table",
     "format_markdown",
+    "format_movement_table",
+    "format_secondary_table",
     "format_table",
+    "json_safe",
     "plot_study_curves",
     "publish",
     "replace_tables",
@@ -33,6 +38,7 @@ PUBLISHED = {
     "markdown": Path("docs/study.md"),
 }
 FIGURE_NAME = "study_curves.png"
+ACTS = ("validate", "reframe", "plan", "multiple", "none")
 
 
 def _ordered(study: dict) -> list[str]:
@@ -41,106 +47,214 @@ def _ordered(study: dict) -> list[str]:
     return [e for e in names if e in study["estimators"]]
 
 
-def format_table(study: dict) -> str:
-    """The evaluation results as Markdown (docs/study.md's results table)."""
-    ref = study["reference"]
+def _num(x, fmt: str = ".3f", signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return format(x, ("+" if signed else "") + fmt)
+
+
+def _p(p) -> str:
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "n/a"
+    return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+
+
+def _verdict(row: dict) -> str:
+    if row["verdict"] == "undecided":
+        return "undecided"
+    return f"**`{row['a'] if row['verdict'] == 'a' else row['b']}` better**"
+
+
+def _contrast_rows(rows: list[dict], metric_title: str | None = None) -> list[str]:
+    out = []
+    for r in rows:
+        lead = f"| {metric_title} " if metric_title else ""
+        out.append(
+            f"{lead}| `{r['a']}` − `{r['b']}` | {_num(r['mean'], signed=True)} | "
+            f"[{_num(r['ci'][0], signed=True)}, {_num(r['ci'][1], signed=True)}] | "
+            f"{r['wins']}/{r['ties']}/{r['losses']} | "
+            f"{_p(r['p'])} | {_p(r['p_holm'])} | {_num(r['sd'])} | {_num(r['mde'])} | {_num(r['mde_family'])} | "
+            f"{_verdict(r)} |"
+        )
+    return out
+
+
+def format_contrast_table(study: dict) -> str:
+    """The pre-registered contrasts on the primary metric as Markdown."""
+    alpha = study.get("design", {}).get("alpha", 0.05)
+    m = len(study["contrasts"])
     lines = [
-        f"| estimator | pass rate (mean ± sd) | per seed | mean final distance | energy | positive-energy ratio | turns | {ref} − it (pass, mean ± sd) | {ref} wins/ties/losses |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| contrast (a − b) | mean difference | 95 % CI (bootstrap) | a wins/ties/losses | p (sign-flip) | "
+        f"p (Holm, {m}) | sd of differences | MDE (α {alpha:g}) | MDE (α {alpha / max(m, 1):g}) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(lines + _contrast_rows(study["contrasts"]))
+
+
+def format_secondary_table(study: dict) -> str:
+    """The same contrasts on the secondary metrics (each family Holm-corrected on its own)."""
+    titles = {"distance_auc_reduction": "distance reduction (AUC)", "final_pass_rate": "pass rate, last checkpoint"}
+    lines = [
+        "| metric | contrast (a − b) | mean difference | 95 % CI | a wins/ties/losses | p (sign-flip) | p (Holm) | "
+        "sd | MDE (α 0.05) | MDE (α 0.01) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, rows in study.get("secondary_contrasts", {}).items():
+        lines += _contrast_rows(rows, titles.get(key, key))
+    return "\n".join(lines)
+
+
+def format_table(study: dict) -> str:
+    """Per estimator: the primary metric and the learning curve at the checkpoints."""
+    steps = study["settings"]["checkpoints"]
+    head = " | ".join(f"step {s}" for s in steps)
+    lines = [
+        f"| estimator | pass rate AUC (mean ± sd) | 95 % CI | per seed | pass rate at {head} | "
+        "mean final distance AUC | distance at last checkpoint |",
+        "|---|---|---|---|" + "---|" * len(steps) + "---|---|",
     ]
     for est in _ordered(study):
         e = study["estimators"][est]
-        m = e["metrics"]
-        p = e[f"paired_vs_{ref}"]["pass_rate"]
-        per_seed = " ".join(f"{v:.2f}" for v in e["pass_rate"]["per_seed"])
-        paired = "" if est == ref else f"{p['mean']:+.3f} ± {p['std']:.3f}"
-        wtl = "" if est == ref else f"{p['wins']}/{p['ties']}/{p['losses']}"
+        auc, dist = e["pass_rate_auc"], e["distance_auc"]
+        per_seed = " ".join(_num(v, ".2f") for v in auc["per_seed"])
+        at = " | ".join(_num(c["mean"]) for c in e["checkpoints"].get("pass_rate", []))
         lines.append(
-            f"| `{est}` | {m['pass_rate']['mean']:.3f} ± {m['pass_rate']['std']:.3f} | {per_seed} | "
-            f"{m['mean_final_distance']['mean']:.2f} ± {m['mean_final_distance']['std']:.2f} | "
-            f"{m['mean_energy']['mean']:.1f} | {m['mean_positive_energy_ratio']['mean']:.3f} | "
-            f"{m['mean_turns']['mean']:.1f} | {paired} | {wtl} |"
+            f"| `{est}` | {_num(auc['mean'])} ± {_num(auc['std'])} | [{_num(auc['ci'][0])}, {_num(auc['ci'][1])}] | "
+            f"{per_seed} | {at} | {_num(dist['mean'], '.2f')} ± {_num(dist['std'], '.2f')} | "
+            f"{_num(e['final_distance']['mean'], '.2f')} |"
         )
     b = study.get("before")
     if b:
+        lines.append(f"| warm start (no RL) | {_num(b['pass_rate'])} | | | " + " | ".join([""] * len(steps))
+                     + f" | {_num(b['mean_final_distance'], '.2f')} | {_num(b['mean_final_distance'], '.2f')} |")
+    return "\n".join(lines)
+
+
+def format_movement_table(study: dict) -> str:
+    """How far each estimator's policies moved from the warm start (at the last checkpoint)."""
+    lines = ["| estimator | act-mix change (TV, mean; min over seeds) | pass rate change | "
+             "mean final distance change | "
+             "clip fraction (mean over steps) | largest clip fraction of a step |",
+             "|---|---|---|---|---|---|"]
+    for est in _ordered(study):
+        mv = study["estimators"][est].get("movement") or {}
+        if "act_tv" not in mv:
+            continue
+        tv = [v for v in mv["act_tv"]["per_seed"] if v is not None]
         lines.append(
-            f"| warm start (no RL) | {b['pass_rate']:.3f} | | {b['mean_final_distance']:.2f} | "
-            f"{b['mean_energy']:.1f} | {b['mean_positive_energy_ratio']:.3f} | {b['mean_turns']:.1f} | | |"
+            f"| `{est}` | {_num(mv['act_tv']['mean'])}; {_num(min(tv) if tv else None)} | "
+            f"{_num(mv['pass_rate_change']['mean'], signed=True)} ± {_num(mv['pass_rate_change']['std'])} | "
+            f"{_num(mv['distance_change']['mean'], '.2f', signed=True)} ± "
+            f"{_num(mv['distance_change']['std'], '.2f')} | "
+            f"{_num(mv['clip_frac_mean']['mean'], '.4f')} | {_num(mv['clip_frac_max']['mean'], '.4f')} |"
+        )
+    rep = (study.get("before") or {}).get("replicate")
+    if rep:
+        b = study["before"]
+        lines.append(
+            f"| warm start on other episodes (noise floor) | {_num(rep['act_tv'])} | "
+            f"{_num(rep['pass_rate'] - b['pass_rate'], signed=True)} | "
+            f"{_num(rep['mean_final_distance'] - b['mean_final_distance'], '.2f', signed=True)} | | |"
         )
     return "\n".join(lines)
 
 
 def format_behaviour_table(study: dict) -> str:
-    """What the evaluated policies do (``evaluation.behaviour_summary``), means over the seeds,
-    as Markdown. The warm start is one evaluation: it has no spread over seeds."""
-    lines = ["| estimator | pacing agreement | opening validation | validate | reframe | plan | several acts | no act |",
-             "|---|---|---|---|---|---|---|---|"]
-    acts = ("validate", "reframe", "plan", "multiple", "none")
+    """What the evaluated policies do at the last checkpoint (``evaluation.behaviour_summary``),
+    means over the seeds. The warm start is one evaluation: it has no spread over seeds."""
+    lines = ["| estimator | pacing agreement | opening validation | validate | reframe | plan | several acts "
+             "| no act |", "|---|---|---|---|---|---|---|---|"]
     for est in _ordered(study):
         b = study["estimators"][est].get("behaviour")
         if not b:
             continue
         a = b["act_shares"]
         lines.append(
-            f"| `{est}` | {b['pacing_agreement']['mean']:.3f} ± {b['pacing_agreement']['std']:.3f} | "
-            f"{b['opening_validation']['mean']:.3f} | " + " | ".join(f"{a[k]['mean']:.3f}" for k in acts) + " |"
+            f"| `{est}` | {_num(b['pacing_agreement']['mean'])} ± {_num(b['pacing_agreement']['std'])} | "
+            f"{_num(b['opening_validation']['mean'])} | " + " | ".join(_num(a[k]["mean"]) for k in ACTS) + " |"
         )
     before = (study.get("before") or {}).get("behaviour")
     if before:
         lines.append(
-            f"| warm start (no RL) | {before['pacing_agreement']:.3f} | {before['opening_validation']:.3f} | "
-            + " | ".join(f"{before['act_shares'][k]:.3f}" for k in acts) + " |"
+            f"| warm start (no RL) | {_num(before['pacing_agreement'])} | {_num(before['opening_validation'])} | "
+            + " | ".join(_num(before["act_shares"][k]) for k in ACTS) + " |"
         )
     return "\n".join(lines)
 
 
-def format_credit_table(credit: dict, ref: str = "mica") -> str:
-    """The credit diagnostic as Markdown."""
-    lines = [f"| estimator | AUC (mean ± sd over seeds) | effect size | {ref} AUC − it (mean ± sd) |",
-             "|---|---|---|---|"]
-    for est, e in credit["estimators"].items():
-        d = e.get(f"auc_{ref}_minus_it")
-        paired = "" if est == ref or d is None else f"{d['mean']:+.3f} ± {d['std']:.3f}"
-        lines.append(f"| `{est}` | {e['auc']['mean']:.3f} ± {e['auc']['std']:.3f} | "
-                     f"{e['effect']['mean']:+.3f} | {paired} |")
+def format_credit_table(study: dict) -> str:
+    """The credit diagnostic as Markdown: the pacing-label AUC and the correlation with the
+    forked true advantage, means ± sd over seeds, and a line on the true advantage itself."""
+    credit = study["credit_diagnostic"]
+    names = [e for e in _ordered(study) if e in credit["estimators"]]
+    has_true = "true_pearson" in credit["estimators"][names[0]] if names else False
+    head = "| estimator | AUC for pacing's act | effect size |"
+    rule = "|---|---|---|"
+    if has_true:
+        head += " correlation with A* (Pearson) | (Spearman) |"
+        rule += "---|---|"
+    lines = [head, rule]
+    for est in names:
+        e = credit["estimators"][est]
+        row = (f"| `{est}` | {_num(e['auc']['mean'])} ± {_num(e['auc']['std'])} | "
+               f"{_num(e['effect']['mean'], signed=True)} |")
+        if has_true:
+            row += (f" {_num(e['true_pearson']['mean'])} ± {_num(e['true_pearson']['std'])} | "
+                    f"{_num(e['true_spearman']['mean'])} |")
+        lines.append(row)
+    ta = credit.get("true_advantage")
+    if ta:
+        lines += [
+            "",
+            f"A* from {ta['forks_per_act']} forks per act on every turn of {ta['fork_scenarios']} cards per seed "
+            f"({_num(sum(ta['turns_per_seed']) / len(ta['turns_per_seed']), '.0f')} turns per seed): sd "
+            f"{_num(ta['sd']['mean'], '.2f')}, split-half reliability {_num(ta['reliability']['mean'])}; "
+            f"the pacing label's correlation with A* {_num(ta['good_label_pearson']['mean'])} "
+            f"(mean A* {_num(ta['good_mean']['mean'], '.2f', signed=True)} on pacing's act, "
+            f"{_num(ta['other_mean']['mean'], '.2f', signed=True)} on the others).",
+        ]
     return "\n".join(lines)
 
 
-def _credit_in_order(study: dict) -> dict:
-    credit = dict(study["credit_diagnostic"])
-    names = _ordered(study)
-    credit["estimators"] = {e: credit["estimators"][e] for e in names if e in credit["estimators"]}
-    return credit
+def _has_credit(study: dict) -> bool:
+    return "credit_diagnostic" in study
 
 
 TABLES = {
+    "contrasts": format_contrast_table,
     "evaluation": format_table,
+    "secondary": format_secondary_table,
+    "movement": format_movement_table,
     "behaviour": format_behaviour_table,
-    "credit": lambda study: format_credit_table(_credit_in_order(study), study["reference"]),
+    "credit": format_credit_table,
 }
 
 
 def format_markdown(study: dict, figure: str | None = FIGURE_NAME) -> str:
-    """A study's report as Markdown: the setup in one paragraph, the three tables, the figure."""
+    """A study's report as Markdown: the setup in one paragraph, the tables, the figure."""
     s = study["settings"]
     state = "complete" if study["complete"] else "partial"
     head = [
         "# mica study: results",
         "",
         f"`{study['command']}`: {study['runs_done']} of {study['runs_planned']} runs ({state}); "
-        f"{len(s['estimators'])} estimators x {len(s['seeds'])} seeds; {s['steps']} step{'' if s['steps'] == 1 else 's'} of "
+        f"{len(s['estimators'])} estimators x {len(s['seeds'])} seeds; "
+        f"{s['steps']} step{'' if s['steps'] == 1 else 's'} of "
         f"{s['scenarios_per_step']} scenarios x {s['group_size']} rollouts per run "
-        f"({s['episodes_per_run']} episodes); evaluation: {s['eval_episodes']} episodes of up to "
-        f"{s['eval_max_turns']} turns. Analysis and setup: docs/study.md.",
+        f"({s['episodes_per_run']} episodes); evaluation at steps {', '.join(map(str, s['checkpoints']))}: "
+        f"{s['eval_episodes']} episodes of up to {s['eval_max_turns']} turns each. Analysis and setup: docs/study.md.",
     ]
     sections = [
-        ("Evaluation (mean ± sd over seeds)", "evaluation"),
-        ("Behaviour on the evaluation episodes", "behaviour"),
+        ("Pre-registered contrasts (primary metric: pass rate averaged over the checkpoints)", "contrasts"),
+        ("Per estimator", "evaluation"),
+        ("Secondary metrics", "secondary"),
+        ("Did the policies move?", "movement"),
+        ("Behaviour at the last checkpoint", "behaviour"),
         ("Credit diagnostic (no training)", "credit"),
     ]
     out = head
     for title, name in sections:
-        if name == "credit" and "credit_diagnostic" not in study:
+        if name == "credit" and not _has_credit(study):
             continue
         out += ["", f"## {title}", "", TABLES[name](study)]
     if figure:
@@ -162,6 +276,8 @@ def replace_tables(text: str, study: dict, source: str = "docs/study.md") -> str
     """``text`` with the body of each ``<!-- study:NAME -->`` block replaced by that table."""
     _check_markers(text, source)
     for name, fmt in TABLES.items():
+        if name == "credit" and not _has_credit(study):
+            continue
         body = fmt(study) + "\n"
         text = _marker_pattern(name).sub(lambda m, body=body: m.group(1) + body + m.group(3), text, count=1)
     return text
@@ -176,8 +292,9 @@ def check_publish_target(root: str | Path = ".") -> None:
 
 
 def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
-    """Mean learning curves per estimator (training rollouts), the final evaluation pass rates,
-    and the credit diagnostic's AUC when present."""
+    """The evaluation learning curves per estimator (mean over seeds with 95 % bootstrap CI
+    bands; step 0 is the shared warm start), the contrasts with their CIs, and the credit
+    diagnostic's correlation with the true advantage when present."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -185,60 +302,81 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
 
     from mica_core.atomic import atomic_path
 
-    all_ests = _ordered(study)
-    ests = [e for e in all_ests if study["estimators"][e]["curve"].get("step")]
+    ests = [e for e in _ordered(study) if study["estimators"][e]["checkpoints"].get("step")]
     if not ests:
         return None
     credit = study.get("credit_diagnostic")
-    fig, axes = plt.subplots(1, 4 if credit else 3, figsize=(17 if credit else 13, 3.6))
+    panels = 4 if credit else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.8))
     cmap = plt.get_cmap("tab10")
-    for i, est in enumerate(ests):
-        c = study["estimators"][est]["curve"]
-        style = {"color": cmap(i % 10), "lw": 2.2 if est == "mica" else 1.2, "label": est}
-        if "pass_rate_mean" in c:
-            axes[0].plot(c["step"], c["pass_rate_mean"], **style)
-        if "mean_final_distance_mean" in c:
-            axes[1].plot(c["step"], c["mean_final_distance_mean"], **style)
-    axes[0].set_title("training pass rate (mean over seeds)", fontsize=9)
-    axes[1].set_title("training mean final distance (mean over seeds)", fontsize=9)
-    for ax in axes[:2]:
-        ax.set_xlabel("step", fontsize=8)
+    before = study.get("before")
+    for k, (metric, title) in enumerate((("pass_rate", "evaluation pass rate"),
+                                         ("mean_final_distance", "evaluation mean final distance"))):
+        ax = axes[k]
+        for i, est in enumerate(ests):
+            ck = study["estimators"][est]["checkpoints"]
+            steps = list(ck["step"])
+            mean = [c["mean"] for c in ck[metric]]
+            low = [c["ci"][0] for c in ck[metric]]
+            high = [c["ci"][1] for c in ck[metric]]
+            if before:
+                start = before[metric]
+                steps, mean, low, high = [0] + steps, [start] + mean, [start] + low, [start] + high
+            color = cmap(i % 10)
+            ax.plot(steps, mean, color=color, lw=2.2 if est == "mica" else 1.3, marker="o", ms=3, label=est)
+            ax.fill_between(steps, low, high, color=color, alpha=0.12, lw=0)
+        ax.set_title(f"{title}\n(mean over seeds, 95 % bootstrap CI)", fontsize=9)
+        ax.set_xlabel("training step (0: warm start)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, ncol=2)
     ax = axes[2]
-    for i, est in enumerate(all_ests):
-        pr = study["estimators"][est]["pass_rate"]
-        vals = [v for v in pr["per_seed"] if v is not None]
-        ax.scatter([i] * len(vals), vals, s=12, color=cmap(i % 10), alpha=0.6)
-        ax.errorbar([i], [pr["mean"]], yerr=[pr["std"]], fmt="o", color="black", ms=4, capsize=3)
-    if study.get("before"):
-        ax.axhline(study["before"]["pass_rate"], color="gray", ls="--", lw=1, label="warm start")
-        ax.legend(fontsize=7, loc="lower right")
-    ax.set_xticks(range(len(all_ests)))
-    ax.set_xticklabels(all_ests, rotation=40, ha="right", fontsize=7)
-    ax.set_title("evaluation pass rate (seeds, mean ± sd)", fontsize=9)
-    ax.grid(alpha=0.3, axis="y")
+    rows = [r for r in study.get("contrasts", [])
+            if all(v is not None and math.isfinite(v) for v in (r["mean"], *r["ci"]))]
+    for j, r in enumerate(rows):
+        y = len(rows) - 1 - j
+        color = "tab:green" if r["verdict"] == "a" else ("tab:red" if r["verdict"] == "b" else "tab:gray")
+        ax.errorbar([r["mean"]], [y], xerr=[[r["mean"] - r["ci"][0]], [r["ci"][1] - r["mean"]]], fmt="o",
+                    color=color, capsize=3, ms=4)
+        ax.text(r["mean"], y + 0.12, f"Holm p {_p(r['p_holm'])}", fontsize=6, ha="center", va="bottom")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{r['a']} − {r['b']}" for r in reversed(rows)], fontsize=7)
+    ax.set_title("pre-registered contrasts: pass rate AUC\n(paired mean difference, 95 % bootstrap CI)", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     ax.tick_params(labelsize=7)
     if credit:
         ax = axes[3]
-        names = [e for e in all_ests if e in credit["estimators"]]
-        means = [credit["estimators"][e]["auc"]["mean"] for e in names]
-        sds = [credit["estimators"][e]["auc"]["std"] for e in names]
+        names = [e for e in _ordered(study) if e in credit["estimators"]]
+        key = "true_pearson" if "true_pearson" in credit["estimators"][names[0]] else "auc"
+        means = [credit["estimators"][e][key]["mean"] for e in names]
+        sds = [credit["estimators"][e][key]["std"] for e in names]
         ax.bar(range(len(names)), means, yerr=sds, color=[cmap(i % 10) for i in range(len(names))], capsize=3)
-        ax.axhline(0.5, color="gray", ls="--", lw=1)
-        ax.set_ylim(0.45, max(means + [0.55]) + 0.05)
+        if key == "auc":
+            ax.axhline(0.5, color="gray", ls="--", lw=1)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
-        ax.set_title("credit diagnostic: AUC for pacing's act (no training)", fontsize=9)
+        ax.set_title("credit diagnostic (no training):\ncorrelation of advantages with forked A*" if key != "auc"
+                     else "credit diagnostic: AUC for pacing's act", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.tick_params(labelsize=7)
-    axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=75)
+        fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
     return out_png
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_outputs(study: dict, run_dir: str | Path) -> dict[str, Path]:
@@ -250,7 +388,7 @@ def write_outputs(study: dict, run_dir: str | Path) -> dict[str, Path]:
     png = plot_study_curves(study, run_dir / FIGURE_NAME)
     study["plot"] = str(png) if png else None
     out = {"json": run_dir / "study.json", "markdown": run_dir / "study.md"}
-    atomic_write_json(out["json"], study)
+    atomic_write_json(out["json"], json_safe(study))
     atomic_write_text(out["markdown"], format_markdown(study, FIGURE_NAME if png else None))
     if png:
         out["figure"] = png
@@ -264,9 +402,10 @@ def publish(study: dict, root: str | Path = ".") -> dict[str, Path]:
 
     root = Path(root)
     md = root / PUBLISHED["markdown"]
-    text = replace_tables(md.read_text(encoding="utf-8"), study, str(md))
-    png = plot_study_curves(study, root / PUBLISHED["figure"])
-    published = dict(study, plot=str(PUBLISHED["figure"]) if png else None)
+    published = json_safe(dict(study))
+    text = replace_tables(md.read_text(encoding="utf-8"), published, str(md))
+    png = plot_study_curves(published, root / PUBLISHED["figure"])
+    published["plot"] = str(PUBLISHED["figure"]) if png else None
     atomic_write_json(root / PUBLISHED["json"], published)
     atomic_write_text(md, text)
     out = {"json": root / PUBLISHED["json"], "markdown": md}

@@ -1,6 +1,8 @@
 """`mica study`: the smoke run writes every documented output, runs of one seed differ only by
-the estimator, a finished study resumes without rerunning, --publish updates a checkout's
-committed results, and the summary statistics and the credit diagnostic are what they claim."""
+the estimator, checkpoint evaluations do not disturb training, a finished study resumes without
+rerunning, --publish updates a checkout's committed results; the statistics (bootstrap CI,
+sign-flip test, Holm, t quantiles, minimum detectable difference) against hand-computed cases;
+the forked true advantage on tiny deterministic episodes; the credit diagnostic."""
 
 import dataclasses
 import json
@@ -12,21 +14,30 @@ import pytest
 from train_helpers import ROOT
 
 from mica_train import study
-from mica_train.study.credit import _auc, credit_diagnostic, label_rollouts
+from mica_train.study.credit import _auc, credit_diagnostic, fork_true_advantage, label_rollouts, pearson, spearman
 from mica_train.study.report import TABLES, replace_tables
+from mica_train.study.stats import (
+    act_shares_tv,
+    bootstrap_mean_ci,
+    contrast_family,
+    holm,
+    minimum_detectable_difference,
+    sign_flip_pvalue,
+    t_cdf,
+    t_quantile,
+)
 
 STUDY_KEYS = {
     "command", "complete", "runs_done", "runs_planned", "wall_seconds", "run_seconds_total", "run_cpu_seconds_total",
-    "load_average", "jobs_reused", "settings",
-    "warm_start", "before", "reference", "estimators", "ranking_by_pass_rate", "noise", "plot",
-    "credit_diagnostic",
+    "load_average", "jobs_reused", "settings", "design", "warm_start", "before", "primary_metric", "contrasts",
+    "secondary_contrasts", "estimators", "ranking_by_pass_rate_auc", "noise", "plot", "credit_diagnostic",
 }
 ESTIMATOR_KEYS = {
-    "seeds", "metrics", "pass_rate", "mean_final_distance", "status_counts_mean", "curve",
-    "train_seconds_mean", "run_seconds_mean", "paired_vs_mica",
+    "seeds", "pass_rate_auc", "distance_auc", "final_pass_rate", "final_distance", "checkpoints", "final_metrics",
+    "status_counts_mean", "behaviour", "movement", "curve", "train_seconds_mean", "run_seconds_mean",
 }
-METRICS = {"pass_rate", "mean_final_distance", "mean_energy", "mean_positive_energy_ratio", "mean_turns",
-           "mean_turns_to_success"}
+CONTRAST_KEYS = {"a", "b", "metric", "seeds", "diffs", "n", "mean", "sd", "ci", "ci_level", "ci_method", "p",
+                 "p_method", "wins", "ties", "losses", "mde", "mde_family", "p_holm", "verdict"}
 STAT_KEYS = {"per_seed", "mean", "std", "sem", "n"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,30 +62,34 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
         assert fmt(res) in report
     s = res["settings"]
     assert s["estimators"] == ["mica", "grpo"] and s["seeds"] == [0] and s["config_file"] == "study"
+    assert s["contrasts"] == [["mica", "grpo"]] and s["checkpoints"] == [1, 2] == list(range(1, s["steps"] + 1))
     assert s["episodes_per_run"] == s["steps"] * s["scenarios_per_step"] * s["group_size"]
     assert s["eval_episodes"] == 30 * s["eval_episodes_per_scenario"]
-    assert res["before"]["n"] == s["eval_episodes"]
-    assert set(res["ranking_by_pass_rate"]) == {"mica", "grpo"}
+    assert res["before"]["n"] == s["eval_episodes"] and "replicate" in res["before"]
+    (row,) = res["contrasts"]
+    assert CONTRAST_KEYS <= set(row) and (row["a"], row["b"], row["n"]) == ("mica", "grpo", 1)
+    assert row["p"] == 1.0 and row["verdict"] == "undecided" and row["mde"] is None  # one seed: no power
+    runs = {e: json.loads((out / "runs" / e / "seed0" / "result.json").read_text()) for e in ("mica", "grpo")}
     for name, e in res["estimators"].items():
         assert ESTIMATOR_KEYS <= set(e), name
-        assert METRICS <= set(e["metrics"])
-        assert STAT_KEYS <= set(e["pass_rate"]) and len(e["pass_rate"]["per_seed"]) == 1
-        assert 0.0 <= e["pass_rate"]["mean"] <= 1.0 and e["mean_final_distance"]["mean"] >= 0.0
-        assert len(e["curve"]["step"]) == s["steps"] and len(e["curve"]["pass_rate_mean"]) == s["steps"]
-        assert "mean_final_distance_mean" in e["curve"]
+        assert STAT_KEYS <= set(e["pass_rate_auc"]) and len(e["pass_rate_auc"]["per_seed"]) == 1
+        checkpoints = runs[name]["checkpoints"]
+        assert [c["step"] for c in checkpoints] == [1, 2] == e["checkpoints"]["step"]
+        auc = sum(c["eval"]["pass_rate"] for c in checkpoints) / 2
+        assert math.isclose(e["pass_rate_auc"]["mean"], auc)
+        assert len(e["curve"]["step"]) == s["steps"]
         b = e["behaviour"]
-        assert 0.0 <= b["pacing_agreement"]["mean"] <= 1.0 and "opening_validation" in b
         assert set(b["act_shares"]) == {"validate", "reframe", "plan", "multiple", "none"}
         assert math.isclose(sum(v["mean"] for v in b["act_shares"].values()), 1.0)
-    assert res["before"]["behaviour"]["replay_mismatches"] == 0
+        tv = act_shares_tv(checkpoints[-1]["eval"]["behaviour"]["act_shares"], res["before"]["behaviour"]["act_shares"])
+        assert math.isclose(e["movement"]["act_tv"]["mean"], tv)
     credit = res["credit_diagnostic"]
     assert credit["seeds"] == [0] and set(credit["estimators"]) == {"mica", "grpo"}
-    for e in credit["estimators"].values():
-        assert 0.0 <= e["auc"]["mean"] <= 1.0 and "effect" in e and "auc_mica_minus_it" in e
+    assert {"auc", "effect", "true_pearson", "true_spearman"} <= set(credit["estimators"]["mica"])
+    assert credit["true_advantage"]["forks_per_act"] == study.QUICK.credit.forks
 
     # Only the estimator differs: the first step's rollouts (same warm start, same LoRA
     # initialisation, same scenarios and sampling seeds) are identical across estimators.
-    runs = {e: json.loads((out / "runs" / e / "seed0" / "result.json").read_text()) for e in ("mica", "grpo")}
     first = [r["curve"][0] for r in runs.values()]
     for key in ("pass_rate", "mean_final_distance", "reward_mean", "mean_turns"):
         assert first[0][key] == first[1][key], key
@@ -93,21 +108,29 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
     stamps = {e: (out / "runs" / e / "seed0" / "result.json").stat().st_mtime_ns for e in runs}
     assert study.main(_args(out, "--workers", "1")) == 0
     log = capsys.readouterr().out
-    assert "reusing the warm start" in log and "3 of 3 jobs already done" in log
+    assert "reusing the warm start" in log and "4 of 4 jobs already done" in log
     assert {e: (out / "runs" / e / "seed0" / "result.json").stat().st_mtime_ns for e in runs} == stamps
 
-    # Changed training settings invalidate the runs (not the warm start or its evaluation), and
-    # --publish writes the committed results of the checkout in the current directory.
+    # Other checkpoints rerun the runs (not the warm start or its evaluation; the credit
+    # diagnostic follows the estimator list) and train exactly as before: evaluating does not
+    # disturb training. --publish writes the committed results of the checkout in the current
+    # directory.
     checkout = tmp_path / "checkout"
     (checkout / "docs").mkdir(parents=True)
     shutil.copy(ROOT / "docs" / "study.md", checkout / "docs" / "study.md")
     monkeypatch.chdir(checkout)
-    assert study.main(_args(out, "--workers", "1", "--estimators", "grpo", "--steps", "2", "--publish")) == 0
+    assert study.main(_args(out, "--workers", "1", "--estimators", "grpo", "--checkpoints", "1", "--publish")) == 0
     log = capsys.readouterr().out
-    assert "1 of 2 jobs already done" in log
+    assert "1 of 3 jobs already done" in log and "reusing the warm start" in log
+    rerun = json.loads((out / "runs" / "grpo" / "seed0" / "result.json").read_text())
+    assert [c["step"] for c in rerun["checkpoints"]] == [2]
+    def untimed(curve):
+        return [{k: v for k, v in rec.items() if not k.startswith("time")} for rec in curve]
+
+    assert untimed(rerun["curve"]) == untimed(runs["grpo"]["curve"])
+    assert rerun["checkpoints"][-1]["eval"] == runs["grpo"]["checkpoints"][-1]["eval"]
     res2 = json.loads((out / "study.json").read_text())
-    assert res2["settings"]["steps"] == 2 and len(res2["estimators"]["grpo"]["curve"]["step"]) == 2
-    assert res2["reference"] == "grpo"
+    assert res2["contrasts"] == [] and res2["settings"]["checkpoints"] == [2]
     published = json.loads((checkout / "bench" / "results" / "study.json").read_text())
     assert published["plot"] == "docs/study_curves.png"
     assert dict(published, plot=None) == dict(res2, plot=None)
@@ -115,7 +138,7 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
     doc = (checkout / "docs" / "study.md").read_text()
     committed = json.loads((ROOT / "bench" / "results" / "study.json").read_text())
     assert TABLES["evaluation"](res2) in doc and TABLES["evaluation"](committed) not in doc
-    assert "## What held and what did not" in doc  # the prose around the tables is kept
+    assert "## What held, what did not, what is undecided" in doc  # the prose around the tables is kept
     assert replace_tables(doc, res2) == doc
 
 
@@ -124,6 +147,7 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
     for extra, message in (
         (["--estimators", "mica,nope"], "--estimators: unknown estimator(s) nope"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--checkpoints", "0"], "--checkpoints must be >= 1"),
         (["optim.learning_rate=1"], "optim.learning_rate: unknown key"),
         (["--config", "nope"], "config 'nope': no such file"),
         (["--publish"], "--publish: docs/study.md not found"),
@@ -135,45 +159,25 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
-def test_summary_statistics():
-    plan = dataclasses.replace(study.QUICK, estimators=("mica", "grpo"), seeds=(0, 1, 2))
+def test_plan_jobs_checkpoints_and_contrasts():
+    assert study.FULL.estimators == ("mica", "mica_turn", "mica_group", "mica_group_adr", "grpo", "reinforce_pp")
+    assert len(study.FULL.seeds) >= 8 and study.FULL.load().steps >= 36
+    assert {e for pair in study.CONTRASTS for e in pair} == set(study.FULL.estimators)
+    assert study.FULL.checkpoint_steps() == (9, 18, 27, 36)
+    from mica_train.study.plan import checkpoint_steps
+
+    assert checkpoint_steps(10, 4) == (2, 5, 8, 10) and checkpoint_steps(2, 3) == (1, 2)
+    plan = dataclasses.replace(study.QUICK, estimators=("mica", "grpo"), seeds=(0, 1))
     jobs = plan.jobs()
-    assert [(j.estimator, j.seed) for j in jobs] == [
-        (None, 0), ("mica", 0), ("grpo", 0), ("mica", 1), ("grpo", 1), ("mica", 2), ("grpo", 2)]
-    passes = {"mica": [0.5, 0.7, 0.6], "grpo": [0.4, 0.7, 0.8]}
-    results = {}
-
-    def ev(p):
-        return {"pass_rate": p, "mean_final_distance": 10 * (1 - p), "mean_energy": 1.0, "n": 30,
-                "mean_positive_energy_ratio": 0.5, "mean_turns": 20.0, "mean_turns_to_success": 14.0,
-                "status_counts": {"success": round(30 * p), "max_turns": 30 - round(30 * p)}}
-
-    results[jobs[0]] = {"estimator": None, "seed": 0, "eval": ev(0.2), "seconds": 1.0}
-    for job in jobs[1:]:
-        p = passes[job.estimator][job.seed]
-        curve = [{"step": 1, "pass_rate": 0.1 * job.seed, "mean_final_distance": 5.0}]
-        results[job] = {"estimator": job.estimator, "seed": job.seed, "eval": ev(p),
-                        "curve": curve, "seconds": 2.0, "train_seconds": 1.5}
-    res = study.summarize(plan, jobs, results, wall=3.0)
-    mica, grpo = res["estimators"]["mica"], res["estimators"]["grpo"]
-    assert mica["pass_rate"]["per_seed"] == [0.5, 0.7, 0.6]
-    assert math.isclose(mica["pass_rate"]["mean"], 0.6) and math.isclose(mica["pass_rate"]["std"], 0.1)
-    paired = grpo["paired_vs_mica"]["pass_rate"]
-    assert paired["per_seed"] == pytest.approx([0.1, 0.0, -0.2])
-    assert math.isclose(paired["mean"], -0.1 / 3)
-    assert (paired["wins"], paired["ties"], paired["losses"]) == (1, 1, 1)
-    assert mica["curve"]["pass_rate_mean"] == pytest.approx([0.1])
-    assert res["ranking_by_pass_rate"] == ["grpo", "mica"]  # 0.633 > 0.6
-    assert res["complete"] and res["before"]["pass_rate"] == 0.2
-    assert res["noise"]["n_seeds"] == 3 and res["noise"]["eval_episodes_per_run"] == 30
-    table = study.format_table(res)
-    assert "| `mica` | 0.600 ± 0.100 |" in table and "warm start" in table
-
-    # A partial study is summarized as such.
-    del results[jobs[-1]]
-    part = study.summarize(plan, jobs, results, wall=3.0)
-    assert not part["complete"] and part["runs_done"] == 5
-    assert part["estimators"][jobs[-1].estimator]["pass_rate"]["n"] == 2
+    assert [(j.kind, j.estimator, j.seed) for j in jobs] == [
+        ("credit", None, 0), ("credit", None, 1), ("before", None, 0),
+        ("train", "mica", 0), ("train", "grpo", 0), ("train", "mica", 1), ("train", "grpo", 1)]
+    assert plan.active_contrasts == (("mica", "grpo"),)
+    # The warm start sees the rollouts' context (both settings are passed explicitly).
+    spec = study.FULL.warm_spec()
+    cfg = study.FULL.load()
+    assert (spec["context_messages"], spec["context_replies"]) == (cfg.rollout.context_messages,
+                                                                  cfg.rollout.context_replies)
 
 
 def test_fingerprints_follow_the_settings():
@@ -181,8 +185,10 @@ def test_fingerprints_follow_the_settings():
     again = study.QUICK.jobs()
     assert [j.fingerprint for j in jobs] == [j.fingerprint for j in again]
     lr = study.QUICK.replace(overrides=(*study.QUICK.overrides, "optim.lr=1e-2")).jobs()
-    assert lr[0].fingerprint == jobs[0].fingerprint  # the warm start's evaluation does not train
-    assert all(a.fingerprint != b.fingerprint for a, b in zip(jobs[1:], lr[1:]))
+    for a, b in zip(jobs, lr):  # training settings change only the training runs
+        assert (a.fingerprint == b.fingerprint) == (a.kind != "train"), a.label
+    ck = study.QUICK.replace(checkpoints=1).jobs()
+    assert [a.fingerprint == b.fingerprint for a, b in zip(jobs, ck)] == [j.kind != "train" for j in jobs]
     assert len({j.fingerprint for j in jobs}) == len(jobs)
 
 
@@ -191,26 +197,253 @@ def test_committed_docs_tables_are_the_committed_results():
     committed = json.loads((ROOT / "bench" / "results" / "study.json").read_text())
     doc = (ROOT / "docs" / "study.md").read_text()
     assert replace_tables(doc, committed) == doc
+    assert committed["complete"] and len(committed["settings"]["seeds"]) >= 8
+    assert [(r["a"], r["b"]) for r in committed["contrasts"]] == [tuple(c) for c in study.CONTRASTS]
 
 
-def test_auc_counts_ties_as_half():
-    assert _auc([2.0, 3.0], [1.0]) == 1.0
-    assert _auc([1.0], [2.0, 3.0]) == 0.0
-    assert _auc([1.0, 1.0], [1.0]) == 0.5
-    rng = np.random.default_rng(0)
-    pos, neg = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 30).astype(float)
-    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
-    assert math.isclose(_auc(pos, neg), brute)
+# ---------------------------------------------------------------------------- statistics
+def test_bootstrap_ci_hand_computed():
+    # n = 2: the resampled means are x1 (1/4), the midpoint (1/2) and x2 (1/4).
+    assert bootstrap_mean_ci([1.0, 3.0]) == (1.0, 3.0, "exact")
+    assert bootstrap_mean_ci([1.0, 3.0], level=0.4) == (2.0, 2.0, "exact")  # 30 % and 70 % points
+    # x = (0, 0, 3): the mean is k, k ~ Binomial(3, 1/3): P = 8/27, 12/27, 6/27, 1/27 for k = 0..3,
+    # so the 97.5 % point is 3 (F(2) = 26/27 < 0.975) and the 95 % point is 2.
+    assert bootstrap_mean_ci([0.0, 0.0, 3.0]) == (0.0, 3.0, "exact")
+    assert bootstrap_mean_ci([0.0, 0.0, 3.0], level=0.9) == (0.0, 2.0, "exact")
+    assert bootstrap_mean_ci([0.5]) == (0.5, 0.5, "exact")
+    # Monte Carlo (forced) agrees with the exact enumeration for 8 seeds.
+    x = [0.05, -0.02, 0.11, 0.03, 0.07, -0.04, 0.09, 0.01]
+    exact = bootstrap_mean_ci(x)
+    mc = bootstrap_mean_ci(x, exact_limit=0, resamples=40_000, seed=3)
+    assert exact[2] == "exact" and mc[2].startswith("monte carlo")
+    assert abs(exact[0] - mc[0]) < 0.004 and abs(exact[1] - mc[1]) < 0.004
+    assert exact[0] < np.mean(x) < exact[1]
+
+
+def test_sign_flip_pvalue_hand_computed():
+    # (1, 2, 3): the 8 signed sums are ±6, ±4, ±2, 0, 0; |sum| >= 6 twice.
+    assert sign_flip_pvalue([1.0, 2.0, 3.0]) == (0.25, "exact (8 sign patterns)")
+    assert sign_flip_pvalue([1.0, 1.0])[0] == 0.5  # sums 2, 0, 0, -2
+    assert sign_flip_pvalue([1.0, -1.0])[0] == 1.0  # observed 0: every pattern ties or exceeds
+    # (3, 1, 1, -1), observed 4: 3 + {±1±1±1} = 6, 4, 4, 4, 2, 2, 2, 0 and the mirror: 8 of 16.
+    assert sign_flip_pvalue([3.0, 1.0, 1.0, -1.0])[0] == 0.5
+    assert sign_flip_pvalue([3.0, 1.0, 1.0, 1.0])[0] == 0.125  # only ±6
+    # Eight differences of one sign: only the observed pattern and its mirror, 2 / 256.
+    assert sign_flip_pvalue([0.1, 0.2, 0.05, 0.3, 0.01, 0.2, 0.1, 0.4])[0] == 2 / 256
+    # Ties are counted however the sums round: 0.1 + 0.2 and 0.3 are the same size.
+    assert sign_flip_pvalue([0.1, 0.2, -0.3])[0] == 1.0
+    d = np.random.default_rng(0).normal(0.3, 1.0, 12)
+    exact, _ = sign_flip_pvalue(d)
+    mc, method = sign_flip_pvalue(d, exact_limit=0, resamples=100_000, seed=1)
+    assert method.startswith("monte carlo") and abs(exact - mc) < 0.01
+
+
+def test_holm_hand_computed():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max.
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.4]) == pytest.approx([0.8, 0.8])  # capped by the running maximum
+    assert holm([0.9, 0.8]) == [1.0, 1.0]
+    assert holm([]) == []
+
+
+def test_t_quantiles_and_minimum_detectable_difference():
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)  # Cauchy: 12.706
+    assert t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-9)  # 4.303
+    assert t_quantile(0.975, 7) == pytest.approx(2.364624, abs=1e-6)  # printed t tables
+    assert t_quantile(0.8, 7) == pytest.approx(0.896030, abs=1e-6)
+    assert t_quantile(0.995, 7) == pytest.approx(3.499483, abs=1e-6)
+    assert t_quantile(0.975, 10**6) == pytest.approx(1.959966, abs=1e-5)
+    assert t_quantile(0.025, 7) == -t_quantile(0.975, 7)
+    assert t_cdf(0.0, 5) == 0.5 and t_cdf(t_quantile(0.9, 3), 3) == pytest.approx(0.9, abs=1e-10)
+    # (2.364624 + 0.896030) * 0.1 / sqrt(8)
+    assert minimum_detectable_difference(0.1, 8) == pytest.approx(0.1152815, abs=1e-6)
+    bonferroni = (3.499483 + 0.896030) * 0.1 / math.sqrt(8)
+    assert minimum_detectable_difference(0.1, 8, alpha=0.01) == pytest.approx(bonferroni, abs=1e-6)
+    assert math.isnan(minimum_detectable_difference(0.1, 1))
+    with pytest.raises(ValueError, match="t_quantile"):
+        t_quantile(1.0, 3)
+
+
+def test_contrast_family_holm_and_verdicts():
+    seeds = range(8)
+    values = {
+        "a": {s: 0.5 + 0.1 for s in seeds},               # a beats b on every seed by 0.1
+        "b": {s: 0.5 for s in seeds},
+        "c": {s: 0.5 + (0.01 if s % 2 else -0.01) for s in seeds},  # no difference from b
+        "d": {s: 0.5 - 0.05 - 0.001 * s for s in seeds},  # d loses to b on every seed
+    }
+    rows = contrast_family(values, [("a", "b"), ("c", "b"), ("d", "b")], metric="m")
+    by = {r["a"]: r for r in rows}
+    assert by["a"]["p"] == 2 / 256 and by["a"]["p_holm"] == pytest.approx(3 * 2 / 256)
+    assert by["a"]["verdict"] == "a" and by["d"]["verdict"] == "b" and by["c"]["verdict"] == "undecided"
+    assert by["c"]["p"] == 1.0 and by["c"]["wins"] == 4 and by["c"]["losses"] == 4
+    assert by["a"]["ci"] == pytest.approx([0.1, 0.1]) and by["a"]["mean"] == pytest.approx(0.1)
+    assert by["d"]["p_holm"] == pytest.approx(3 * 2 / 256)  # second step 2 x 2/256, raised to the running max
+    sd = by["c"]["sd"]
+    assert by["c"]["mde"] == pytest.approx(minimum_detectable_difference(sd, 8))
+    assert by["c"]["mde_family"] == pytest.approx(minimum_detectable_difference(sd, 8, alpha=0.05 / 3))
+
+
+def test_summary_statistics():
+    plan = dataclasses.replace(study.QUICK, estimators=("mica", "grpo"), seeds=(0, 1, 2))
+    jobs = plan.jobs()
+    passes = {"mica": [[0.4, 0.6], [0.6, 0.8], [0.5, 0.7]], "grpo": [[0.4, 0.4], [0.7, 0.7], [0.8, 0.8]]}
+    shares = {"validate": 0.4, "reframe": 0.3, "plan": 0.3, "multiple": 0.0, "none": 0.0}
+
+    def ev(p, validate=0.4):
+        acts = dict(shares, validate=validate, reframe=0.7 - validate)
+        return {"pass_rate": p, "mean_final_distance": 10 * (1 - p), "mean_energy": 1.0, "n": 30,
+                "mean_positive_energy_ratio": 0.5, "mean_turns": 20.0, "mean_turns_to_success": 14.0,
+                "status_counts": {"success": round(30 * p), "max_turns": 30 - round(30 * p)},
+                "behaviour": {"pacing_agreement": 0.3, "opening_validation": 0.2, "act_shares": acts}}
+
+    results = {}
+    for job in jobs:
+        if job.kind == "before":
+            results[job] = {"eval": ev(0.2), "replicate": {"eval_seed": 1235, "eval": ev(0.25, 0.35)}, "seconds": 1.0}
+        elif job.kind == "train":
+            p = passes[job.estimator][job.seed]
+            results[job] = {"checkpoints": [{"step": 1, "eval": ev(p[0])}, {"step": 2, "eval": ev(p[1], 0.6)}],
+                            "curve": [{"step": 1, "pass_rate": 0.1 * job.seed, "clip_frac": 0.01},
+                                      {"step": 2, "pass_rate": 0.2, "clip_frac": 0.03}],
+                            "seconds": 2.0, "train_seconds": 1.5}
+    res = study.summarize(plan, jobs, results, wall=3.0)
+    mica = res["estimators"]["mica"]
+    assert mica["pass_rate_auc"]["per_seed"] == pytest.approx([0.5, 0.7, 0.6])
+    assert math.isclose(mica["pass_rate_auc"]["mean"], 0.6) and math.isclose(mica["pass_rate_auc"]["std"], 0.1)
+    assert mica["final_pass_rate"]["per_seed"] == pytest.approx([0.6, 0.8, 0.7])
+    assert mica["checkpoints"]["step"] == [1, 2]
+    assert mica["checkpoints"]["pass_rate"][0]["mean"] == pytest.approx(0.5)
+    (row,) = res["contrasts"]
+    assert (row["a"], row["b"]) == ("mica", "grpo")
+    assert row["diffs"] == pytest.approx([0.1, 0.0, -0.2]) and math.isclose(row["mean"], -0.1 / 3)
+    assert (row["wins"], row["ties"], row["losses"]) == (1, 1, 1) and row["p_holm"] == row["p"]
+    # Every run moved the validate share from 0.4 to 0.6 (and reframe from 0.3 to 0.1): TV 0.2.
+    assert mica["movement"]["act_tv"]["mean"] == pytest.approx(0.2)
+    assert mica["movement"]["clip_frac_mean"]["mean"] == pytest.approx(0.02)
+    assert mica["movement"]["pass_rate_change"]["per_seed"] == pytest.approx([0.4, 0.6, 0.5])
+    assert res["before"]["replicate"]["act_tv"] == pytest.approx(0.05)
+    assert res["ranking_by_pass_rate_auc"] == ["grpo", "mica"]  # 0.633 > 0.6
+    assert res["complete"] and res["before"]["pass_rate"] == 0.2
+    assert res["noise"]["n_seeds"] == 3 and res["noise"]["checkpoints"] == 2
+    table = study.format_table(res)
+    assert "| `mica` | 0.600 ± 0.100 |" in table and "warm start" in table
+    assert "| `mica` − `grpo` | -0.033 |" in study.format_contrast_table(res)
+
+    # A partial study is summarized as such.
+    del results[jobs[-1]]
+    part = study.summarize(plan, jobs, results, wall=3.0)
+    assert not part["complete"] and part["runs_done"] == 5
+    assert part["estimators"][jobs[-1].estimator]["pass_rate_auc"]["n"] == 2
+    assert part["contrasts"][0]["n"] == 2
+
+
+# ------------------------------------------------------------------------ true advantage
+def _deterministic_episode(max_turns, rubric):
+    """An episode whose simulator draws nothing that matters: no misses, the user names only
+    the most pressing need."""
+    from mica_train.env import EnvConfig, Scenario, make_env
+
+    card = Scenario.from_dict({"id": "hand", "rubric": rubric, "dominant": "A", "difficulty": "easy",
+                               "topic": "the move",
+                               "needs": {"C": "I don't understand it.", "A": "I just feel awful.",
+                                         "P": "I don't know what to do."}})
+    env = make_env(EnvConfig(max_turns=max_turns, min_turns=1,
+                             dynamics={"miss_prob": 0.0, "need_noise": 0.0, "secondary_prob": 0.0}))
+    return env.reset(card, seed=5)
+
+
+RUBRIC_ZERO = {f"{a}.{i}": 0 for a in "CAP" for i in (1, 2, 3)}
+
+
+def test_true_advantage_of_one_turn_is_the_hand_computed_drop():
+    # C.1 = 1 (C = -2), A.2 = 1 (A = -2 x 2 = -4), P.1 = 1 (P = -2): D = sqrt(1 + 9 + 1).
+    ep = _deterministic_episode(1, dict(RUBRIC_ZERO, **{"C.1": 1, "A.2": 1, "P.1": 1}))
+    assert ep.state == (-2, -4, -2) and ep.initial_distance == pytest.approx(math.sqrt(11))
+    # The user names A. validate lands at level 1 (+1: A = -3, D = sqrt(6)); reframe and plan
+    # answer needs the user did not name and lose their one level (no change).
+    drop = math.sqrt(11) - math.sqrt(6)
+    expected = {"validate": 2 * drop / 3, "reframe": -drop / 3, "plan": -drop / 3}
+    for act, want in expected.items():
+        got = fork_true_advantage(ep, act, forks=3, key="one")
+        assert got["true_advantage"] == pytest.approx(want, abs=1e-12), act
+        assert got["a_half"] == pytest.approx(want) and got["b_half"] == pytest.approx(want)
+    assert ep.turn == 0 and not ep.done  # forking never advances the episode itself
+
+
+def test_true_advantage_sees_the_delayed_setback():
+    # A = -8 (A.2 = 2): leading now is premature (-A > 6), which costs a setback on the next turn.
+    ep = _deterministic_episode(2, dict(RUBRIC_ZERO, **{"C.1": 1, "A.2": 2, "P.1": 1}))
+    assert ep.state == (-2, -8, -2)
+
+    def d(a):  # the zone hinge distance of (-2, a, -2)
+        return math.sqrt(2 + (a + 1) ** 2)
+
+    # Turn 1 validate: A = -7, rapport 1; then validate at level 2 (A = -4) or an unnamed act
+    # (no change). Turn 1 reframe/plan: no progress, rapport 0, A.Neg = -1 (-2) on turn 2;
+    # then validate at level 1 (A = -9) or an unnamed act (A = -10).
+    after_validate = {"validate": d(-4), "other": d(-7)}
+    after_lead = {"validate": d(-9), "other": d(-10)}
+    forks = 5
+    got = fork_true_advantage(ep, "validate", forks=forks, key="two")["true_advantage"]
+    # Fork k continues with the same act after every first act (common random numbers), so with
+    # j of the K continuations validating, A*(validate) = 2/3 (Q(validate) - Q(lead)) where
+    # Q(first) = D0 - mean_k D_end(first, k).
+    grid = [2 / 3 * ((j * (after_lead["validate"] - after_validate["validate"])
+                      + (forks - j) * (after_lead["other"] - after_validate["other"])) / forks)
+            for j in range(forks + 1)]
+    assert min(abs(got - g) for g in grid) < 1e-12, (got, grid)
+    lead = fork_true_advantage(ep, "plan", forks=forks, key="two")["true_advantage"]
+    assert lead == pytest.approx(-got / 2)
+    # One step ahead, leading loses only the validation's immediate drop (D0 - d(-7)) / 3; the
+    # forked value also carries the setback it causes.
+    assert lead < -(d(-8) - d(-7)) / 3 - 0.5
+
+
+def test_fork_replays_or_reseeds_the_simulator():
+    from mica_train.env import EnvConfig, generate_scenarios, make_env, sample_reply
+
+    env = make_env(EnvConfig(max_turns=8, min_turns=3))
+    card = generate_scenarios(1, seed=3)[0]
+    acts = ["validate", "plan", "reframe", "validate", "plan", "plan", "reframe", "validate"]
+    replies = [sample_reply(a, np.random.default_rng(i), card) for i, a in enumerate(acts)]
+    ep = env.reset(card, seed=11)
+    ep.step(replies[0])
+
+    def play(e):
+        out = []
+        for reply in replies[1:]:
+            if e.done:
+                break
+            r = e.step(reply)
+            out.append((r.distance, r.state, r.user_message))
+        return out
+
+    same, other = ep.fork(), ep.fork()
+    assert same.messages == ep.messages and same.messages is not ep.messages
+    future = play(same)
+    assert play(other) == future and ep.turn == 1  # seed None: the original's own future draws
+    a, b, c = (ep.fork(seed=s) for s in (1, 1, 2))
+    assert play(a) == play(b) != play(c)  # one seed, one future; another seed, other draws
+    assert play(ep) == future
 
 
 def test_credit_diagnostic_scores_the_labelled_turns():
     import mica_core as mc
 
     size = {"n_scenarios": 3, "group_size": 3, "seed": 1, "max_turns": 5, "min_turns": 3}
-    a = credit_diagnostic(["mica", "grpo"], **size)
-    assert a == credit_diagnostic(["mica", "grpo"], **size)  # deterministic by seed
-    cols = label_rollouts(**size)
+    a = credit_diagnostic(["mica", "grpo"], **size, forks=2, fork_scenarios=2)
+    assert a == credit_diagnostic(["mica", "grpo"], **size, forks=2, fork_scenarios=2)  # deterministic by seed
+    plain = credit_diagnostic(["mica", "grpo"], **size)
+    assert {e: plain["estimators"][e]["auc"] for e in plain["estimators"]} == \
+        {e: a["estimators"][e]["auc"] for e in a["estimators"]}  # forking leaves the rollouts alone
+    cols = label_rollouts(**size, forks=2, fork_scenarios=2)
     good = np.asarray(cols.pop("good"))
+    star = np.asarray(cols.pop("true_advantage"))
+    halves = np.asarray(cols.pop("a_half")), np.asarray(cols.pop("b_half"))
+    forked = ~np.isnan(star)
+    assert forked.sum() == a["true_advantage"]["turns"] and forked.sum() == sum(np.asarray(cols["group_id"]) < 2)
+    np.testing.assert_allclose(star[forked], (halves[0][forked] + halves[1][forked]) / 2)
     assert a["turns"] == len(good) and 0.0 < a["good_share"] < 1.0
     for est in ("mica", "grpo"):
         adv = mc.compute_advantages(cols, estimator=est).column("advantage").to_numpy()
@@ -218,3 +451,18 @@ def test_credit_diagnostic_scores_the_labelled_turns():
         assert math.isclose(a["estimators"][est]["auc"], brute), est
         effect = (adv[good].mean() - adv[~good].mean()) / adv.std()
         assert math.isclose(a["estimators"][est]["effect"], effect), est
+        assert math.isclose(a["estimators"][est]["true_pearson"], np.corrcoef(adv[forked], star[forked])[0, 1])
+
+
+def test_auc_and_correlations():
+    assert _auc([2.0, 3.0], [1.0]) == 1.0
+    assert _auc([1.0], [2.0, 3.0]) == 0.0
+    assert _auc([1.0, 1.0], [1.0]) == 0.5
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 30).astype(float)
+    brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
+    assert math.isclose(_auc(pos, neg), brute)
+    assert pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
+    assert spearman([1, 2, 3, 4], [10, 20, 15, 40]) == pytest.approx(0.8)  # ranks 1 2 3 4 vs 1 3 2 4
+    assert spearman([1, 1, 2], [3, 3, 5]) == pytest.approx(1.0)  # ties share their rank
+    assert math.isnan(pearson([1, 1], [1, 2]))
