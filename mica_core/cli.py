@@ -214,13 +214,14 @@ def write_parquet_atomic(table, path: str, *, force: bool = False):
     """
     import pyarrow.parquet as pq
 
+    from .arrow import parquet_write_options
     from .atomic import atomic_path
 
     if os.path.exists(path) and not force:
         raise CliError(f"{path} exists; pass --force to overwrite it")
     try:
         with atomic_path(path, overwrite=force, suffix=".parquet.tmp") as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, **parquet_write_options(table.schema))
     except FileExistsError:
         raise CliError(f"{path} exists; pass --force to overwrite it") from None
 
@@ -257,9 +258,13 @@ def _advantages(args) -> int:
 def _count_rows(path: str, fmt: str) -> int | None:
     if fmt != "parquet":
         return None
-    import pyarrow.dataset as ds
-
     try:
+        if os.path.isfile(path):  # the footer only, without importing pyarrow.dataset
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows
+        import pyarrow.dataset as ds
+
         return ds.dataset(path, format="parquet").count_rows()  # footers only
     except Exception:  # unreadable: let the reader report it
         return None

@@ -44,7 +44,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._errors import MicaInputError
-from .arrow import DEFAULT_COLUMNS, check_label_type, compute_advantages, float_labels
+from .arrow import (
+    DEFAULT_COLUMNS,
+    OUTPUT_COLUMNS,
+    check_label_type,
+    compute_advantages,
+    float_labels,
+    parquet_write_options,
+)
 from .estimators import get_estimator
 from .validate import duplicate_column, trajectory_in_two_groups
 
@@ -341,9 +348,8 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
 
 
 def _output_schema(schema: pa.Schema) -> pa.Schema:
-    fields = [f for f in schema if f.name not in ("reward", "return", "advantage")]
-    return pa.schema(fields + [pa.field(n, pa.float64()) for n in ("reward", "return",
-                                                                   "advantage")])
+    fields = [f for f in schema if f.name not in OUTPUT_COLUMNS]
+    return pa.schema(fields + [pa.field(n, pa.float64()) for n in OUTPUT_COLUMNS])
 
 
 def write_advantages(in_path, out_path, estimator="mica",
@@ -374,7 +380,8 @@ def write_advantages(in_path, out_path, estimator="mica",
                                              batch_rows=batch_rows, format=format, **options):
                     if writer is None:
                         schema = table.schema
-                        writer = pq.ParquetWriter(tmp, schema, compression=compression)
+                        writer = pq.ParquetWriter(tmp, schema, compression=compression,
+                                                  **parquet_write_options(schema))
                     elif table.schema != schema:
                         table = table.cast(schema)
                     writer.write_table(table)
@@ -383,7 +390,8 @@ def write_advantages(in_path, out_path, estimator="mica",
                         on_chunk(rows)
                 if writer is None:  # no rows: an empty file with the output columns
                     schema = _output_schema(_as_dataset(in_path, format).schema)
-                    writer = pq.ParquetWriter(tmp, schema, compression=compression)
+                    writer = pq.ParquetWriter(tmp, schema, compression=compression,
+                                              **parquet_write_options(schema))
             finally:
                 if writer is not None:
                     writer.close()

@@ -206,3 +206,21 @@ def test_streamed_groups_not_stored_together_is_an_error(tmp_path):
     assert res.returncode == 2
     assert "column 'group_id'" in res.stderr and "stored together" in res.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("stream", ["off", "on"])
+def test_output_encodings_ids_dictionary_floats_plain(tmp_path, stream):
+    """Ids and turns keep dictionary encoding; float columns (distances, the three outputs)
+    are written plain: a dictionary attempt on measured values only costs time."""
+    pq.write_table(sample(shuffle=False), tmp_path / "in.parquet")
+    res = run("advantages", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"),
+              "--stream", stream)
+    assert res.returncode == 0, res.stderr
+    meta = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    rg = meta.row_group(0)
+    encodings = {rg.column(i).path_in_schema: rg.column(i).encodings
+                 for i in range(rg.num_columns)}
+    for name in ("group_id", "traj_id", "turn"):
+        assert "RLE_DICTIONARY" in encodings[name], (name, encodings[name])
+    for name in ("distance", "initial_distance", "reward", "return", "advantage"):
+        assert "RLE_DICTIONARY" not in encodings[name], (name, encodings[name])
