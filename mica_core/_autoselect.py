@@ -4,8 +4,10 @@
 waits for a compiler (the Numba backend compiles on its first call in a process without a
 cache and is never picked here). Threads: below :data:`PARALLEL_MIN_ROWS` turns one thread
 (waking a thread pool costs more than the whole call at 12k turns); above it every core this
-process may use. The threshold is the crossover measured by ``python -m bench --threshold``
-(docs/performance.md). Environment variables:
+process may use. ``python -m bench --sections threshold`` measures two threads winning from
+about 17k turns on a quiet machine; the threshold sits higher so that a scheduler wait on a
+shared machine cannot multiply a small call's time (docs/performance.md). Environment
+variables:
 
 - ``MICA_NUM_THREADS``: the most threads a call uses (default: the cores available to the
   process, ``os.sched_getaffinity``);
