@@ -94,6 +94,19 @@ class MetricsLogger:
             self.tb = None
 
 
+def save_figure(fig, out_png: str | Path, *, dpi: int) -> Path:
+    """Lay out ``fig``, write it as PNG atomically (a reader never sees half a file) and
+    close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out_png = Path(out_png)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return out_png
+
+
 def plot_learning_curves(records: Sequence[dict[str, Any]], out_png: str | Path, title: str = "") -> Path | None:
     """One panel per metric in :data:`CURVES` that the records contain; written atomically."""
     import matplotlib
@@ -122,9 +135,4 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], out_png: str | Path,
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=110)

@@ -300,7 +300,7 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from mica_core.atomic import atomic_path
+    from ..metrics import save_figure
 
     ests = [e for e in _ordered(study) if study["estimators"][e]["checkpoints"].get("step")]
     if not ests:
@@ -360,12 +360,7 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
                      else "credit diagnostic: AUC for pacing's act", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=80)
 
 
 def json_safe(obj):
