@@ -106,14 +106,16 @@ def to_arrow_table(obj) -> pa.Table:
 
 
 def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
-    if name not in table.column_names:
-        raise MicaInputError(f"missing (needed as the {role} column; present: "
-                             f"{', '.join(table.column_names) or 'none'})", column=name,
-                             rule="missing column")
-    copies = table.column_names.count(name)
-    if copies > 1:
-        raise _validate.duplicate_column(name, copies)
-    col = table.column(name)
+    # get_field_index: the one field of that name, else -1 (absent or duplicated).
+    i = table.schema.get_field_index(name) if isinstance(name, str) else -1
+    if i < 0:
+        names = table.column_names
+        if name not in names:
+            raise MicaInputError(f"missing (needed as the {role} column; present: "
+                                 f"{', '.join(names) or 'none'})", column=name,
+                                 rule="missing column")
+        raise _validate.duplicate_column(name, names.count(name))
+    col = table.column(i)
     if col.null_count and not allow_null:
         first = int(pc.index(pc.is_null(col), True).as_py())
         raise MicaInputError("null value", column=name, row=first, rule="no nulls")
@@ -317,8 +319,8 @@ def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source
         if unknown:
             raise ValueError(f"unknown column roles {sorted(unknown)}; known: {sorted(cols)}")
         cols.update(columns)
-    nested = (cols["distances"] in table.column_names or cols["rewards"] in table.column_names) \
-        and cols["turn"] not in table.column_names
+    names = table.column_names
+    nested = (cols["distances"] in names or cols["rewards"] in names) and cols["turn"] not in names
     if on_missing not in ON_MISSING:
         raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}; got {on_missing!r}")
     src = _pick_source(table, cols, source, nested)
@@ -510,9 +512,10 @@ def _read_nested(table, cols, src, need_initial):
 
 
 def _attach(table: pa.Table, arrays: dict) -> pa.Table:
+    names = table.column_names  # appending keeps the indices of the columns before
     for name, arr in arrays.items():
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, arr)
+        if name in names:
+            table = table.set_column(names.index(name), name, arr)
         else:
             table = table.append_column(name, arr)
     return table
