@@ -42,8 +42,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "cli", "threshold")
 PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
            "reinforce_pp_idr", "mica_group_adr")
-PEAK_RSS_CODE = ("hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')]\n"
-                 "print(t, int(hwm[0].split()[1]) * 1024)\n")
+# A child's own peak resident memory: VmHWM on Linux (ru_maxrss would include the parent's
+# memory carried through vfork); ru_maxrss elsewhere (bytes on macOS).
+PEAK_RSS_CODE = ("import os, resource\n"
+                 "if os.path.exists('/proc/self/status'):\n"
+                 "    hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')]\n"
+                 "    peak = int(hwm[0].split()[1]) * 1024\n"
+                 "else:\n"
+                 "    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                 "print(t, peak)\n")
 SMALL_GROUPS = 64  # 64 groups of 8 rollouts: about 12k turns
 LAYOUTS = (("uniform", "contiguous"), ("skewed", "contiguous"), ("uniform", "shuffled"))
 
