@@ -5,18 +5,5 @@ Importing this package imports numba; ``mica_core`` itself never does (the numba
 imports it on first use). JIT flags live in :mod:`mica_core._numba.config`.
 """
 
-from .kernels import (
-    bucket_zscore,
-    ragged_discounted_returns,
-    ragged_incremental_distance_reward,
-    ragged_outcome,
-    ragged_outcome_returns,
-)
-
-__all__ = [
-    "bucket_zscore",
-    "ragged_discounted_returns",
-    "ragged_incremental_distance_reward",
-    "ragged_outcome",
-    "ragged_outcome_returns",
-]
+from .kernels import *  # noqa: F403 - the kernels are this package's whole interface
+from .kernels import __all__  # noqa: F401

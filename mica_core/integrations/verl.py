@@ -326,8 +326,9 @@ def _signals(nt, config):
 
 
 def _turn_rewards_from_signals(kind, field, values, initial, estimator, per_row, row_order,
-                               traj, n_traj):
-    """Per-turn rewards (host float64, trajectory order) from per-row signal lists."""
+                               traj, offsets):
+    """Per-turn rewards (host float64, trajectory order) from per-row signal lists;
+    ``offsets`` [n_traj + 1] are the trajectories' turn offsets."""
     from ..signals import absolute_distance_reward, incremental_distance_reward
 
     chunks = []
@@ -344,17 +345,13 @@ def _turn_rewards_from_signals(kind, field, values, initial, estimator, per_row,
     flat = np.concatenate(chunks) if chunks else np.zeros(0)
     if kind == "reward":
         return flat
-    counts = np.bincount(traj, weights=per_row[row_order], minlength=n_traj).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
     if get_estimator(estimator).reward == "adr":
         return absolute_distance_reward(flat)
     if initial is None:
         raise MicaInputError(f"{field} needs {FIELDS['initial_distance']} (D before the first "
                              f"reply) for IDR", column=FIELDS["initial_distance"],
                              rule="required")
-    first = np.full(n_traj, -1, dtype=np.int64)
-    for t, b in zip(traj[::-1], row_order[::-1]):
-        first[t] = b  # the session's first row holds D_{-1}
+    first = row_order[np.diff(traj, prepend=-1) != 0]  # a session's first row holds D_{-1}
     d0 = np.array([float(np.asarray(initial[b], dtype=np.float64).reshape(-1)[0])
                    for b in first])
     bad = np.flatnonzero(~np.isfinite(d0) | (d0 < 0))
@@ -452,41 +449,40 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
         elif keys is not None and scores is not None:
             # verl's v1 agent loop copies the session's score onto every row of the session
             # (agent_loop_tq._agent_loop_postprocess): count it once, on the last row
-            dense = None
-        else:
-            dense = token_level_rewards
-        if dense is None:
             keep = torch.as_tensor(last, device=scores.device)[:, None]
             dense = torch.where(keep, token_level_rewards, token_level_rewards - scores)
+        else:
+            dense = token_level_rewards
         token_reward, spans = turn_rewards_from_tokens(dense, mask, **bounds)
-        per_row = (spans.offsets[1:] - spans.offsets[:-1]).cpu().numpy()
+        host_off = spans.offsets.cpu().numpy()  # the one host copy of the turn offsets
+        per_row = np.diff(host_off)
         empty = np.flatnonzero(per_row == 0)
         if empty.size:
             raise MicaInputError("this row has no assistant token (response_mask is all 0): "
                                  "it has no turn to credit", column="response_mask",
                                  row=int(empty[0]), rule="at least one turn")
-        # turn permutation: trajectory order (rows in session/index order) -> row-major
-        host_off = spans.offsets.cpu().numpy()
-        if keys is None:
-            perm = np.arange(host_off[-1])
-        else:
+        counts = np.bincount(traj, weights=per_row[row_order], minlength=n_traj).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        # Turns in trajectory order (rows in session/index order). With one row per
+        # trajectory that is the rows' own order; v1 sessions need a permutation.
+        perm_t = None
+        if keys is not None:
             perm = np.concatenate([np.arange(host_off[b], host_off[b + 1]) for b in row_order])
-        perm_t = torch.as_tensor(perm, device=token_reward.device)
-        reward = token_reward[perm_t].to(torch.float64)
+            perm_t = torch.as_tensor(perm, device=token_reward.device)
+            token_reward = token_reward[perm_t]
+        reward = token_reward.to(torch.float64)
         if signal is not None:
             sig = _turn_rewards_from_signals(*signal, estimator, per_row, row_order, traj,
-                                             n_traj)
+                                             offsets)
             reward = reward + torch.as_tensor(sig, device=reward.device)
-        counts = np.bincount(traj, weights=per_row[row_order], minlength=n_traj).astype(np.int64)
-        offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]),
-                                  device=reward.device)
-        res = estimate(offsets, group, reward=reward, estimator=estimator,
-                       max_turns=int(counts.max()),
+        res = estimate(torch.as_tensor(offsets, device=reward.device), group, reward=reward,
+                       estimator=estimator, max_turns=int(counts.max()),
                        key=_turn_keys(nt, estimator, per_row, row_order), **opts)
-        adv = torch.empty_like(res.advantage)
-        ret = torch.empty_like(res.returns)
-        adv[perm_t] = res.advantage
-        ret[perm_t] = res.returns
+        adv, ret = res.advantage, res.returns
+        if perm_t is not None:  # back to the rows' order
+            adv, ret = torch.empty_like(adv), torch.empty_like(ret)
+            adv[perm_t] = res.advantage
+            ret[perm_t] = res.returns
         advantages = broadcast_to_tokens(adv, mask, validate=False, **bounds)
         returns = broadcast_to_tokens(ret, mask, validate=False, **bounds)
     dt = token_level_rewards.dtype if token_level_rewards.is_floating_point() else None
