@@ -76,7 +76,7 @@ def encode_plan(plan) -> EncodedPlan:
         need_outcome=bool(signals & {"outcome", "outcome_return"}) or plan.returns == "outcome",
         has_batch=any(c.scope == "batch" for c in comps),
         has_local=any(c.scope != "batch" for c in comps),
-        has_key=any(c.scope == "key" for c in comps),
+        has_key=plan.needs_key,
     )
 
 

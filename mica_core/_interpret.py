@@ -6,7 +6,7 @@ the ``return`` output holds, and which weighted z-scored components make the adv
 batch's layout, so the numpy backend (:class:`mica_core._backend_numpy.NumpyOps`) and the
 torch backend (:class:`mica_core._backend_torch.TorchOps`) differ only in how each operation
 is computed, never in what is computed. The compiled backends run the same plan fused in one
-pass per group (:mod:`mica_core._fused`) and are tested against this path.
+pass per group (``kernels/_ext.pyx``) and are tested against this path.
 
 An operations namespace provides, for one batch (per-turn arrays ``[n_rows]``, per-trajectory
 arrays ``[n_traj]``):

@@ -213,8 +213,10 @@ def _codes(col, name) -> tuple[np.ndarray, int]:
     if len(col) == 0:
         return np.zeros(0, dtype=np.int64), 0
     if pa.types.is_floating(col.type):
-        # Arrow hashes floats by their bits (0.0 and -0.0 differ, NaN is a value).
-        codes, uniques = _validate.factorize(float_labels(col, name), name)
+        # Arrow hashes floats by their bits (0.0 and -0.0 differ, NaN is a value): factorize
+        # compares them as numbers and refuses NaN and infinities.
+        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+        codes, uniques = _validate.factorize(values, name)
         return codes, len(uniques)
     ids = _int_ids(col)
     if ids is not None:
@@ -281,9 +283,8 @@ def _state_distance(table, name, n, *, weights, epsilon, kind, axes=None, axes_o
 
 def _finite(a, name, order=None, *, non_negative=False, allow_missing=False):
     """The value rules of :func:`mica_core.validate.check_range`, naming input rows."""
-    if len(a):
-        _validate.check_range(a, name, allow_negative=not non_negative, allow_missing=allow_missing,
-                    order=order)
+    _validate.check_range(a, name, allow_negative=not non_negative, allow_missing=allow_missing,
+                          order=order)
 
 
 def _pick_source(table, cols, source, nested):

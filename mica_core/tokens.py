@@ -100,9 +100,9 @@ def _shift_left(x, fill):
     return out
 
 
-def _edges(m):
-    """``(starts, ends)`` boolean ``[B, L]``: first and last token of every run of ones."""
-    return m & ~_shift_right(m, False), m & ~_shift_left(m, False)
+def _run_starts(m):
+    """Boolean ``[B, L]``: the first token of every run of ones."""
+    return m & ~_shift_right(m, False)
 
 
 def _cumsum(x, dtype=None):
@@ -217,7 +217,7 @@ def _turn_starts(m, turn_start, turn_index, validate=True):
         return _starts_from_turn_start(m, turn_start)
     if turn_index is not None:
         return _starts_from_turn_index(m, turn_index, validate)
-    return _edges(m)[0]
+    return _run_starts(m)
 
 
 def _turn_ends(m, tid):
@@ -394,16 +394,19 @@ def turn_rewards_from_tokens(token_level_rewards, response_mask, *, reward_mask=
                                           unsafe=True)[1:]
         else:
             reward = flat.new_zeros(0)
-        nxt = torch.cat([start[1:], start.new_full((1,), L)])
-        same = torch.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=torch.bool)])
-        stop = torch.where(same, nxt, L) - 1
     else:
         flat = np.where(before, 0.0, acc).reshape(-1)
         reward = np.add.reduceat(flat, seg) if seg.size else np.zeros(0)
-        nxt = np.concatenate([start[1:], [L]])
-        same = np.concatenate([row[1:] == row[:-1], [False]])
-        stop = np.where(same, nxt, L) - 1
     if validate and rm is not None and spans.row.shape[0]:
+        # each turn's last token: the token before the next turn of its row, else the row's end
+        if _is_torch(m):
+            nxt = torch.cat([start[1:], start.new_full((1,), L)])
+            same = torch.cat([row[1:] == row[:-1], row.new_zeros(1, dtype=torch.bool)])
+            stop = torch.where(same, nxt, L) - 1
+        else:
+            nxt = np.concatenate([start[1:], [L]])
+            same = np.concatenate([row[1:] == row[:-1], [False]])
+            stop = np.where(same, nxt, L) - 1
         got = _cumsum(rm, _torch().int64 if _is_torch(rm) else np.int64)
         prev = (start - 1).clamp(min=0) if _is_torch(rm) else np.maximum(start - 1, 0)
         missing = (got[row, stop] - got[row, prev] * (start > 0)) == 0

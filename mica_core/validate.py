@@ -372,14 +372,16 @@ def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
         raise not_numeric(name, a.dtype)
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float64)
-    if len(a):
-        check_range(a, name, allow_negative=allow_negative, allow_missing=allow_missing)
+    check_range(a, name, allow_negative=allow_negative, allow_missing=allow_missing)
     return np.ascontiguousarray(a)
 
 
 def check_range(a, name, *, allow_negative=True, allow_missing=False, order=None):
     """Finite (unless ``allow_missing``), non-negative (unless ``allow_negative``) and at most
     :data:`MAX_MAGNITUDE` in size; ``order`` maps positions to the rows an error names."""
+    if not len(a):
+        return
+
     def row(i):
         return int(i) if order is None else int(order[i])
 
