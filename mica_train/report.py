@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .metrics import _finite
+
 __all__ = ["main", "render_report", "write_report"]
 
 CHART_W, CHART_H = 320, 170
@@ -37,10 +39,6 @@ ADVANTAGE_FULL_SHADE = 2.0  # |A| at which a turn's shade is at its strongest
 # ---------------------------------------------------------------------- helpers
 def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _fmt(x: Any, spec: str = "+.2f") -> str:
@@ -417,7 +415,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *,
     page = render_report(records, sources, title=title or str(run_dir), config=config,
                          groups=groups)
     out = Path(out) if out is not None else run_dir / "report.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
     return out
 

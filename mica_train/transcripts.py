@@ -113,7 +113,6 @@ def write_transcripts(path: str | Path, transcripts: Sequence[dict]) -> Path:
     from mica_core.atomic import atomic_write_text
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts))
     return path
 

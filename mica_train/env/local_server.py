@@ -56,9 +56,10 @@ _REPLY_TO_RATE = "Latest supporter reply to rate:\n"
 def rubric_for_reply(reply):
     """The server's progress rubric for ``reply`` (module docstring)."""
     from .acts import ACT_AXIS, detect_acts
+    from .rubric import PROGRESS_KEYS
 
     acts = detect_acts(reply)
-    rubric = {f"{a}.{k}": 0 for a in ("C", "A", "P") for k in ("Prog", "Neg")}
+    rubric = dict.fromkeys(PROGRESS_KEYS, 0)
     for act in acts:
         rubric[f"{ACT_AXIS[act]}.Prog"] = 2 if len(acts) == 1 else 1
     if not acts:

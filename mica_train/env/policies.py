@@ -27,7 +27,6 @@ simulator.
 
 from __future__ import annotations
 
-import copy
 import random
 
 from .acts import SUPPORT_ACTS, detect_acts, sample_reply
@@ -134,7 +133,7 @@ def reactive(episode, rng):
 
 def greedy(episode, rng):
     options = [sample_reply(act, rng, episode.scenario) for act in SUPPORT_ACTS]
-    return min(options, key=lambda reply: copy.deepcopy(episode).step(reply).distance)
+    return min(options, key=lambda reply: episode.fork().step(reply).distance)
 
 
 def validation_only(episode, rng):
