@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     import torch
 
-    from bench.measure import machine_info
+    from bench.measure import _version, machine_info
     from mica_train.config import LoraSettings, ModelConfig, RolloutConfig
     from mica_train.env import EnvConfig, generate_scenarios, make_env
     from mica_train.policy import load_policy
@@ -173,7 +173,6 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     from mica_core.atomic import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
@@ -182,13 +181,6 @@ def main(argv=None) -> int:
           f"{'met' if result['meets_target'] else 'missed'}); identical trajectories: {identical}; "
           f"wrote {out}")
     return 0 if identical else 1
-
-
-def _version(module):
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

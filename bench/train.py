@@ -243,7 +243,6 @@ def main(argv=None) -> int:
         "seconds": time.perf_counter() - t_start, "machine": info, "raw": raw,
         "configs": configs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_json(args.out, report)
     _print_table(result, ratio)
     print(f"wrote {args.out}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from .plan import ACT_KEYS
+
 __all__ = ["behaviour_summary", "evaluate_with_behaviour"]
 
 
@@ -27,7 +29,7 @@ def behaviour_summary(records, scenarios, seeds, env) -> dict[str, Any]:
     from ..env.policies import pacing
 
     n_turns = agree = opening = mismatches = 0
-    shares = dict.fromkeys(("validate", "reframe", "plan", "multiple", "none"), 0)
+    shares = dict.fromkeys(ACT_KEYS, 0)
     for rec, sc, seed in zip(records, scenarios, seeds):
         ep = env.reset(sc, seed=int(seed))
         first = []

@@ -49,6 +49,9 @@ CONTRASTS = (
 # The estimators the contrasts need, in the order of the tables.
 ESTIMATORS = ("mica", "mica_turn", "mica_group", "mica_group_adr", "grpo", "reinforce_pp")
 
+# The shares of the reply acts in the behaviour summary (study/evaluation.py).
+ACT_KEYS = ("validate", "reframe", "plan", "multiple", "none")
+
 # Metrics of the evaluation episodes reported per estimator (EMPA-style, aggregate_metrics).
 EVAL_METRICS = (
     "pass_rate",
@@ -224,7 +227,10 @@ class StudyPlan:
             "system_prompt": cfg.rollout.system_prompt,
         }
 
-    def run_fingerprint(self, estimator: str | None, seed: int) -> str:
+    def run_fingerprint(self, estimator: str | None, seed: int, *, warm: dict | None = None,
+                        steps: tuple[int, ...] | None = None) -> str:
+        """The fingerprint of one run's result; ``warm`` and ``steps`` (the same for every run
+        of the plan: :meth:`warm_spec`, :meth:`checkpoint_steps`) are computed when not given."""
         from ..config import config_to_dict
 
         cfg = config_to_dict(self.load(estimator, seed))
@@ -234,8 +240,9 @@ class StudyPlan:
             cfg = {k: cfg[k] for k in ("model", "lora", "env", "rollout", "eval")}
             extra = {}
         else:
-            extra = {"checkpoints": self.checkpoint_steps()}
-        return fingerprint({"config": cfg, "warm": self.warm_spec(), "version": RESULT_VERSION, **extra})
+            extra = {"checkpoints": self.checkpoint_steps() if steps is None else steps}
+        warm = self.warm_spec() if warm is None else warm
+        return fingerprint({"config": cfg, "warm": warm, "version": RESULT_VERSION, **extra})
 
     def credit_args(self) -> tuple:
         cfg = self.load()
@@ -251,13 +258,13 @@ class StudyPlan:
                    fingerprint=fingerprint({"credit": [list(credit[0]), dataclasses.asdict(credit[1]), *credit[2:]],
                                             "seed": seed, "version": RESULT_VERSION}))
                for seed in self.seeds]
+        warm, steps = self.warm_spec(), self.checkpoint_steps()
         out.append(Job(kind="before", estimator=None, seed=self.seeds[0], result=self.run_dir / "before.json",
                        config=self.config, overrides=tuple(self.run_overrides(None, self.seeds[0])),
-                       threads=self.threads, fingerprint=self.run_fingerprint(None, self.seeds[0])))
-        steps = self.checkpoint_steps()
+                       threads=self.threads, fingerprint=self.run_fingerprint(None, self.seeds[0], warm=warm)))
         out += [Job(kind="train", estimator=est, seed=seed, result=self.train_dir(est, seed) / "result.json",
                     config=self.config, overrides=tuple(self.run_overrides(est, seed)), threads=self.threads,
-                    fingerprint=self.run_fingerprint(est, seed), checkpoints=steps)
+                    fingerprint=self.run_fingerprint(est, seed, warm=warm, steps=steps), checkpoints=steps)
                 for seed in self.seeds for est in self.estimators]
         return out
 

@@ -13,6 +13,8 @@ import math
 import re
 from pathlib import Path
 
+from .plan import ACT_KEYS
+
 __all__ = [
     "PUBLISHED",
     "TABLES",
@@ -38,7 +40,6 @@ PUBLISHED = {
     "markdown": Path("docs/study.md"),
 }
 FIGURE_NAME = "study_curves.png"
-ACTS = ("validate", "reframe", "plan", "multiple", "none")
 
 
 def _ordered(study: dict) -> list[str]:
@@ -171,13 +172,13 @@ def format_behaviour_table(study: dict) -> str:
         a = b["act_shares"]
         lines.append(
             f"| `{est}` | {_num(b['pacing_agreement']['mean'])} ± {_num(b['pacing_agreement']['std'])} | "
-            f"{_num(b['opening_validation']['mean'])} | " + " | ".join(_num(a[k]["mean"]) for k in ACTS) + " |"
+            f"{_num(b['opening_validation']['mean'])} | " + " | ".join(_num(a[k]["mean"]) for k in ACT_KEYS) + " |"
         )
     before = (study.get("before") or {}).get("behaviour")
     if before:
         lines.append(
             f"| warm start (no RL) | {_num(before['pacing_agreement'])} | {_num(before['opening_validation'])} | "
-            + " | ".join(_num(before["act_shares"][k]) for k in ACTS) + " |"
+            + " | ".join(_num(before["act_shares"][k]) for k in ACT_KEYS) + " |"
         )
     return "\n".join(lines)
 

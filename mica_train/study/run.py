@@ -183,10 +183,10 @@ def _describe(job: Job, res: dict) -> str:
             f"{ev['mean_final_distance']:.2f} ({res['seconds']:.0f}s)")
 
 
-def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict], dict]:
+def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict], dict, int]:
     """Run the warm start (unless current) and the jobs that have no current result, on
     ``plan.workers`` spawned processes (in this process when it is 1). Returns every job's
-    result and the warm start's summary."""
+    result, the warm start's summary and how many jobs had a current result already."""
     results: dict[Job, dict] = {}
     todo = []
     for job in jobs:
@@ -195,6 +195,7 @@ def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict
             todo.append(job)
         else:
             results[job] = res
+    reused = len(results)
     if results:
         _say(t0, f"{len(results)} of {len(jobs)} jobs already done, skipped")
     free = [j for j in todo if j.kind == "credit"]  # need no model
@@ -220,7 +221,7 @@ def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict
             _say(t0, f"warm start done ({warm.get('seconds', 0):.0f}s)")
         for job in free + model:
             finish(job, run_job(job))
-        return results, warm
+        return results, warm, reused
 
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -250,7 +251,7 @@ def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict
                     pending |= set(more)
                 else:
                     finish(futures[fut], fut.result())
-    return results, warm
+    return results, warm, reused
 
 
 def run_study(plan: StudyPlan, publish_root: str | Path | None = None) -> dict:
@@ -268,8 +269,7 @@ def run_study(plan: StudyPlan, publish_root: str | Path | None = None) -> dict:
          f"{', '.join(map(str, s['checkpoints']))}: {s['eval_episodes']} episodes (max {s['eval_max_turns']} turns)")
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan.jobs()
-    reused = sum(finished_result(job) is not None for job in jobs)
-    results, warm = execute(plan, jobs, t0)
+    results, warm, reused = execute(plan, jobs, t0)
     load["end"] = list(os.getloadavg())
     study = summarize(plan, jobs, results, time.perf_counter() - t0, warm, load)
     credit_results = [results[j]["credit"] for j in jobs if j.kind == "credit" and j in results]

@@ -23,7 +23,7 @@ import itertools
 import math
 from typing import Any
 
-from .plan import CURVE_KEYS, EVAL_METRICS, Job, StudyPlan
+from .plan import ACT_KEYS, CURVE_KEYS, EVAL_METRICS, Job, StudyPlan
 
 __all__ = [
     "bootstrap_mean_ci",
@@ -38,9 +38,6 @@ __all__ = [
     "t_cdf",
     "t_quantile",
 ]
-
-ACT_KEYS = ("validate", "reframe", "plan", "multiple", "none")
-
 
 # ----------------------------------------------------------------------------- inference
 def bootstrap_mean_ci(x, level: float = 0.95, *, exact_limit: int = 200_000, resamples: int = 20_000,
@@ -375,12 +372,13 @@ def summarize(plan: StudyPlan, jobs: list[Job], results: dict[Job, dict], wall: 
     before_ev = before["eval"] if before else None
     per_est = {est: _estimator_entry(runs[est], [s for s in plan.seeds if s in runs[est]], before_ev)
                for est in plan.estimators}
-    primary = {e: {s: run_primary(r)["pass_rate_auc"] for s, r in runs[e].items()} for e in plan.estimators}
+    prim = {e: {s: run_primary(r) for s, r in runs[e].items()} for e in plan.estimators}
+    primary = {e: {s: p["pass_rate_auc"] for s, p in prim[e].items()} for e in plan.estimators}
     # Lower distance is better: the family is computed on its negation, so that a positive
     # difference means `a` is better for both metrics.
-    neg_distance = {e: {s: -run_primary(r)["distance_auc"] for s, r in runs[e].items()} for e in plan.estimators}
-    final_pass = {e: {s: run_primary(r)["final_pass_rate"] for s, r in runs[e].items()} for e in plan.estimators}
-    contrasts = [c for c in plan.contrasts if c[0] in plan.estimators and c[1] in plan.estimators]
+    neg_distance = {e: {s: -p["distance_auc"] for s, p in prim[e].items()} for e in plan.estimators}
+    final_pass = {e: {s: p["final_pass_rate"] for s, p in prim[e].items()} for e in plan.estimators}
+    contrasts = list(plan.active_contrasts)
     design = {"alpha": plan.alpha, "power": plan.power, "ci_level": 0.95}
     family = contrast_family(primary, contrasts, metric="pass_rate_auc", alpha=plan.alpha, power=plan.power)
     secondary = {
