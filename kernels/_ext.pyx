@@ -109,6 +109,24 @@ cdef enum:
     RETURNS_OUTCOME = 1
     RETURNS_OUTCOME_DISCOUNTED = 2
 
+def plan_codes():
+    """The integer codes these kernels read in a plan's encoding, by name:
+    ``{"signal": {...}, "scope": {...}, "reward": {...}, "returns": {...}}``.
+
+    ``mica_core._backend_cython`` encodes plans with these codes and checks at import that they
+    name exactly the signals, scopes, reward kinds and return kinds of
+    :mod:`mica_core.estimators`, so the two sides cannot drift apart."""
+    return {
+        "signal": {"reward": SIG_REWARD, "return": SIG_RETURN, "outcome": SIG_OUTCOME,
+                   "outcome_return": SIG_OUTCOME_RETURN},
+        "scope": {"turn": SCOPE_TURN, "group": SCOPE_GROUP, "batch": SCOPE_BATCH,
+                  "key": SCOPE_KEY},
+        "reward": {"idr": REWARD_IDR, "adr": REWARD_ADR, "given": REWARD_GIVEN},
+        "returns": {"discounted": RETURNS_DISCOUNTED, "outcome": RETURNS_OUTCOME,
+                    "outcome_discounted": RETURNS_OUTCOME_DISCOUNTED},
+    }
+
+
 # Groups per task of the parallel group pass: enough to amortize a task's scratch block, few
 # enough to balance skewed groups over the threads.
 cdef enum:

@@ -21,13 +21,29 @@ import numpy as np
 
 from . import _compiled
 from ._autoselect import threads_for
+from .estimators import RETURNS, REWARDS, SCOPES, SIGNALS
 
-__all__ = ["EncodedPlan", "encode_plan", "run"]
+__all__ = ["EncodedPlan", "encode_plan", "plan_codes", "run"]
 
-SIGNAL_CODES = {"reward": 0, "return": 1, "outcome": 2, "outcome_return": 3}
-SCOPE_CODES = {"turn": 0, "group": 1, "batch": 2, "key": 3}
-REWARD_CODES = {"idr": 0, "adr": 1, "given": 2}
-RETURNS_CODES = {"discounted": 0, "outcome": 1, "outcome_discounted": 2}
+
+def plan_codes() -> dict:
+    """The compiled kernels' plan codes (``_ext.plan_codes()``), checked against the names
+    :mod:`mica_core.estimators` uses: one table of names in Python, one of codes in the
+    kernels, and an ImportError naming the difference if they ever disagree."""
+    codes = _compiled.require().plan_codes()
+    names = {"signal": SIGNALS, "scope": SCOPES, "reward": REWARDS + ("given",),
+             "returns": RETURNS}
+    for part, expected in names.items():
+        if set(codes[part]) != set(expected):
+            raise ImportError(
+                f"mica_core._ext encodes {part} names {sorted(codes[part])} but "
+                f"mica_core.estimators defines {sorted(expected)}: rebuild the kernels "
+                "(`pip install -e .` or `make setup`)")
+    return codes
+
+
+# Checked once, at import (on a broken install without the kernels, at first use instead).
+_CODES = plan_codes() if _compiled.ext is not None else None
 
 _EMPTY_F64 = np.zeros(0, dtype=np.float64)
 _KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -55,16 +71,17 @@ class EncodedPlan(NamedTuple):
 
 @lru_cache(maxsize=512)
 def encode_plan(plan) -> EncodedPlan:
+    codes = _CODES or plan_codes()
     comps = plan.components
-    spec = np.array([[SIGNAL_CODES[c.signal], SCOPE_CODES[c.scope], c.baseline == "loo",
+    spec = np.array([[codes["signal"][c.signal], codes["scope"][c.scope], c.baseline == "loo",
                       c.scale == "std"] for c in comps], dtype=np.int64).reshape(len(comps), 4)
     weight = np.array([c.weight for c in comps], dtype=np.float64)
     spec.setflags(write=False)
     weight.setflags(write=False)
     signals = {c.signal for c in comps}
     return EncodedPlan(
-        reward_kind=REWARD_CODES[plan.reward],
-        returns_kind=RETURNS_CODES[plan.returns],
+        reward_kind=codes["reward"][plan.reward],
+        returns_kind=codes["returns"][plan.returns],
         gamma=float(plan.gamma),
         spec=spec,
         weight=weight,

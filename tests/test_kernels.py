@@ -255,3 +255,31 @@ def test_small_codes_rank_labels_in_value_order(labels, limit):
     uniq = np.unique(a)
     assert n == len(uniq)
     np.testing.assert_array_equal(codes, np.searchsorted(uniq, a))
+
+
+def test_plan_codes_come_from_the_kernels_and_name_every_estimator_part():
+    from mica_core import _backend_cython, _compiled
+    from mica_core.estimators import RETURNS, REWARDS, SCOPES, SIGNALS
+
+    codes = _compiled.ext.plan_codes()
+    assert set(codes["scope"]) == set(SCOPES) and set(codes["signal"]) == set(SIGNALS)
+    assert set(codes["reward"]) == set(REWARDS) | {"given"}
+    assert set(codes["returns"]) == set(RETURNS)
+    for part in codes.values():  # codes are distinct within each part
+        assert len(set(part.values())) == len(part)
+    assert _backend_cython.plan_codes() == codes
+
+
+def test_plan_codes_that_disagree_with_the_estimators_stop_the_import(monkeypatch):
+    from mica_core import _backend_cython
+
+    class Kernels:
+        @staticmethod
+        def plan_codes():
+            codes = _backend_cython._compiled.ext.plan_codes()
+            codes["scope"] = {k: v for k, v in codes["scope"].items() if k != "key"}
+            return codes
+
+    monkeypatch.setattr(_backend_cython._compiled, "require", lambda: Kernels)
+    with pytest.raises(ImportError, match=r"scope names .* rebuild the kernels"):
+        _backend_cython.plan_codes()
