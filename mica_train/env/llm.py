@@ -5,33 +5,47 @@ llama.cpp's server, hosted providers). The HTTP client is ``httpx``: one ``ChatC
 a pool of up to ``max_concurrency`` keep-alive connections and is shared by every episode of
 an environment, whose steps run concurrently (``SupportEnv.step_episodes``).
 
-Failure handling. Each request gets ``timeout`` seconds per connect, read, write and pool
-wait. Timeouts, connection errors (refused, reset, closed without an answer), HTTP 5xx, 408,
-429 and other unexpected statuses, bodies that are not a chat completion and completions that
-do not parse are retried ``retries`` times, sleeping ``min(backoff * 2**k, backoff_max) * (1 -
-jitter * u)`` seconds with ``u`` uniform in [0, 1) (the openai client's schedule; a
-``Retry-After`` header is honoured up to ``backoff_max``). Each failed attempt is counted in the
-episode's ``RequestStats`` by kind. A judge turn still failing raises ``JudgeError``, which the
-episode handles with ``EnvConfig.on_judge_failure``; a user turn still failing falls back to the
-template user and is counted in ``user_failures``. HTTP 400, 401, 403, 404, 405 and 422 mean a
-wrong URL, model or key: ``EndpointConfigError`` is raised at once.
+Failure handling. Each attempt gets ``timeout`` seconds in all, from connecting to the last
+byte of the answer (a server that drips its answer cannot stretch it), and a body of at most
+``max_response_bytes`` bytes (read as it arrives; a longer one is abandoned at the cap).
+Timeouts, connection errors (refused, reset, closed without an answer), HTTP 5xx, 408, 429 and
+other unexpected statuses, bodies that are not a chat completion (too large, nested too deeply,
+not JSON, ...) and completions that do not parse are retried ``retries`` times, sleeping
+``min(backoff * 2**k, backoff_max) * (1 - jitter * u)`` seconds with ``u`` uniform in [0, 1)
+(the openai client's schedule; a ``Retry-After`` header is honoured up to ``backoff_max``).
+Each failed attempt is counted in the episode's ``RequestStats`` by kind. A judge turn still
+failing raises ``JudgeError``, which the episode handles with ``EnvConfig.on_judge_failure``; a
+user turn still failing falls back to the template user and is counted in ``user_failures``.
+HTTP 400, 401, 403, 404, 405 and 422 mean a wrong URL, model or key: ``EndpointConfigError`` is
+raised at once.
 
 The API key comes from ``EnvConfig.api_key`` or the environment variable named by
-``api_key_env``; it is sent only in the ``Authorization`` header and removed from every
-message this module logs or raises.
+``api_key_env``; it is sent only in the ``Authorization`` header. A ``user:password@`` in the
+base URL is sent as HTTP Basic authentication and never as part of the URL. Neither the key,
+the password nor the header values appear in any message this module logs or raises.
+
+``ChatClient.close()`` (and so ``SupportEnv.close()``, and an interrupted
+``SupportEnv.step_episodes``) ends the requests in flight at once: their sockets are shut
+down, and nothing is retried after it, so SIGTERM or Ctrl-C during a call stops the process
+promptly.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from mica_core._errors import MicaInputError
@@ -41,11 +55,15 @@ from .rubric import AXES, PROGRESS_KEYS, parse_progress_rubric
 
 __all__ = ["ChatClient", "LLMJudge", "LLMUser", "RequestStats", "parse_judge_reply",
            "parse_user_reply", "judge_prompt", "user_prompt", "progress_rubric_schema",
-           "JUDGE_SYSTEM_PROMPT", "USER_SYSTEM_PROMPT"]
+           "JUDGE_SYSTEM_PROMPT", "USER_SYSTEM_PROMPT", "DEFAULT_MAX_RESPONSE_BYTES"]
 
 log = logging.getLogger(__name__)
 
 _CONFIG_STATUSES = frozenset({400, 401, 403, 404, 405, 422})
+
+#: Largest response body read by default (1 MiB): a chat completion of a few hundred tokens
+#: is a few kilobytes.
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 
 
 @dataclass
@@ -58,10 +76,10 @@ class RequestStats:
 
     requests: int = 0
     retries: int = 0             # attempts after a failed one
-    timeouts: int = 0            # connect, read, write or pool timeout
+    timeouts: int = 0            # connect, read, write or pool timeout, or the deadline
     connection_errors: int = 0   # refused, reset, or closed without an answer
     server_errors: int = 0       # HTTP 5xx, 408, 429 and other unexpected statuses
-    bad_responses: int = 0       # a body that is not a chat completion (malformed JSON, ...)
+    bad_responses: int = 0       # not a chat completion (malformed, too large, too deep, ...)
     parse_failures: int = 0      # a completion that did not parse (judge JSON, user message)
 
     def as_metrics(self):
@@ -77,24 +95,165 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def split_credentials(url):
+    """``(url, username, password)``: ``url`` without its ``user:password@`` part, and the
+    percent-decoded credentials (None when absent). Raises ``ValueError`` on a URL that
+    cannot be split."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, sep, password = userinfo.partition(":")
+    return (urlunsplit(parts._replace(netloc=host)), unquote(user),
+            unquote(password) if sep else None)
+
+
+def public_url(url):
+    """``url`` as it may be shown: a ``user:password@`` part becomes ``***@`` (with or without
+    a scheme)."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in netloc:
+        rest = "***@" + rest[len(netloc.rsplit("@", 1)[0]) + 1:]
+    return f"{scheme}{sep}{rest}"
+
+
+# ------------------------------------------------------------------ deadlines and abort
+# httpx applies its timeout to each connect, read and write, so a server that sends one byte
+# at a time keeps a request alive for ever, and a socket blocked in a worker thread cannot be
+# interrupted. The client therefore gives httpcore a network backend whose streams cut every
+# operation's timeout to what is left of the attempt's deadline (a per-thread value: one
+# request runs in one thread), and which can shut every socket down at once (``abort``).
+class _Deadlines:
+    def __init__(self):
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._streams = weakref.WeakSet()
+        self.aborted = threading.Event()
+
+    def start(self, seconds):
+        self._local.deadline = time.monotonic() + seconds
+
+    def clear(self):
+        self._local.deadline = None
+
+    def limit(self, timeout, exc_type):
+        """``timeout`` cut to the time left before this thread's deadline; ``exc_type`` (an
+        httpcore timeout) when none is left or the client was aborted."""
+        if self.aborted.is_set():
+            raise exc_type("the client was closed")
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise exc_type("the request's deadline passed")
+        return left if timeout is None else min(timeout, left)
+
+    def track(self, stream):
+        with self._lock:
+            self._streams.add(stream)
+        if self.aborted.is_set():
+            stream.shutdown()
+        return stream
+
+    def abort(self):
+        self.aborted.set()
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.shutdown()
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner, deadlines):
+        self._inner = inner
+        self._deadlines = deadlines
+
+    def read(self, max_bytes, timeout=None):
+        return self._inner.read(max_bytes, self._deadlines.limit(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer, timeout=None):
+        self._inner.write(buffer, self._deadlines.limit(timeout, httpcore.WriteTimeout))
+
+    def close(self):
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        inner = self._inner.start_tls(ssl_context, server_hostname,
+                                      self._deadlines.limit(timeout, httpcore.ConnectTimeout))
+        return self._deadlines.track(_DeadlineStream(inner, self._deadlines))
+
+    def get_extra_info(self, info):
+        return self._inner.get_extra_info(info)
+
+    def shutdown(self):
+        """Wake a thread blocked on this socket (its read returns at once)."""
+        sock = self._inner.get_extra_info("socket")
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner, deadlines):
+        self._inner = inner
+        self._deadlines = deadlines
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        timeout = self._deadlines.limit(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return self._deadlines.track(_DeadlineStream(stream, self._deadlines))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        timeout = self._deadlines.limit(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_unix_socket(path, timeout, socket_options)
+        return self._deadlines.track(_DeadlineStream(stream, self._deadlines))
+
+    def sleep(self, seconds):
+        self._inner.sleep(seconds)
+
+
+def _install_deadlines(client, deadlines):
+    """Put ``_DeadlineBackend`` under every transport of ``client`` (the default one and the
+    proxies httpx mounted from the environment)."""
+    transports = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        if transport is not None and not hasattr(pool, "_network_backend"):
+            raise RuntimeError(f"mica's LLM client does not support this httpx/httpcore version "
+                               f"(httpx {httpx.__version__}: no connection pool backend)")
+        if pool is not None:
+            pool._network_backend = _DeadlineBackend(pool._network_backend, deadlines)
+
+
 class ChatClient:
     """A chat-completions client with a keep-alive connection pool, retries and jittered
     exponential backoff. Thread-safe: share one client between concurrent episodes.
 
     Args:
       base_url: e.g. ``http://127.0.0.1:8000/v1``; requests go to ``{base_url}/chat/completions``.
+        A ``user:password@`` in it is sent as HTTP Basic authentication; never logged.
       model: the model name sent in each request.
       api_key: sent as ``Authorization: Bearer <key>`` when given; never logged.
-      timeout: seconds per connect, read, write and pool wait of one request.
+      timeout: seconds of one attempt in all, from connecting to the last byte of the answer.
       retries: retries after the first attempt.
       backoff, backoff_max, jitter: retry ``k`` (from 0) waits
         ``min(backoff * 2**k, backoff_max) * (1 - jitter * u)``, ``u`` uniform in [0, 1).
       max_connections: size of the connection pool (the environment's ``max_concurrency``).
-      sleep: the function that waits (tests may pass a recorder).
+      max_response_bytes: largest response body read; a longer one is a failed attempt.
+      sleep: the function that waits between attempts (tests may pass a recorder; the
+        default wait ends early when the client is closed).
     """
 
     def __init__(self, base_url, model, api_key=None, *, timeout=60.0, retries=3, backoff=0.5,
-                 backoff_max=8.0, jitter=0.25, max_connections=64, sleep=time.sleep):
+                 backoff_max=8.0, jitter=0.25, max_connections=64,
+                 max_response_bytes=DEFAULT_MAX_RESPONSE_BYTES, sleep=None):
         if not base_url:
             raise MicaInputError("no LLM endpoint: set EnvConfig.base_url or $MICA_LLM_BASE_URL",
                                  column="base_url", rule="required")
@@ -103,8 +262,13 @@ class ChatClient:
                                  column="model", rule="required")
         if not re.match(r"^https?://", base_url):
             raise MicaInputError(f"base_url must start with http:// or https://, got "
-                                 f"{base_url!r}", column="base_url", rule="url")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+                                 f"{public_url(base_url)!r}", column="base_url", rule="url")
+        try:
+            url, user, password = split_credentials(base_url)
+        except ValueError as e:
+            raise MicaInputError(f"base_url {public_url(base_url)!r} is not a valid URL ({e})",
+                                 column="base_url", rule="url") from None
+        self.url = url.rstrip("/") + "/chat/completions"
         self.model = model
         self._api_key = api_key or None
         self.timeout = float(timeout)
@@ -112,19 +276,34 @@ class ChatClient:
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
         self.jitter = float(jitter)
-        self._sleep = sleep
+        self.max_response_bytes = int(max_response_bytes)
+        self._deadlines = _Deadlines()
+        self._sleep = self._deadlines.aborted.wait if sleep is None else sleep
         # Jitter only spreads retries in time; its own generator keeps the seeded global
         # generators (and so the run) untouched.
         self._jitter_rng = random.Random()
         self._lock = threading.Lock()
         self._requests = 0
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        secrets = []
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+            secrets.append(self._api_key)
+        auth = None
+        if user or password:
+            auth = httpx.BasicAuth(user or "", password or "")
+            # The Basic header's token, the URL's user:password as written, and the password
+            # (a user name alone, a token used as user name, is a secret too).
+            secrets += [base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode(),
+                        urlsplit(base_url).netloc.rsplit("@", 1)[0],
+                        password if password else user]
+        # Longest first, so that a secret inside another is not left half shown.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         n = max(1, int(max_connections))
         self._http = httpx.Client(
-            headers=headers, timeout=httpx.Timeout(self.timeout),
+            headers=headers, auth=auth, timeout=httpx.Timeout(self.timeout),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        _install_deadlines(self._http, self._deadlines)
 
     def __repr__(self):
         return (f"ChatClient(url={self.url!r}, model={self.model!r}, "
@@ -144,10 +323,17 @@ class ChatClient:
                    config.api_key or os.environ.get(config.api_key_env),
                    timeout=config.timeout, retries=config.retries, backoff=config.backoff,
                    backoff_max=config.backoff_max, jitter=config.backoff_jitter,
-                   max_connections=config.max_concurrency)
+                   max_connections=config.max_concurrency,
+                   max_response_bytes=config.max_response_bytes)
+
+    def abort(self):
+        """End every request in flight at once (its socket is shut down) and every later one
+        before it is sent; nothing is retried. For a process that is stopping."""
+        self._deadlines.abort()
 
     def close(self):
-        """Close the pooled connections."""
+        """Close the pooled connections; requests still in flight end at once."""
+        self.abort()
         self._http.close()
 
     def __enter__(self):
@@ -158,30 +344,37 @@ class ChatClient:
 
     def _redact(self, text):
         text = str(text)
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text
 
     def _post(self, body):
         with self._lock:
             self._requests += 1
+        self._deadlines.start(self.timeout)
         try:
-            resp = self._http.post(self.url, content=body)
+            with self._http.stream("POST", self.url, content=body) as resp:
+                if resp.status_code in _CONFIG_STATUSES:
+                    raise EndpointConfigError(f"{self.url} answered HTTP {resp.status_code}: "
+                                              f"check base_url, model and the API key")
+                if resp.status_code != 200:
+                    raise _Retryable(f"HTTP {resp.status_code}", "server_errors",
+                                     retry_after=resp.headers.get("Retry-After"))
+                raw = self._read_body(resp)
         except httpx.TimeoutException as e:
             raise _Retryable(f"timeout ({type(e).__name__})", "timeouts") from None
         except httpx.TransportError as e:
             raise _Retryable(f"{type(e).__name__}: {e}", "connection_errors") from None
         except httpx.RequestError as e:  # a body that cannot be decoded
             raise _Retryable(f"{type(e).__name__}: {e}", "bad_responses") from None
-        if resp.status_code in _CONFIG_STATUSES:
-            raise EndpointConfigError(f"{self.url} answered HTTP {resp.status_code}: check "
-                                      f"base_url, model and the API key")
-        if resp.status_code != 200:
-            raise _Retryable(f"HTTP {resp.status_code}", "server_errors",
-                             retry_after=resp.headers.get("Retry-After"))
+        finally:
+            self._deadlines.clear()
         try:
-            data = json.loads(resp.content)
+            data = json.loads(raw)
             content = data["choices"][0]["message"]["content"]
+        except RecursionError:
+            raise _Retryable("the response is nested too deeply to read as JSON",
+                             "bad_responses") from None
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable("the response is not a chat completion "
                              "(no choices[0].message.content)", "bad_responses") from None
@@ -189,9 +382,26 @@ class ChatClient:
             raise _Retryable("choices[0].message.content is not a string", "bad_responses")
         return content
 
+    def _read_body(self, resp):
+        """The body of ``resp``, read as it arrives and abandoned past ``max_response_bytes``
+        (counted after decoding, so a compressed bomb stops at the cap too)."""
+        cap = self.max_response_bytes
+        too_large = _Retryable(f"the response is larger than max_response_bytes={cap}",
+                               "bad_responses")
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > cap and not resp.headers.get("Content-Encoding"):
+            raise too_large
+        body = bytearray()
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if len(body) > cap:
+                raise too_large
+        return bytes(body)
+
     def retry_delay(self, attempt, retry_after=None):
         """Seconds to wait before retry ``attempt`` (1-based)."""
-        delay = min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
+        # The exponent is capped: 2 ** 1100 does not fit a float, and the cap wins long before.
+        delay = min(self.backoff * 2.0 ** min(attempt - 1, 60), self.backoff_max)
         delay *= 1.0 - self.jitter * self._jitter_rng.random()
         if retry_after is not None:
             try:
@@ -206,7 +416,8 @@ class ChatClient:
 
         ``parse`` raising ``ValueError`` counts as a failed attempt. Each attempt and failure
         is counted in ``stats`` (a ``RequestStats``) when given. Raises ``EndpointError``
-        after the last retry, ``EndpointConfigError`` at once.
+        after the last retry, or at once once the client is closed; ``EndpointConfigError``
+        at once.
         """
         payload = {"model": self.model, "messages": messages, "temperature": temperature,
                    "max_tokens": max_tokens}
@@ -214,11 +425,14 @@ class ChatClient:
             payload["response_format"] = response_format
         body = json.dumps(payload).encode("utf-8")
         stats = RequestStats() if stats is None else stats
+        closed = EndpointError(f"{what} to {self.url}: the client was closed")
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
                 stats.retries += 1
                 self._sleep(self.retry_delay(attempt, getattr(last, "retry_after", None)))
+            if self._deadlines.aborted.is_set():
+                raise closed
             stats.requests += 1
             try:
                 content = self._post(body)
@@ -231,6 +445,8 @@ class ChatClient:
                 except ValueError as e:  # MicaInputError included
                     last = e
                     stats.parse_failures += 1
+            if self._deadlines.aborted.is_set():
+                raise closed
             log.warning("%s to %s failed (attempt %d of %d): %s", what, self.url, attempt + 1,
                         self.retries + 1, self._redact(last))
         raise EndpointError(f"{what} to {self.url} failed after {self.retries + 1} attempts: "
@@ -246,7 +462,8 @@ def parse_judge_reply(content):
 
     Accepted: the completion is one JSON object, possibly inside a single Markdown code
     fence, with the keys ``C.Prog`` .. ``P.Neg`` (integers, ``X.Prog`` in 0..2 and ``X.Neg`` in
-    -2..0; other keys ignored). Anything else raises ``ValueError``.
+    -2..0; other keys ignored). Anything else, JSON nested too deeply included, raises
+    ``ValueError``.
     """
     text = content.strip()
     m = _FENCE.match(text)
@@ -254,9 +471,14 @@ def parse_judge_reply(content):
         text = m.group(1).strip()
     try:
         obj = json.loads(text)
+        # Inside the try: a value nested almost to the recursion limit can still overflow
+        # when an error message shows it.
+        return parse_progress_rubric(obj, where="judge reply: ")
     except json.JSONDecodeError as e:
         raise ValueError(f"judge reply is not a JSON object ({e.msg}): {content[:80]!r}") from None
-    return parse_progress_rubric(obj, where="judge reply: ")
+    except RecursionError:
+        raise ValueError(f"judge reply is nested too deeply to read as JSON: "
+                         f"{content[:80]!r}") from None
 
 
 def parse_user_reply(content, max_chars=1000):
