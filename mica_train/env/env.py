@@ -356,7 +356,10 @@ class SupportEnv:
         return [f.result() for f in futures]
 
     def close(self):
-        """Stop the worker threads and close the endpoint's connections."""
+        """End the endpoint calls still in flight, stop the worker threads and close the
+        endpoint's connections."""
+        if self._client is not None:
+            self._client.abort()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

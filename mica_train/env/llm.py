@@ -127,24 +127,35 @@ def public_url(url):
 # interrupted. The client therefore gives httpcore a network backend whose streams cut every
 # operation's timeout to what is left of the attempt's deadline (a per-thread value: one
 # request runs in one thread), and which can shut every socket down at once (``abort``).
+#
+# An abort ends the calls begun before it (each holds the event that was current when it
+# began, and the abort sets it), not the client: after an interrupted step_episodes the
+# environment still works.
 class _Deadlines:
     def __init__(self):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._streams = weakref.WeakSet()
-        self.aborted = threading.Event()
+        self._abort = threading.Event()
 
-    def start(self, seconds):
+    def current(self):
+        """The abort event of a call beginning now."""
+        with self._lock:
+            return self._abort
+
+    def start(self, seconds, aborted):
         self._local.deadline = time.monotonic() + seconds
+        self._local.aborted = aborted
 
     def clear(self):
-        self._local.deadline = None
+        self._local.deadline = self._local.aborted = None
 
     def limit(self, timeout, exc_type):
         """``timeout`` cut to the time left before this thread's deadline; ``exc_type`` (an
-        httpcore timeout) when none is left or the client was aborted."""
-        if self.aborted.is_set():
-            raise exc_type("the client was closed")
+        httpcore timeout) when none is left or the call was aborted."""
+        aborted = getattr(self._local, "aborted", None)
+        if aborted is not None and aborted.is_set():
+            raise exc_type("the call was aborted")
         deadline = getattr(self._local, "deadline", None)
         if deadline is None:
             return timeout
@@ -156,12 +167,14 @@ class _Deadlines:
     def track(self, stream):
         with self._lock:
             self._streams.add(stream)
-        if self.aborted.is_set():
-            stream.shutdown()
         return stream
 
     def abort(self):
-        self.aborted.set()
+        with self._lock:
+            aborted, self._abort = self._abort, threading.Event()
+        # Set before the streams are listed: a read that checked the event before this line
+        # uses a stream made before it, so listed and shut down below.
+        aborted.set()
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
@@ -248,7 +261,7 @@ class ChatClient:
       max_connections: size of the connection pool (the environment's ``max_concurrency``).
       max_response_bytes: largest response body read; a longer one is a failed attempt.
       sleep: the function that waits between attempts (tests may pass a recorder; the
-        default wait ends early when the client is closed).
+        default wait ends early when the call is aborted).
     """
 
     def __init__(self, base_url, model, api_key=None, *, timeout=60.0, retries=3, backoff=0.5,
@@ -278,7 +291,7 @@ class ChatClient:
         self.jitter = float(jitter)
         self.max_response_bytes = int(max_response_bytes)
         self._deadlines = _Deadlines()
-        self._sleep = self._deadlines.aborted.wait if sleep is None else sleep
+        self._sleep = sleep
         # Jitter only spreads retries in time; its own generator keeps the seeded global
         # generators (and so the run) untouched.
         self._jitter_rng = random.Random()
@@ -327,8 +340,8 @@ class ChatClient:
                    max_response_bytes=config.max_response_bytes)
 
     def abort(self):
-        """End every request in flight at once (its socket is shut down) and every later one
-        before it is sent; nothing is retried. For a process that is stopping."""
+        """End every call in flight at once: its socket is shut down, its retries dropped, and
+        ``complete`` raises ``EndpointError``. Later calls are served as usual."""
         self._deadlines.abort()
 
     def close(self):
@@ -348,10 +361,10 @@ class ChatClient:
             text = text.replace(secret, "***")
         return text
 
-    def _post(self, body):
+    def _post(self, body, aborted):
         with self._lock:
             self._requests += 1
-        self._deadlines.start(self.timeout)
+        self._deadlines.start(self.timeout, aborted)
         try:
             with self._http.stream("POST", self.url, content=body) as resp:
                 if resp.status_code in _CONFIG_STATUSES:
@@ -416,8 +429,8 @@ class ChatClient:
 
         ``parse`` raising ``ValueError`` counts as a failed attempt. Each attempt and failure
         is counted in ``stats`` (a ``RequestStats``) when given. Raises ``EndpointError``
-        after the last retry, or at once once the client is closed; ``EndpointConfigError``
-        at once.
+        after the last retry, or at once when ``abort`` or ``close`` ends the call;
+        ``EndpointConfigError`` at once.
         """
         payload = {"model": self.model, "messages": messages, "temperature": temperature,
                    "max_tokens": max_tokens}
@@ -425,17 +438,20 @@ class ChatClient:
             payload["response_format"] = response_format
         body = json.dumps(payload).encode("utf-8")
         stats = RequestStats() if stats is None else stats
-        closed = EndpointError(f"{what} to {self.url}: the client was closed")
+        aborted = self._deadlines.current()
+        sleep = aborted.wait if self._sleep is None else self._sleep
+        stopped = EndpointError(f"{what} to {self.url}: aborted (the client was closed or the "
+                                f"call interrupted)")
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
                 stats.retries += 1
-                self._sleep(self.retry_delay(attempt, getattr(last, "retry_after", None)))
-            if self._deadlines.aborted.is_set():
-                raise closed
+                sleep(self.retry_delay(attempt, getattr(last, "retry_after", None)))
+            if aborted.is_set():
+                raise stopped
             stats.requests += 1
             try:
-                content = self._post(body)
+                content = self._post(body, aborted)
             except _Retryable as e:
                 last = e
                 setattr(stats, e.kind, getattr(stats, e.kind) + 1)
@@ -445,8 +461,8 @@ class ChatClient:
                 except ValueError as e:  # MicaInputError included
                     last = e
                     stats.parse_failures += 1
-            if self._deadlines.aborted.is_set():
-                raise closed
+            if aborted.is_set():
+                raise stopped
             log.warning("%s to %s failed (attempt %d of %d): %s", what, self.url, attempt + 1,
                         self.retries + 1, self._redact(last))
         raise EndpointError(f"{what} to {self.url} failed after {self.retries + 1} attempts: "

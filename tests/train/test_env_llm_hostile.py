@@ -320,18 +320,54 @@ def test_a_token_as_url_user_name_is_never_shown(hostile, caplog):
     assert caplog.records and "tok-123456789" not in caplog.text + str(err)
 
 
+# ---------------------------------------------------------------- interruption
+def drip_forever(send, state):
+    send(ok_headers(10**6))
+    for _ in range(3000):               # 5 minutes at most
+        send(b" ")
+        time.sleep(0.1)
+
+
+def test_an_interrupted_step_ends_its_requests_and_the_env_still_works(hostile, monkeypatch):
+    """Ctrl-C (or mica's SIGTERM exception) while step_episodes waits on hanging requests,
+    with the timeout at 10 minutes: the requests end at once, and later steps are served."""
+    import concurrent.futures
+
+    state, url = hostile(drip_forever)
+    real_wait = concurrent.futures.wait
+
+    def interrupted_wait(futures, *args, **kw):
+        deadline = time.monotonic() + 60
+        while state.requests < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)            # until every episode's judge request hangs
+        raise KeyboardInterrupt
+
+    cfg = EnvConfig(simulator="llm_judge", base_url=url, model="m", timeout=600, retries=3,
+                    max_concurrency=4, max_turns=3, min_turns=3)
+    with make_env(cfg) as env:
+        episodes = env.reset_episodes([SCENARIO] * 4, range(4))
+        monkeypatch.setattr(concurrent.futures, "wait", interrupted_wait)
+        with pytest.raises(KeyboardInterrupt):
+            env.step_episodes(episodes, ["Perhaps."] * 4)
+        monkeypatch.setattr(concurrent.futures, "wait", real_wait)
+        # The workers finish their steps, the judge turn failed, nothing was retried.
+        deadline = time.monotonic() + 30
+        while any(ep.turn == 0 for ep in episodes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [ep.metrics()["judge_failures"] for ep in episodes] == [1] * 4
+        assert [ep.metrics()["llm_requests"] for ep in episodes] == [1] * 4
+        state.behaviour = answer(completion(json.dumps(RUBRIC)))
+        fresh = env.reset_episodes([SCENARIO] * 4, range(4))
+        results = env.step_episodes(fresh, ["Perhaps."] * 4)
+    assert [r.rubric for r in results] == [RUBRIC] * 4
+
+
 # ---------------------------------------------------------------- SIGTERM
 def test_sigterm_during_a_hanging_request_ends_mica(hostile, tiny_model_dir, tmp_path):
     """``mica eval`` with the LLM judge, whose requests (on worker threads) hang on a server
     that drips its answer for minutes, with the timeout at 10 minutes: SIGTERM must end the
     process at once, with mica's one line and status 143."""
     from train_helpers import MICA, subprocess_env
-
-    def drip_forever(send, state):
-        send(ok_headers(10**6))
-        for _ in range(3000):               # 5 minutes at most
-            send(b" ")
-            time.sleep(0.1)
 
     state, url = hostile(drip_forever)
     extra = json.dumps({"base_url": url, "model": "m", "timeout": 600, "retries": 3})
