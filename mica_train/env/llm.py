@@ -7,7 +7,8 @@ an environment, whose steps run concurrently (``SupportEnv.step_episodes``).
 
 Failure handling. Each attempt gets ``timeout`` seconds in all, from connecting to the last
 byte of the answer (a server that drips its answer cannot stretch it), and a body of at most
-``max_response_bytes`` bytes (read as it arrives; a longer one is abandoned at the cap).
+``max_response_bytes`` bytes (read as it arrives; a longer one is abandoned at the cap; a
+compressed one, which the client does not ask for, is refused).
 Timeouts, connection errors (refused, reset, closed without an answer), HTTP 5xx, 408, 429 and
 other unexpected statuses, bodies that are not a chat completion (too large, nested too deeply,
 not JSON, ...) and completions that do not parse are retried ``retries`` times, sleeping
@@ -24,10 +25,10 @@ The API key comes from ``EnvConfig.api_key`` or the environment variable named b
 base URL is sent as HTTP Basic authentication and never as part of the URL. Neither the key,
 the password nor the header values appear in any message this module logs or raises.
 
-``ChatClient.close()`` (and so ``SupportEnv.close()``, and an interrupted
-``SupportEnv.step_episodes``) ends the requests in flight at once: their sockets are shut
-down, and nothing is retried after it, so SIGTERM or Ctrl-C during a call stops the process
-promptly.
+``ChatClient.abort()`` (called by ``SupportEnv.close()`` and by an interrupted
+``SupportEnv.step_episodes``) ends the calls in flight at once: their sockets are shut down
+and their retries dropped, so SIGTERM or Ctrl-C during a call stops the process promptly.
+Calls begun after it are served as usual.
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ class ChatClient:
         self._jitter_rng = random.Random()
         self._lock = threading.Lock()
         self._requests = 0
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "Accept-Encoding": "identity"}
         secrets = []
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -396,16 +398,23 @@ class ChatClient:
         return content
 
     def _read_body(self, resp):
-        """The body of ``resp``, read as it arrives and abandoned past ``max_response_bytes``
-        (counted after decoding, so a compressed bomb stops at the cap too)."""
+        """The body of ``resp``, read as it arrives and abandoned past ``max_response_bytes``.
+
+        The client asks for no compression (``Accept-Encoding: identity``) and refuses a
+        compressed body: decompressing one network read can take a thousand times its size
+        before any cap could be checked."""
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _Retryable(f"the response is compressed ({encoding}) although the client "
+                             f"asked for none", "bad_responses")
         cap = self.max_response_bytes
         too_large = _Retryable(f"the response is larger than max_response_bytes={cap}",
                                "bad_responses")
         declared = resp.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > cap and not resp.headers.get("Content-Encoding"):
+        if declared.isdigit() and int(declared) > cap:
             raise too_large
         body = bytearray()
-        for chunk in resp.iter_bytes():
+        for chunk in resp.iter_raw():
             body += chunk
             if len(body) > cap:
                 raise too_large

@@ -196,6 +196,29 @@ def test_an_endless_chunked_body_stops_at_the_cap(hostile):
     assert state.hung_up == 1 and state.finished == 0
 
 
+def test_a_compressed_body_is_refused(hostile):
+    """A gzip bomb: 64 KiB on the wire, 64 MiB once inflated. The client asks for no
+    compression and never inflates what it gets."""
+    import gzip
+
+    bomb = gzip.compress(b"[" * 2**26, compresslevel=9)
+
+    def gzipped(send, state):
+        send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+             + f"Content-Length: {len(bomb)}\r\n\r\n".encode() + bomb)
+
+    state, url = hostile(gzipped)
+    tracemalloc.start()
+    try:
+        err, stats = ask(url, retries=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(bomb) < 2**20 and "the response is compressed (gzip)" in str(err)
+    assert stats.bad_responses == 2 and peak < 8 * 2**20
+    assert state.headers[0]["accept-encoding"] == "identity"
+
+
 def test_a_body_under_the_cap_is_read(hostile):
     _, url = hostile(answer(completion(json.dumps(RUBRIC))))
     rubric, stats = ask(url, max_response_bytes=1024)
