@@ -284,7 +284,12 @@ class ChatClient:
                                  column="base_url", rule="url") from None
         self.url = url.rstrip("/") + "/chat/completions"
         self.model = model
-        self._api_key = api_key or None
+        # Surrounding white space (a key file's newline) is no part of a key; a control or
+        # non-ASCII character cannot go in a header, and the header error would show the key.
+        self._api_key = str(api_key).strip() if api_key else None
+        if self._api_key and not (self._api_key.isascii() and self._api_key.isprintable()):
+            raise MicaInputError("the API key has a character that cannot go in an HTTP header "
+                                 "(control, non-ASCII)", column="api_key", rule="header")
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)

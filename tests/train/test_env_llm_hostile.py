@@ -336,6 +336,16 @@ def test_a_password_in_the_url_is_never_shown(hostile, caplog):
         assert secret not in text
 
 
+def test_an_api_key_that_cannot_be_a_header_is_refused_without_showing_it(hostile):
+    _, url = hostile(answer(completion(json.dumps(RUBRIC))))
+    for bad in ("sk-abc\ndef-secret", "sk-\x00secret", "sk-s\u00e9cret"):
+        with pytest.raises(ValueError, match="cannot go in an HTTP header") as e:
+            ChatClient(url, "m", api_key=bad)
+        assert "secret" not in str(e.value)
+    rubric, _ = ask(url, api_key="sk-from-a-file\n")   # a key file's newline is dropped
+    assert rubric == RUBRIC
+
+
 def test_a_token_as_url_user_name_is_never_shown(hostile, caplog):
     _, url = hostile(lambda send, st: send(b"HTTP/1.1 500 No\r\nContent-Length: 0\r\n\r\n"))
     with caplog.at_level(logging.DEBUG):
