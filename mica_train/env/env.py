@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from mica_core._errors import MicaInputError
 
 from .engine import SupportTrajectory, mean_increment, validate_end_rule
-from .errors import JudgeError
+from .errors import JudgeError, public_url
 from .rubric import progress_increment
 from .scenarios import Scenario
 from .simulator import EmbeddedDynamics, EmbeddedJudge, EmbeddedUser
@@ -130,6 +130,15 @@ class EnvConfig:
             raise MicaInputError(f"backoff_jitter must be a number in [0, 1], got {v!r}",
                                  column="backoff_jitter", rule="range")
 
+    def __repr__(self):
+        # The dataclass repr, with credentials in base_url hidden (the API key is repr=False).
+        shown = []
+        for f in fields(self):
+            if f.repr:
+                v = getattr(self, f.name)
+                shown.append(f"{f.name}={public_url(v) if f.name == 'base_url' and v else v!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
     @classmethod
     def for_evaluation(cls, **overrides):
         """Evaluation settings: ``max_turns=45`` (EMPA), other defaults unchanged."""
@@ -137,8 +146,10 @@ class EnvConfig:
         return cls(**overrides)
 
     def to_dict(self):
-        """Settings as a dict, without the API key."""
+        """Settings as a dict, without the API key or credentials in ``base_url``."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        if d["base_url"]:
+            d["base_url"] = public_url(d["base_url"])
         d["dynamics"] = asdict(self.dynamics)
         return d
 

@@ -51,7 +51,7 @@ import httpx
 
 from mica_core._errors import MicaInputError
 
-from .errors import EndpointConfigError, EndpointError, JudgeError
+from .errors import EndpointConfigError, EndpointError, JudgeError, public_url
 from .rubric import AXES, PROGRESS_KEYS, parse_progress_rubric
 
 __all__ = ["ChatClient", "LLMJudge", "LLMUser", "RequestStats", "parse_judge_reply",
@@ -107,19 +107,6 @@ def split_credentials(url):
     user, sep, password = userinfo.partition(":")
     return (urlunsplit(parts._replace(netloc=host)), unquote(user),
             unquote(password) if sep else None)
-
-
-def public_url(url):
-    """``url`` as it may be shown: a ``user:password@`` part becomes ``***@`` (with or without
-    a scheme)."""
-    text = str(url)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        scheme, rest = "", text
-    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if "@" in netloc:
-        rest = "***@" + rest[len(netloc.rsplit("@", 1)[0]) + 1:]
-    return f"{scheme}{sep}{rest}"
 
 
 # ------------------------------------------------------------------ deadlines and abort

@@ -327,8 +327,11 @@ def test_a_password_in_the_url_is_never_shown(hostile, caplog):
     # The credentials were sent, as HTTP Basic authentication (it replaces the Bearer key).
     assert state.requests == 3 and stats.retries == 2
     assert state.headers[0]["authorization"] == f"Basic {token}"
+    cfg = EnvConfig(simulator="llm_judge", base_url=secret_url, model="m", api_key=key)
     text = "\n".join([caplog.text, str(err), str(bad_scheme.value), str(no_scheme.value),
-                      repr(ChatClient(secret_url, "m", api_key=key))])
+                      repr(ChatClient(secret_url, "m", api_key=key)), repr(cfg),
+                      json.dumps(cfg.to_dict(), default=str)])
+    assert cfg.to_dict()["base_url"] == url.replace("http://", "http://***@")
     assert "failed (attempt 2 of 3)" in caplog.text and "HTTP Request: POST" in caplog.text
     assert "'ftp://***@127.0.0.1" in str(bad_scheme.value)
     assert "'***@127.0.0.1" in str(no_scheme.value)
