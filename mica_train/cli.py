@@ -125,13 +125,16 @@ def _train(args) -> int:
             cfg = load_config(args.config, overrides_from_args(args))
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         return 0
-    from .trainer import Trainer
+    from .trainer import JudgeFailureStop, Trainer
 
     with _user_errors():
         trainer = Trainer(_load(args))
     if trainer.resumed_from is not None and trainer.dist.is_main:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})", file=sys.stderr)
-    last = trainer.train()
+    try:
+        last = trainer.train()
+    except JudgeFailureStop as exc:
+        raise CommandError(str(exc)) from None
     if trainer.dist.is_main and last:
         keys = ("step", "pass_rate", "mean_final_distance", "reward_mean", "kl", "time_step")
         print(json.dumps({k: last[k] for k in keys if k in last}))

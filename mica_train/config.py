@@ -100,6 +100,11 @@ class EnvSettings:
     success: str = field(default="empa", metadata={"help": "success criterion of the environment"})
     max_turns: int = field(default=15, metadata={"help": "turn budget of a training episode"})
     min_turns: int = field(default=12, metadata={"help": "turns before the user may leave"})
+    max_judge_failure_share: float = field(
+        default=0.5,
+        metadata={"help": "stop training (exit 2) when more than this share of a step's judged turns "
+                          "failed (fallback rewards); 1 never stops, 0 stops at the first failure"},
+    )
     extra: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "further EnvConfig fields (for example LLM settings)"}
     )
@@ -223,7 +228,8 @@ class TrainConfig:
 #: what is trained (evaluations fork the random state). Every other field must equal the
 #: run's ``config.json``, or the resumed steps would train something the record does not say.
 RESUME_MAY_CHANGE = ("threads", "save_every", "keep_checkpoints", "tensorboard", "plot",
-                     "progress", "transcripts_every", "tensorboard_conversations", "eval.")
+                     "progress", "transcripts_every", "tensorboard_conversations", "eval.",
+                     "env.max_judge_failure_share")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -451,6 +457,9 @@ def check_config(cfg: TrainConfig) -> None:
     for name, allowed in CHOICES.items():
         if _get(cfg, name) not in allowed:
             raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {_get(cfg, name)!r}")
+    share = cfg.env.max_judge_failure_share
+    if not 0 <= share <= 1:
+        raise ConfigError(f"env.max_judge_failure_share must be a number in [0, 1], got {share!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.model.device):
         raise ConfigError(f"model.device must be auto, cpu, mps, cuda or cuda:N, got {cfg.model.device!r}")
     known = mc.list_estimators()

@@ -40,7 +40,12 @@ from .rollout import derive_seed
 # process SIGKILLs itself in the middle of step N + 1 (after N steps of this process).
 KILL_AFTER_STEPS_ENV = "MICA_TRAIN_TEST_KILL_AFTER_STEPS"
 
-__all__ = ["StepTimes", "Trainer", "evaluate", "training_scenarios", "warmup_cosine"]
+__all__ = ["JudgeFailureStop", "StepTimes", "Trainer", "evaluate", "training_scenarios", "warmup_cosine"]
+
+
+class JudgeFailureStop(RuntimeError):
+    """A step's rollouts had more failed judge turns than ``env.max_judge_failure_share``: the
+    run stops before training on their fallback rewards (``mica train`` exits with status 2)."""
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float):
@@ -477,6 +482,11 @@ class Trainer:
         records = self.rollout(step)
         table = trajectory_table(records)
         times.rollout = time.perf_counter() - t0
+        from .env import aggregate_metrics
+
+        ep_metrics = [m for part in all_gather_objects(self.dist, [r.metrics for r in records]) for m in part]
+        agg = aggregate_metrics(ep_metrics)
+        self._check_judge_failures(step, agg)
 
         if 0 < self._kill_after_steps <= self._steps_this_process:
             # Test hook: die abruptly in the middle of a step, as an external kill would.
@@ -494,10 +504,6 @@ class Trainer:
             # This process's rows lead the gathered batch (see advantages()) on process 0.
             self.save_transcripts(step, records, batch_table.slice(0, table.num_rows))
 
-        from .env import aggregate_metrics
-
-        ep_metrics = [m for part in all_gather_objects(self.dist, [r.metrics for r in records]) for m in part]
-        agg = aggregate_metrics(ep_metrics)
         all_adv = batch_table.column("advantage").to_numpy()
         reward = batch_table.column("reward").to_numpy()
         resp_len = np.array([len(r) for r in table.column("response_ids").to_pylist()], dtype=float)
@@ -520,8 +526,24 @@ class Trainer:
             "time_update": times.update,
             "time_step": times.total,
         }
+        rec["judge_failures"] = int(agg["judge_failures"])
+        rec["judge_failure_rate"] = float(agg["judge_failure_rate"])
+        rec["user_failures"] = int(agg["user_failures"])
         rec.update({k: v for k, v in agg.items() if k.startswith("llm_")})
         return rec
+
+    def _check_judge_failures(self, step: int, agg: dict[str, Any]) -> None:
+        """Raise :class:`JudgeFailureStop` when more of this step's judged turns failed than
+        ``env.max_judge_failure_share`` allows (every process sees the same gathered counts)."""
+        limit = self.cfg.env.max_judge_failure_share
+        share = float(agg["judge_failure_rate"])
+        if share <= limit:
+            return
+        counters = ", ".join(f"{k}={v}" for k, v in agg.items() if k.startswith("llm_") and v)
+        raise JudgeFailureStop(
+            f"step {step}: the judge failed on {agg['judge_failures']} turns ({share:.0%} of the "
+            f"step's turns), more than env.max_judge_failure_share={limit}; stopped before "
+            f"training on fallback rewards (check the LLM endpoint{': ' + counters if counters else ''})")
 
     # --------------------------------------------------------------------- loop
     def save(self) -> None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from mica_core._errors import MicaInputError
 
 from .engine import SupportTrajectory, mean_increment, validate_end_rule
-from .errors import JudgeError
+from .errors import JudgeError, public_url
 from .rubric import progress_increment
 from .scenarios import Scenario
 from .simulator import EmbeddedDynamics, EmbeddedJudge, EmbeddedUser
@@ -26,6 +26,7 @@ __all__ = ["EnvConfig", "StepResult", "Episode", "SupportEnv", "make_env", "aggr
 
 SIMULATORS = ("embedded", "llm", "llm_judge")
 JUDGE_FAILURE_POLICIES = ("mean", "drop")
+MAX_TIMEOUT = 86400.0  # one request's deadline, seconds (a socket cannot wait much longer)
 
 
 def _f(default, help, **kw):
@@ -62,7 +63,8 @@ class EnvConfig:
     api_key: str | None = _f(None, "API key (never logged; default: $<api_key_env>)",
                              repr=False)
     api_key_env: str = _f("MICA_LLM_API_KEY", "environment variable holding the API key")
-    timeout: float = _f(60.0, "seconds per HTTP request")
+    timeout: float = _f(60.0, "seconds per HTTP request (each attempt, from connecting to "
+                              "the last byte of the answer)")
     retries: int = _f(3, "retries after a failed request or an unparsable reply")
     backoff: float = _f(0.5, "first retry delay in seconds, doubled at each retry")
     backoff_max: float = _f(8.0, "largest retry delay in seconds")
@@ -77,6 +79,8 @@ class EnvConfig:
     json_schema: bool = _f(False, "send the progress rubric's JSON schema as response_format "
                                   "(guided decoding on vLLM/SGLang; overrides json_mode)")
     history_messages: int = _f(12, "most recent messages shown to the LLM user and judge")
+    max_response_bytes: int = _f(1 << 20, "largest response body read, in bytes (1 MiB); a "
+                                          "larger one is a failed attempt, retried")
 
     def __post_init__(self):
         validate_end_rule(self.max_turns, self.min_turns, self.success, self.failure_streak,
@@ -103,9 +107,13 @@ class EnvConfig:
                                  column="dynamics", rule="type")
         for name in ("timeout", "backoff", "backoff_max"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise MicaInputError(f"{name} must be a number >= 0, got {v!r}", column=name,
-                                     rule="range")
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                    or not math.isfinite(v)):
+                raise MicaInputError(f"{name} must be a finite number >= 0, got {v!r}",
+                                     column=name, rule="range")
+        if not 0 < self.timeout <= MAX_TIMEOUT:
+            raise MicaInputError(f"timeout must be in (0, {MAX_TIMEOUT}] seconds, got "
+                                 f"{self.timeout!r}", column="timeout", rule="range")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise MicaInputError(f"retries must be an integer >= 0, got {self.retries!r}",
                                  column="retries", rule="range")
@@ -113,10 +121,23 @@ class EnvConfig:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise MicaInputError(f"max_concurrency must be an integer >= 1, got {v!r}",
                                  column="max_concurrency", rule="range")
+        v = self.max_response_bytes
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1024:
+            raise MicaInputError(f"max_response_bytes must be an integer >= 1024, got {v!r}",
+                                 column="max_response_bytes", rule="range")
         v = self.backoff_jitter
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise MicaInputError(f"backoff_jitter must be a number in [0, 1], got {v!r}",
                                  column="backoff_jitter", rule="range")
+
+    def __repr__(self):
+        # The dataclass repr, with credentials in base_url hidden (the API key is repr=False).
+        shown = []
+        for f in fields(self):
+            if f.repr:
+                v = getattr(self, f.name)
+                shown.append(f"{f.name}={public_url(v) if f.name == 'base_url' and v else v!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @classmethod
     def for_evaluation(cls, **overrides):
@@ -125,8 +146,10 @@ class EnvConfig:
         return cls(**overrides)
 
     def to_dict(self):
-        """Settings as a dict, without the API key."""
+        """Settings as a dict, without the API key or credentials in ``base_url``."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        if d["base_url"]:
+            d["base_url"] = public_url(d["base_url"])
         d["dynamics"] = asdict(self.dynamics)
         return d
 
@@ -328,12 +351,26 @@ class SupportEnv:
                                             thread_name_prefix="mica-env")
         from concurrent.futures import wait
 
-        futures = [self._pool.submit(fn, job) for job in jobs]
-        wait(futures)
+        futures = []
+        try:
+            for job in jobs:
+                futures.append(self._pool.submit(fn, job))
+            wait(futures)
+        except BaseException:
+            # Interrupted (SIGTERM turned into an exception, Ctrl-C): the process is stopping.
+            # Drop the queued steps and end the requests in flight at once, so that no worker
+            # thread keeps the process alive waiting on a slow endpoint.
+            for f in futures:
+                f.cancel()
+            self._client.abort()
+            raise
         return [f.result() for f in futures]
 
     def close(self):
-        """Stop the worker threads and close the endpoint's connections."""
+        """End the endpoint calls still in flight, stop the worker threads and close the
+        endpoint's connections."""
+        if self._client is not None:
+            self._client.abort()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

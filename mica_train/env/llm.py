@@ -5,47 +5,66 @@ llama.cpp's server, hosted providers). The HTTP client is ``httpx``: one ``ChatC
 a pool of up to ``max_concurrency`` keep-alive connections and is shared by every episode of
 an environment, whose steps run concurrently (``SupportEnv.step_episodes``).
 
-Failure handling. Each request gets ``timeout`` seconds per connect, read, write and pool
-wait. Timeouts, connection errors (refused, reset, closed without an answer), HTTP 5xx, 408,
-429 and other unexpected statuses, bodies that are not a chat completion and completions that
-do not parse are retried ``retries`` times, sleeping ``min(backoff * 2**k, backoff_max) * (1 -
-jitter * u)`` seconds with ``u`` uniform in [0, 1) (the openai client's schedule; a
-``Retry-After`` header is honoured up to ``backoff_max``). Each failed attempt is counted in the
-episode's ``RequestStats`` by kind. A judge turn still failing raises ``JudgeError``, which the
-episode handles with ``EnvConfig.on_judge_failure``; a user turn still failing falls back to the
-template user and is counted in ``user_failures``. HTTP 400, 401, 403, 404, 405 and 422 mean a
-wrong URL, model or key: ``EndpointConfigError`` is raised at once.
+Failure handling. Each attempt gets ``timeout`` seconds in all, from connecting to the last
+byte of the answer (a server that drips its answer cannot stretch it), and a body of at most
+``max_response_bytes`` bytes (read as it arrives; a longer one is abandoned at the cap; a
+compressed one, which the client does not ask for, is refused).
+Timeouts, connection errors (refused, reset, closed without an answer), HTTP 5xx, 408, 429 and
+other unexpected statuses, bodies that are not a chat completion (too large, nested too deeply,
+not JSON, ...) and completions that do not parse are retried ``retries`` times, sleeping
+``min(backoff * 2**k, backoff_max) * (1 - jitter * u)`` seconds with ``u`` uniform in [0, 1)
+(the openai client's schedule; a ``Retry-After`` header is honoured up to ``backoff_max``).
+Each failed attempt is counted in the episode's ``RequestStats`` by kind. A judge turn still
+failing raises ``JudgeError``, which the episode handles with ``EnvConfig.on_judge_failure``; a
+user turn still failing falls back to the template user and is counted in ``user_failures``.
+HTTP 400, 401, 403, 404, 405 and 422 mean a wrong URL, model or key: ``EndpointConfigError`` is
+raised at once.
 
 The API key comes from ``EnvConfig.api_key`` or the environment variable named by
-``api_key_env``; it is sent only in the ``Authorization`` header and removed from every
-message this module logs or raises.
+``api_key_env``; it is sent only in the ``Authorization`` header. A ``user:password@`` in the
+base URL is sent as HTTP Basic authentication and never as part of the URL. Neither the key,
+the password nor the header values appear in any message this module logs or raises.
+
+``ChatClient.abort()`` (called by ``SupportEnv.close()`` and by an interrupted
+``SupportEnv.step_episodes``) ends the calls in flight at once: their sockets are shut down
+and their retries dropped, so SIGTERM or Ctrl-C during a call stops the process promptly.
+Calls begun after it are served as usual.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import random
 import re
+import socket
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 
 from mica_core._errors import MicaInputError
 
-from .errors import EndpointConfigError, EndpointError, JudgeError
+from .errors import EndpointConfigError, EndpointError, JudgeError, public_url
 from .rubric import AXES, PROGRESS_KEYS, parse_progress_rubric
 
 __all__ = ["ChatClient", "LLMJudge", "LLMUser", "RequestStats", "parse_judge_reply",
            "parse_user_reply", "judge_prompt", "user_prompt", "progress_rubric_schema",
-           "JUDGE_SYSTEM_PROMPT", "USER_SYSTEM_PROMPT"]
+           "JUDGE_SYSTEM_PROMPT", "USER_SYSTEM_PROMPT", "DEFAULT_MAX_RESPONSE_BYTES"]
 
 log = logging.getLogger(__name__)
 
 _CONFIG_STATUSES = frozenset({400, 401, 403, 404, 405, 422})
+
+#: Largest response body read by default (1 MiB): a chat completion of a few hundred tokens
+#: is a few kilobytes.
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
 
 
 @dataclass
@@ -58,10 +77,10 @@ class RequestStats:
 
     requests: int = 0
     retries: int = 0             # attempts after a failed one
-    timeouts: int = 0            # connect, read, write or pool timeout
+    timeouts: int = 0            # connect, read, write or pool timeout, or the deadline
     connection_errors: int = 0   # refused, reset, or closed without an answer
     server_errors: int = 0       # HTTP 5xx, 408, 429 and other unexpected statuses
-    bad_responses: int = 0       # a body that is not a chat completion (malformed JSON, ...)
+    bad_responses: int = 0       # not a chat completion (malformed, too large, too deep, ...)
     parse_failures: int = 0      # a completion that did not parse (judge JSON, user message)
 
     def as_metrics(self):
@@ -77,24 +96,165 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+def split_credentials(url):
+    """``(url, username, password)``: ``url`` without its ``user:password@`` part, and the
+    percent-decoded credentials (None when absent). Raises ``ValueError`` on a URL that
+    cannot be split."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, sep, password = userinfo.partition(":")
+    return (urlunsplit(parts._replace(netloc=host)), unquote(user),
+            unquote(password) if sep else None)
+
+
+# ------------------------------------------------------------------ deadlines and abort
+# httpx applies its timeout to each connect, read and write, so a server that sends one byte
+# at a time keeps a request alive for ever, and a socket blocked in a worker thread cannot be
+# interrupted. The client therefore gives httpcore a network backend whose streams cut every
+# operation's timeout to what is left of the attempt's deadline (a per-thread value: one
+# request runs in one thread), and which can shut every socket down at once (``abort``).
+#
+# An abort ends the calls begun before it (each holds the event that was current when it
+# began, and the abort sets it), not the client: after an interrupted step_episodes the
+# environment still works.
+class _Deadlines:
+    def __init__(self):
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._streams = weakref.WeakSet()
+        self._abort = threading.Event()
+
+    def current(self):
+        """The abort event of a call beginning now."""
+        with self._lock:
+            return self._abort
+
+    def start(self, seconds, aborted):
+        self._local.deadline = time.monotonic() + seconds
+        self._local.aborted = aborted
+
+    def clear(self):
+        self._local.deadline = self._local.aborted = None
+
+    def limit(self, timeout, exc_type):
+        """``timeout`` cut to the time left before this thread's deadline; ``exc_type`` (an
+        httpcore timeout) when none is left or the call was aborted."""
+        aborted = getattr(self._local, "aborted", None)
+        if aborted is not None and aborted.is_set():
+            raise exc_type("the call was aborted")
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise exc_type("the request's deadline passed")
+        return left if timeout is None else min(timeout, left)
+
+    def track(self, stream):
+        with self._lock:
+            self._streams.add(stream)
+        return stream
+
+    def abort(self):
+        with self._lock:
+            aborted, self._abort = self._abort, threading.Event()
+        # Set before the streams are listed: a read that checked the event before this line
+        # uses a stream made before it, so listed and shut down below.
+        aborted.set()
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.shutdown()
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner, deadlines):
+        self._inner = inner
+        self._deadlines = deadlines
+
+    def read(self, max_bytes, timeout=None):
+        return self._inner.read(max_bytes, self._deadlines.limit(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer, timeout=None):
+        self._inner.write(buffer, self._deadlines.limit(timeout, httpcore.WriteTimeout))
+
+    def close(self):
+        self._inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        inner = self._inner.start_tls(ssl_context, server_hostname,
+                                      self._deadlines.limit(timeout, httpcore.ConnectTimeout))
+        return self._deadlines.track(_DeadlineStream(inner, self._deadlines))
+
+    def get_extra_info(self, info):
+        return self._inner.get_extra_info(info)
+
+    def shutdown(self):
+        """Wake a thread blocked on this socket (its read returns at once)."""
+        sock = self._inner.get_extra_info("socket")
+        if sock is not None:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:  # already closed
+                pass
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self, inner, deadlines):
+        self._inner = inner
+        self._deadlines = deadlines
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        timeout = self._deadlines.limit(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return self._deadlines.track(_DeadlineStream(stream, self._deadlines))
+
+    def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        timeout = self._deadlines.limit(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_unix_socket(path, timeout, socket_options)
+        return self._deadlines.track(_DeadlineStream(stream, self._deadlines))
+
+    def sleep(self, seconds):
+        self._inner.sleep(seconds)
+
+
+def _install_deadlines(client, deadlines):
+    """Put ``_DeadlineBackend`` under every transport of ``client`` (the default one and the
+    proxies httpx mounted from the environment)."""
+    transports = [client._transport, *client._mounts.values()]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        if transport is not None and not hasattr(pool, "_network_backend"):
+            raise RuntimeError(f"mica's LLM client does not support this httpx/httpcore version "
+                               f"(httpx {httpx.__version__}: no connection pool backend)")
+        if pool is not None:
+            pool._network_backend = _DeadlineBackend(pool._network_backend, deadlines)
+
+
 class ChatClient:
     """A chat-completions client with a keep-alive connection pool, retries and jittered
     exponential backoff. Thread-safe: share one client between concurrent episodes.
 
     Args:
       base_url: e.g. ``http://127.0.0.1:8000/v1``; requests go to ``{base_url}/chat/completions``.
+        A ``user:password@`` in it is sent as HTTP Basic authentication; never logged.
       model: the model name sent in each request.
       api_key: sent as ``Authorization: Bearer <key>`` when given; never logged.
-      timeout: seconds per connect, read, write and pool wait of one request.
+      timeout: seconds of one attempt in all, from connecting to the last byte of the answer.
       retries: retries after the first attempt.
       backoff, backoff_max, jitter: retry ``k`` (from 0) waits
         ``min(backoff * 2**k, backoff_max) * (1 - jitter * u)``, ``u`` uniform in [0, 1).
       max_connections: size of the connection pool (the environment's ``max_concurrency``).
-      sleep: the function that waits (tests may pass a recorder).
+      max_response_bytes: largest response body read; a longer one is a failed attempt.
+      sleep: the function that waits between attempts (tests may pass a recorder; the
+        default wait ends early when the call is aborted).
     """
 
     def __init__(self, base_url, model, api_key=None, *, timeout=60.0, retries=3, backoff=0.5,
-                 backoff_max=8.0, jitter=0.25, max_connections=64, sleep=time.sleep):
+                 backoff_max=8.0, jitter=0.25, max_connections=64,
+                 max_response_bytes=DEFAULT_MAX_RESPONSE_BYTES, sleep=None):
         if not base_url:
             raise MicaInputError("no LLM endpoint: set EnvConfig.base_url or $MICA_LLM_BASE_URL",
                                  column="base_url", rule="required")
@@ -103,28 +263,54 @@ class ChatClient:
                                  column="model", rule="required")
         if not re.match(r"^https?://", base_url):
             raise MicaInputError(f"base_url must start with http:// or https://, got "
-                                 f"{base_url!r}", column="base_url", rule="url")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+                                 f"{public_url(base_url)!r}", column="base_url", rule="url")
+        try:
+            url, user, password = split_credentials(base_url)
+        except ValueError as e:
+            raise MicaInputError(f"base_url {public_url(base_url)!r} is not a valid URL ({e})",
+                                 column="base_url", rule="url") from None
+        self.url = url.rstrip("/") + "/chat/completions"
         self.model = model
-        self._api_key = api_key or None
+        # Surrounding white space (a key file's newline) is no part of a key; a control or
+        # non-ASCII character cannot go in a header, and the header error would show the key.
+        self._api_key = str(api_key).strip() if api_key else None
+        if self._api_key and not (self._api_key.isascii() and self._api_key.isprintable()):
+            raise MicaInputError("the API key has a character that cannot go in an HTTP header "
+                                 "(control, non-ASCII)", column="api_key", rule="header")
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
         self.jitter = float(jitter)
+        self.max_response_bytes = int(max_response_bytes)
+        self._deadlines = _Deadlines()
         self._sleep = sleep
         # Jitter only spreads retries in time; its own generator keeps the seeded global
         # generators (and so the run) untouched.
         self._jitter_rng = random.Random()
         self._lock = threading.Lock()
         self._requests = 0
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json",
+                   "Accept-Encoding": "identity"}
+        secrets = []
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+            secrets.append(self._api_key)
+        auth = None
+        if user or password:
+            auth = httpx.BasicAuth(user or "", password or "")
+            # The Basic header's token, the URL's user:password as written, and the password
+            # (a user name alone, a token used as user name, is a secret too).
+            secrets += [base64.b64encode(f"{user or ''}:{password or ''}".encode()).decode(),
+                        urlsplit(base_url).netloc.rsplit("@", 1)[0],
+                        password if password else user]
+        # Longest first, so that a secret inside another is not left half shown.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         n = max(1, int(max_connections))
         self._http = httpx.Client(
-            headers=headers, timeout=httpx.Timeout(self.timeout),
+            headers=headers, auth=auth, timeout=httpx.Timeout(self.timeout),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        _install_deadlines(self._http, self._deadlines)
 
     def __repr__(self):
         return (f"ChatClient(url={self.url!r}, model={self.model!r}, "
@@ -144,10 +330,17 @@ class ChatClient:
                    config.api_key or os.environ.get(config.api_key_env),
                    timeout=config.timeout, retries=config.retries, backoff=config.backoff,
                    backoff_max=config.backoff_max, jitter=config.backoff_jitter,
-                   max_connections=config.max_concurrency)
+                   max_connections=config.max_concurrency,
+                   max_response_bytes=config.max_response_bytes)
+
+    def abort(self):
+        """End every call in flight at once: its socket is shut down, its retries dropped, and
+        ``complete`` raises ``EndpointError``. Later calls are served as usual."""
+        self._deadlines.abort()
 
     def close(self):
-        """Close the pooled connections."""
+        """Close the pooled connections; requests still in flight end at once."""
+        self.abort()
         self._http.close()
 
     def __enter__(self):
@@ -158,30 +351,37 @@ class ChatClient:
 
     def _redact(self, text):
         text = str(text)
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text
 
-    def _post(self, body):
+    def _post(self, body, aborted):
         with self._lock:
             self._requests += 1
+        self._deadlines.start(self.timeout, aborted)
         try:
-            resp = self._http.post(self.url, content=body)
+            with self._http.stream("POST", self.url, content=body) as resp:
+                if resp.status_code in _CONFIG_STATUSES:
+                    raise EndpointConfigError(f"{self.url} answered HTTP {resp.status_code}: "
+                                              f"check base_url, model and the API key")
+                if resp.status_code != 200:
+                    raise _Retryable(f"HTTP {resp.status_code}", "server_errors",
+                                     retry_after=resp.headers.get("Retry-After"))
+                raw = self._read_body(resp)
         except httpx.TimeoutException as e:
             raise _Retryable(f"timeout ({type(e).__name__})", "timeouts") from None
         except httpx.TransportError as e:
             raise _Retryable(f"{type(e).__name__}: {e}", "connection_errors") from None
         except httpx.RequestError as e:  # a body that cannot be decoded
             raise _Retryable(f"{type(e).__name__}: {e}", "bad_responses") from None
-        if resp.status_code in _CONFIG_STATUSES:
-            raise EndpointConfigError(f"{self.url} answered HTTP {resp.status_code}: check "
-                                      f"base_url, model and the API key")
-        if resp.status_code != 200:
-            raise _Retryable(f"HTTP {resp.status_code}", "server_errors",
-                             retry_after=resp.headers.get("Retry-After"))
+        finally:
+            self._deadlines.clear()
         try:
-            data = json.loads(resp.content)
+            data = json.loads(raw)
             content = data["choices"][0]["message"]["content"]
+        except RecursionError:
+            raise _Retryable("the response is nested too deeply to read as JSON",
+                             "bad_responses") from None
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable("the response is not a chat completion "
                              "(no choices[0].message.content)", "bad_responses") from None
@@ -189,9 +389,33 @@ class ChatClient:
             raise _Retryable("choices[0].message.content is not a string", "bad_responses")
         return content
 
+    def _read_body(self, resp):
+        """The body of ``resp``, read as it arrives and abandoned past ``max_response_bytes``.
+
+        The client asks for no compression (``Accept-Encoding: identity``) and refuses a
+        compressed body: decompressing one network read can take a thousand times its size
+        before any cap could be checked."""
+        encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _Retryable(f"the response is compressed ({encoding}) although the client "
+                             f"asked for none", "bad_responses")
+        cap = self.max_response_bytes
+        too_large = _Retryable(f"the response is larger than max_response_bytes={cap}",
+                               "bad_responses")
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise too_large
+        body = bytearray()
+        for chunk in resp.iter_raw():
+            body += chunk
+            if len(body) > cap:
+                raise too_large
+        return bytes(body)
+
     def retry_delay(self, attempt, retry_after=None):
         """Seconds to wait before retry ``attempt`` (1-based)."""
-        delay = min(self.backoff * 2 ** (attempt - 1), self.backoff_max)
+        # The exponent is capped: 2 ** 1100 does not fit a float, and the cap wins long before.
+        delay = min(self.backoff * 2.0 ** min(attempt - 1, 60), self.backoff_max)
         delay *= 1.0 - self.jitter * self._jitter_rng.random()
         if retry_after is not None:
             try:
@@ -206,7 +430,8 @@ class ChatClient:
 
         ``parse`` raising ``ValueError`` counts as a failed attempt. Each attempt and failure
         is counted in ``stats`` (a ``RequestStats``) when given. Raises ``EndpointError``
-        after the last retry, ``EndpointConfigError`` at once.
+        after the last retry, or at once when ``abort`` or ``close`` ends the call;
+        ``EndpointConfigError`` at once.
         """
         payload = {"model": self.model, "messages": messages, "temperature": temperature,
                    "max_tokens": max_tokens}
@@ -214,14 +439,20 @@ class ChatClient:
             payload["response_format"] = response_format
         body = json.dumps(payload).encode("utf-8")
         stats = RequestStats() if stats is None else stats
+        aborted = self._deadlines.current()
+        sleep = aborted.wait if self._sleep is None else self._sleep
+        stopped = EndpointError(f"{what} to {self.url}: aborted (the client was closed or the "
+                                f"call interrupted)")
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
                 stats.retries += 1
-                self._sleep(self.retry_delay(attempt, getattr(last, "retry_after", None)))
+                sleep(self.retry_delay(attempt, getattr(last, "retry_after", None)))
+            if aborted.is_set():
+                raise stopped
             stats.requests += 1
             try:
-                content = self._post(body)
+                content = self._post(body, aborted)
             except _Retryable as e:
                 last = e
                 setattr(stats, e.kind, getattr(stats, e.kind) + 1)
@@ -231,6 +462,8 @@ class ChatClient:
                 except ValueError as e:  # MicaInputError included
                     last = e
                     stats.parse_failures += 1
+            if aborted.is_set():
+                raise stopped
             log.warning("%s to %s failed (attempt %d of %d): %s", what, self.url, attempt + 1,
                         self.retries + 1, self._redact(last))
         raise EndpointError(f"{what} to {self.url} failed after {self.retries + 1} attempts: "
@@ -246,7 +479,8 @@ def parse_judge_reply(content):
 
     Accepted: the completion is one JSON object, possibly inside a single Markdown code
     fence, with the keys ``C.Prog`` .. ``P.Neg`` (integers, ``X.Prog`` in 0..2 and ``X.Neg`` in
-    -2..0; other keys ignored). Anything else raises ``ValueError``.
+    -2..0; other keys ignored). Anything else, JSON nested too deeply included, raises
+    ``ValueError``.
     """
     text = content.strip()
     m = _FENCE.match(text)
@@ -254,9 +488,14 @@ def parse_judge_reply(content):
         text = m.group(1).strip()
     try:
         obj = json.loads(text)
+        # Inside the try: a value nested almost to the recursion limit can still overflow
+        # when an error message shows it.
+        return parse_progress_rubric(obj, where="judge reply: ")
     except json.JSONDecodeError as e:
         raise ValueError(f"judge reply is not a JSON object ({e.msg}): {content[:80]!r}") from None
-    return parse_progress_rubric(obj, where="judge reply: ")
+    except RecursionError:
+        raise ValueError(f"judge reply is nested too deeply to read as JSON: "
+                         f"{content[:80]!r}") from None
 
 
 def parse_user_reply(content, max_chars=1000):
