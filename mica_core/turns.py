@@ -99,11 +99,11 @@ def _host(value):
     return value
 
 
-def _numbers(column, row, value, ndim):
+def _numbers(column, row, value, ndim, noun="row"):
     """Row ``row`` of a per-row field as a float64 array of ``ndim`` dimensions."""
     if value is None:
-        raise MicaInputError("no value for this row", column=column, row=row,
-                             rule="a value per row")
+        raise MicaInputError(f"no value for this {noun}", column=column, row=row,
+                             rule=f"a value per {noun}")
     try:
         a = np.asarray(_host(value), dtype=np.float64)
     except (TypeError, ValueError):
@@ -114,7 +114,7 @@ def _numbers(column, row, value, ndim):
     if a.ndim != ndim:
         what = {0: "a number", 1: "a list of numbers, one per turn",
                 2: "a list of state vectors [turns, K]"}[ndim]
-        raise MicaInputError(f"needs {what} per row; got shape {a.shape}", column=column,
+        raise MicaInputError(f"needs {what} per {noun}; got shape {a.shape}", column=column,
                              row=row, rule="shape")
     bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0] if a.ndim else 1, -1)).all(axis=1))
     if bad.size:
@@ -123,16 +123,16 @@ def _numbers(column, row, value, ndim):
     return a
 
 
-def _column(fields, key, n, names):
+def _column(fields, key, n, names, noun="row"):
     col = fields.get(key)
     if col is None:
         return None
     if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
-        raise MicaInputError(f"needs one entry per row; got {type(col).__name__}",
-                             column=_name(names, key), rule="one entry per row")
+        raise MicaInputError(f"needs one entry per {noun}; got {type(col).__name__}",
+                             column=_name(names, key), rule=f"one entry per {noun}")
     if len(col) != n:
-        raise MicaInputError(f"has {len(col)} entries for {n} rows", column=_name(names, key),
-                             rule="one entry per row")
+        raise MicaInputError(f"has {len(col)} entries for {n} {noun}s",
+                             column=_name(names, key), rule=f"one entry per {noun}")
     return col
 
 
@@ -157,12 +157,13 @@ def _trajectories(counts, group, trajectory, order):
 
 
 def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, order=None,
-            names=None, state_options=None) -> TurnBatch:
+            names=None, state_options=None, row_name="row") -> TurnBatch:
     """Lay rows out as mica trajectories and check their per-turn signals.
 
     Args:
-      counts: int ``[B]``, the turns of each row (from its tokens, or from its signal lists);
-        rows with 0 turns are left out of every trajectory (:func:`estimate_turns` gives them 0).
+      counts: int ``[B]``, the turns of each row (from its tokens), or None: the lengths of
+        the rows' signal lists (then required). Rows with 0 turns are left out of every
+        trajectory (:func:`estimate_turns` gives them 0).
       group: ``[B]`` rollout-group label of each row.
       fields: ``{mica name: column with one entry per row}`` for the names of :data:`SIGNALS`;
         absent or None entries are not given. At most one of ``distance``, ``state``,
@@ -175,6 +176,7 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
         v1 rows, one per turn). Default: every row is its own trajectory.
       order: optional int ``[B]``: the rows' order within their trajectory.
       names: ``{mica name: the integration's field name}`` used in error messages.
+      row_name: what a row is called in error rules (TRL: ``"completion"``).
       state_options: ``weights``, ``epsilon``, ``kind`` of :func:`mica_core.distance_from_state`.
 
     Raises:
@@ -184,9 +186,21 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
       a keyed estimator, a trajectory whose rows have different groups.
     """
     est = get_estimator(estimator)
+    present = [k for k in ("distance", "state", "reward") if fields.get(k) is not None]
+    if len(present) > 1:
+        raise MicaInputError(f"give one per-turn signal; got "
+                             f"{', '.join(_name(names, k) for k in present)}",
+                             column=_name(names, present[1]), rule="one per-turn signal")
+    source = present[0] if present else None
+    group = np.asarray(_host(group), dtype=object).reshape(-1)
+    if counts is None:
+        if source is None:
+            raise _v.values_required()
+        col = _column(fields, source, group.shape[0], names, row_name)
+        counts = [_numbers(_name(names, source), b, col[b], 2 if source == "state" else 1,
+                           row_name).shape[0] for b in range(group.shape[0])]
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     B = counts.shape[0]
-    group = np.asarray(_host(group), dtype=object).reshape(-1)
     if group.shape[0] != B:
         raise MicaInputError(f"needs one label per row ({B}); got {group.shape[0]}",
                              column=_name(names, "group"), rule="length")
@@ -202,18 +216,13 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
     to_rows[csr_turns] = np.arange(csr_turns.size)
     first_rows = rows[np.r_[True, traj[1:] != traj[:-1]]] if rows.size else rows
 
-    present = [k for k in ("distance", "state", "reward") if fields.get(k) is not None]
-    if len(present) > 1:
-        raise MicaInputError(f"give one per-turn signal; got {', '.join(_name(names, k) for k in present)}",
-                             column=_name(names, present[1]), rule="one per-turn signal")
     inputs: dict[str, Any] = {}
-    source = present[0] if present else None
 
     def per_turn(key, ndim):
-        col = _column(fields, key, B, names)
+        col = _column(fields, key, B, names, row_name)
         out = []
         for b in rows:
-            a = _numbers(_name(names, key), int(b), col[b], ndim)
+            a = _numbers(_name(names, key), int(b), col[b], ndim, row_name)
             if a.shape[0] != counts[b]:
                 raise MicaInputError(f"has {a.shape[0]} values but the row has {counts[b]} "
                                      f"turns", column=_name(names, key), row=int(b),
@@ -222,12 +231,12 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
         return out
 
     def initial(key, shape):
-        col = _column(fields, key, B, names)
+        col = _column(fields, key, B, names, row_name)
         if col is None:
             return None
         vals = []
         for b in first_rows:
-            a = _numbers(_name(names, key), int(b), col[b], len(shape))
+            a = _numbers(_name(names, key), int(b), col[b], len(shape), row_name)
             if a.shape != shape:
                 raise MicaInputError(f"needs shape {shape}; got {a.shape}",
                                      column=_name(names, key), row=int(b), rule="shape")
@@ -277,7 +286,7 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
             raise MicaInputError(f"estimator {est.name!r} groups turns by a key: give one key "
                                  f"per turn of each row (e.g. an anchor-state hash)",
                                  column=_name(names, "key"), rule="required")
-        col = _column(fields, "key", B, names)
+        col = _column(fields, "key", B, names, row_name)
         keys = []
         for b in rows:
             row = list(_host(col[b]))
