@@ -136,7 +136,7 @@ def _column(fields, key, n, names, noun="row"):
     return col
 
 
-def _trajectories(counts, group, trajectory, order):
+def _trajectories(counts, group, trajectory, order, names=None):
     """``(rows in CSR order, trajectory of each of those rows, labels per trajectory)``."""
     B = len(counts)
     keep = np.flatnonzero(counts > 0)
@@ -149,7 +149,7 @@ def _trajectories(counts, group, trajectory, order):
     for r in rows:
         c = codes[r]
         if c in seen and group[seen[c]] != group[r]:
-            raise _v.trajectory_in_two_groups("index", int(r))
+            raise _v.trajectory_in_two_groups(_name(names, "group"), int(r))
         seen.setdefault(c, r)
     traj_codes, _ = _v.first_appearance_codes(codes[rows])
     first = np.r_[True, traj_codes[1:] != traj_codes[:-1]] if rows.size else np.zeros(0, bool)
@@ -204,7 +204,7 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
     if group.shape[0] != B:
         raise MicaInputError(f"needs one label per row ({B}); got {group.shape[0]}",
                              column=_name(names, "group"), rule="length")
-    rows, traj, labels = _trajectories(counts, group, trajectory, order)
+    rows, traj, labels = _trajectories(counts, group, trajectory, order, names)
     per_traj = np.bincount(traj, weights=counts[rows], minlength=labels.shape[0])
     offsets = np.zeros(labels.shape[0] + 1, dtype=np.int64)
     np.cumsum(per_traj.astype(np.int64), out=offsets[1:])

@@ -189,6 +189,7 @@ def _make_probe():
 
             p = config.mica_probe
             out = {"pid": os.getpid(), "results": {}}
+            metrics = {}  # a trainer step's metrics dict, as in RayPPOTrainer.fit
             keys = np.empty(len(p.turn_keys), dtype=object)
             keys[:] = [list(k) for k in p.turn_keys]
             for name in p.names:
@@ -202,6 +203,7 @@ def _make_probe():
                     out["results"][name] = res.batch["advantages"].tolist()
                 except Exception as e:  # noqa: BLE001 - the driver reads the message
                     out["results"][name] = f"{type(e).__name__}: {e}"
+            out["metrics"] = metrics
             with open(p.out, "w") as f:
                 json.dump(out, f)
 
@@ -257,6 +259,10 @@ def test_registration_reaches_verls_task_runner_actor(ray_task_runner):
         want, _ = mv.verl_estimator(name)(rew, mask, uids, config=cfg.algorithm,
                                            non_tensor_batch=nt)
         np.testing.assert_allclose(np.array(got), want.numpy(), rtol=1e-6, atol=1e-6)
+    # mica's metrics reached the step's metrics dict inside the actor (what verl logs)
+    assert report["metrics"]["mica/frame_lookup_failed"] == 0.0
+    assert {"mica/per_turn_signal", "mica/empty_rows", "mica/lone_rollouts"} <= set(
+        report["metrics"])
 
 
 def test_importing_in_the_driver_alone_does_not_reach_the_actor(ray_task_runner):
@@ -490,7 +496,8 @@ def test_verls_default_gamma_warns_once():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        c, _ = mv.compute_mica_turn_advantage(rew, mask, uids, config=cfg.algorithm)
+        c, _ = mv.compute_mica_turn_advantage(rew, mask, uids, config=cfg.algorithm,
+                                              non_tensor_batch={})
     d, _ = mv.compute_mica_turn_advantage(rew, mask, uids, gamma=0.85)
     assert torch.equal(c, d)
 
@@ -549,17 +556,34 @@ def v1_worker():
     return worker
 
 
-def v1_trainer(overrides, kl):
-    """verl's v1 trainer class for the default trainer mode, its config composed by hydra."""
+def v1_trainer(overrides=(), kl=False, cfg=None):
+    """verl's v1 trainer class for the default trainer mode, its config composed by hydra
+    (verl's ppo_trainer with ``overrides``, unless ``cfg`` is given)."""
     from verl.trainer.ppo.v1 import get_trainer_cls
 
-    cfg = compose_verl_config(list(overrides) + [f"algorithm.use_kl_in_reward={kl}"])
+    if cfg is None:
+        cfg = compose_verl_config(list(overrides) + [f"algorithm.use_kl_in_reward={kl}"])
     cls = get_trainer_cls(cfg.trainer.v1.trainer_mode)
     trainer = cls.__new__(cls)
     trainer.config = cfg
     if kl:
         trainer.kl_ctrl_in_reward = core_algos.FixedKLController(kl_coef=0.1)
     return trainer
+
+
+def v1_advantage_step(trainer, keys):
+    """The v1 trainer's _compute_advantage on the rows stored under ``keys``, no warning
+    allowed; returns the step's metrics dict."""
+    import warnings
+
+    from transfer_queue import KVBatchMeta
+
+    metrics = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer._compute_advantage(KVBatchMeta(keys=keys, tags=[{}] * len(keys),
+                                               partition_id="train"), metrics)
+    return metrics
 
 
 def _v1_rollouts(episodes, name, layout, tq_store, monkeypatch, *, keys=False):
@@ -591,10 +615,6 @@ def test_v1_trainer_per_turn_credit(layout, kl, monkeypatch):
     verl's _compute_advantage (fixed fields: uid, response_mask, rm_scores, log probs) and
     compute_advantage_for_multi_trajectories; advantages compared token by token with a naive
     per-turn computation from the distances."""
-    import warnings
-
-    from transfer_queue import KVBatchMeta
-
     rng = np.random.default_rng(31)
     episodes = L.random_episodes(rng, tool_p=0.5 if layout == "turn" else 0.0)
     for name in ("mica", "mica_adr", "mica_turn", "mica_group"):
@@ -611,11 +631,7 @@ def test_v1_trainer_per_turn_credit(layout, kl, monkeypatch):
         trainer = v1_trainer([f"algorithm.adv_estimator={mv.verl_name(name)}", REGISTRATION,
                               "+algorithm.mica.gamma=0.85", "+algorithm.mica.turn_rewards=true",
                               "+algorithm.mica.require_per_turn=true"], kl)
-        metrics = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
-            trainer._compute_advantage(KVBatchMeta(keys=keys, tags=[{}] * len(keys),
-                                                   partition_id="train"), metrics)
+        metrics = v1_advantage_step(trainer, keys)
         assert metrics["mica/per_turn_signal"] == 1.0
         assert metrics["mica/frame_lookup_failed"] == 0.0
         back = store.puts[-1][1]

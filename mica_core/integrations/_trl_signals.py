@@ -16,6 +16,7 @@ from ..estimators import get_estimator
 __all__ = [
     "FIELDS",
     "MICA_DEFAULTS",
+    "NAMES",
     "TurnSignals",
     "collect_turn_signals",
     "mica_options",
@@ -244,9 +245,9 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
       tokens, 0 on every other token.
 
     Raises:
-      MicaInputError: naming the row: a completion without an assistant token, a count of
-      turns in ``loss_mask`` other than ``counts``, assistant tokens before the first of
-      ``turn_starts``, a turn without an assistant token.
+      MicaInputError: naming the row: a count of turns in ``loss_mask`` other than
+      ``counts``, assistant tokens before the first of ``turn_starts``, a turn without an
+      assistant token. A completion without any ``loss_mask`` token gets 0.
     """
     import torch
 

@@ -51,8 +51,8 @@ class MicaGRPOConfig(GRPOConfig):
 
     mica_estimator: str = field(default=D["mica_estimator"], metadata={
         "help": "mica estimator (registry name): mica, mica_turn, mica_group, mica_adr, mapo, "
-                "grpo, reinforce_pp, reinforce_pp_idr, mica_group_adr, or one registered with "
-                "mica_core.register_estimator."})
+                "grpo, reinforce_pp, reinforce_pp_idr, mica_group_adr, gigpo (needs "
+                "turn_keys), or one registered with mica_core.register_estimator."})
     mica_gamma: float | None = field(default=D["mica_gamma"], metadata={
         "help": "Discount of the per-turn return; None takes the preset's (0.85; grpo and "
                 "reinforce_pp: 1.0)."})

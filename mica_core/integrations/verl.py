@@ -23,7 +23,11 @@ Layouts (docs/verl.md has the table):
 - verl's v1 trainer (``trainer.use_v1=True``, the default in 0.9.1): rows keyed
   ``{uid}_{session}_{index}``; the rows of a session are one trajectory in ``index`` order.
   When a session has several rows (a multi-output agent loop) each row is one turn, else the
-  row's turns are found as above; ``algorithm.mica.v1_rows=turn|spans`` overrides.
+  row's turns are found as above; ``algorithm.mica.v1_rows=turn|spans`` overrides. The v1
+  advantage step carries only ``uid``, ``response_mask`` and ``rm_scores``: an agent loop
+  returns :func:`agent_loop_output`, which writes each turn's reward (IDR or ADR, by the
+  preset) on the turn's last assistant token of ``rm_scores``, and
+  ``algorithm.mica.turn_rewards=true`` tells mica to read them as per-turn rewards.
 
 Turn rewards, from the first source present:
 
@@ -43,8 +47,9 @@ stay in ``data.non_tensor_batch`` (verl PR #7473 proposes passing it on). So the
 takes ``non_tensor_batch=``, ``batch=`` and ``batch_keys=`` when given, and otherwise reads the
 ``DataProto`` from verl's ``compute_advantage`` frame: the one whose
 ``batch["token_level_rewards"]`` is the very tensor it was handed (and, for the v1 trainer,
-``batch_keys`` from ``compute_advantage_for_multi_trajectories``). Called outside verl, it
-uses the tensors alone.
+``batch_keys`` from ``compute_advantage_for_multi_trajectories``); a clone or cast of that
+tensor is found by its values. Called outside verl without ``non_tensor_batch=``, it uses the
+tensors alone and warns on every call.
 
 Registered names: a preset's own name when it starts with ``mica`` (``mica``, ``mica_turn``,
 ``mica_group``, ``mica_adr``, ``mica_group_adr``), else ``mica_`` + name (``mica_mapo``,
@@ -69,8 +74,23 @@ Options, each from the first place that has it:
 ``config.mica.distance_weights``, ``distance_epsilon`` and ``distance_kind`` set how states
 become distances (:func:`mica_core.distance_from_state`).
 
-verl's ``index`` is a host array of labels, factorized on the host; the computation runs on the
-rewards' device. ``returns`` holds the preset's per-turn return on every token of its turn
+mica's own options (``algorithm.mica.<option>`` or keyword arguments):
+``require_per_turn`` (true: a multi-turn batch without a per-turn signal, or an ADR preset
+without distances, is an error; false: no warning; unset: a warning on every call),
+``turn_rewards`` (the token rewards are per-turn rewards), ``lone_rollout`` (``zero`` or
+``within``, :mod:`mica_core.turns`; default ``zero``, ``within`` under ``singleton="raw"``),
+``v1_rows``.
+
+Never lost without a word: each call puts ``mica/per_turn_signal``,
+``mica/frame_lookup_failed``, ``mica/missing_field``, ``mica/empty_rows`` and
+``mica/lone_rollouts`` into the calling trainer step's ``metrics`` dict (which verl logs) and
+:data:`LAST_METRICS`, and counts every fallback in :data:`COUNTERS`. A row without assistant
+tokens gets advantage 0 (counted). Per-row signals are laid out and checked by
+:mod:`mica_core.turns`, the adapter layer shared with TRL.
+
+verl's ``index`` is a host array of labels; mica's estimate runs on the host (a verl batch
+holds few turns) and the advantages are spread over tokens on the rewards' device.
+``returns`` holds the preset's per-turn return on every token of its turn
 (``G_t``; ``R_i`` for ``mica_grpo``), not a copy of the advantages.
 """
 
@@ -86,9 +106,14 @@ from .._errors import MicaInputError
 from ..estimators import get_estimator
 
 __all__ = [
+    "COUNTERS",
     "FIELDS",
+    "LAST_METRICS",
     "PRESETS",
     "REGISTERED",
+    "agent_loop_output",
+    "counters",
+    "reset_counters",
     "compute_gigpo_advantage",
     "compute_grpo_advantage",
     "compute_mapo_advantage",
@@ -466,7 +491,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
         if state["weights"] is not None:
             state["weights"] = list(state["weights"])
         tb = collect(counts, labels, fields, estimator=est, trajectory=session, order=order,
-                     names=FIELDS, state_options=state)
+                     names={**FIELDS, "group": "index"}, state_options=state)
 
         # --- is there a per-turn signal? (never lose it without saying so)
         several_rows = session is not None and len(set(session)) < len(session)
@@ -753,7 +778,8 @@ def agent_loop_output(*, prompt_ids, response_ids, response_mask, estimator, tur
                    response_logprobs=(None if response_logprobs is None
                                       else list(response_logprobs[lo:hi])),
                    reward_score=score, num_turns=num_turns,
-                   metrics=metrics if metrics is not None else AgentLoopMetrics(),
+                   metrics=AgentLoopMetrics(**(metrics.model_dump() if hasattr(
+                       metrics, "model_dump") else (metrics or {}))),  # one per output
                    extra_fields=dict(extra), mica_rm_scores=dense)
 
     if layout == "trajectory":
