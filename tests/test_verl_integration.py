@@ -733,3 +733,27 @@ def test_v1_trainer_without_mica_outputs_warns_every_step(monkeypatch):
     with pytest.raises(MicaInputError, match="without a per-turn signal") as info:
         trainer._compute_advantage(meta, {})
     assert "\n" not in str(info.value)
+
+
+def test_agent_loop_output_refuses_what_v1_cannot_carry():
+    """One-line errors: an ADR preset given rewards, a turn holding a tool call in the
+    trajectory layout (v1 sees no turn boundaries), a signal of the wrong length, none."""
+    kw = dict(prompt_ids=[1], response_ids=[5] * 6, response_mask=[1, 1, 0, 1, 0, 0])
+    with pytest.raises(MicaInputError, match="ADR .* pass distances") as info:
+        mv.agent_loop_output(estimator="mica_adr", rewards=[1.0, 2.0], **kw)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MicaInputError, match="use layout='turn'"):
+        mv.agent_loop_output(estimator="mica", distances=[1.0], initial_distance=2.0,
+                             turn_start=[0], **kw)
+    one = mv.agent_loop_output(estimator="mica", distances=[1.0], initial_distance=2.0,
+                               turn_start=[0], layout="turn", **kw)
+    assert len(one) == 1 and one[0].as_dict()["rm_scores"].tolist() == [0, 0, 0, 1.0, 0, 0]
+    with pytest.raises(MicaInputError, match="has 1 values but the row has 2 turns"):
+        mv.agent_loop_output(estimator="mica", distances=[1.0], initial_distance=2.0, **kw)
+    with pytest.raises(MicaInputError, match="give distances"):
+        mv.agent_loop_output(estimator="mica", **kw)
+    # mica_grpo (verl name) is mica's grpo: IDR turn rewards, their sum is the outcome
+    out = mv.agent_loop_output(estimator="mica_grpo", distances=[3.0, 1.0], initial_distance=4.0,
+                               **kw)
+    assert out.as_dict()["rm_scores"].tolist() == [0, 1.0, 0, 2.0, 0, 0]
+    assert out.reward_score == 3.0 and out.extra_fields["mica_turn_start"] == [0, 3]
