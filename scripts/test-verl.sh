@@ -33,4 +33,5 @@ if [[ "$want" != "$have" ]]; then
 fi
 
 "$PY" -c "import verl, torch, mica_core; print('test-verl: verl', verl.__version__, '| torch', torch.__version__)"
-exec "$PY" -m pytest -q -p no:cacheprovider tests/test_verl_integration.py tests/test_verl_example.py "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider tests/test_verl_integration.py tests/test_verl_example.py \
+    tests/test_verl_adapters.py "$@"

@@ -90,9 +90,10 @@ class Rollout:
     """
 
     def __init__(self, tokenizer, *, signal="distance", tool_inside_turn=False, truncate=(),
-                 seed=0):
+                 seed=0, keys=False):
         self.tok = tokenizer
         self.signal = signal
+        self.keys = keys  # also hand a key per turn (turn_keys), for keyed estimators
         self.tool_inside_turn = tool_inside_turn
         self.truncate = set(truncate)  # case numbers whose last reply is cut (no final user turn)
         self.rng = np.random.default_rng(seed)
@@ -143,12 +144,15 @@ class Rollout:
             out["env_mask"].append(mask)
             rows.append({"ids": tuple(ids), "spans": spans, "starts": starts,
                          "values": values, "prompt": p[-1]["content"],
-                         "truncated": self.case in self.truncate})
+                         "truncated": self.case in self.truncate,
+                         "keys": [f"k{int(self.rng.integers(0, 2))}" for _ in values]})
         self.batches.append(rows)
         key = {"distance": "turn_distances", "state": "turn_states", "reward": "turn_rewards"}
         out[key[self.signal]] = [r["values"] for r in rows]
         if self.tool_inside_turn:
             out["turn_starts"] = [r["starts"] for r in rows]
+        if self.keys:
+            out["turn_keys"] = [r["keys"] for r in rows]
         return out
 
 
@@ -176,7 +180,8 @@ def expected_turn_advantages(rows, **options):
         res = mc.estimate(offsets, group, distance=distance, initial_distance=init, **options)
     else:
         res = mc.estimate(offsets, group, distance=np.concatenate([r["values"] for r in rows]),
-                          initial_distance=[SCENARIOS[r["prompt"]] for r in rows], **options)
+                          initial_distance=[SCENARIOS[r["prompt"]] for r in rows],
+                          key=np.concatenate([r["keys"] for r in rows]), **options)
     return [res.advantage[offsets[i]:offsets[i + 1]] for i in range(len(rows))]
 
 
@@ -230,6 +235,23 @@ def test_grpo_run_uses_mica_turn_advantages(tokenizer):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     logged = list(trainer._logs["advantages"])  # one list of turn advantages per completion
     assert [len(a) for a in logged] == counts[-len(logged):]
+
+
+@pytest.mark.slow
+def test_gigpo_groups_turns_by_turn_keys(tokenizer):
+    """TRL with a keyed estimator: gigpo's step groups come from the rollout's turn_keys."""
+    rollout = Rollout(tokenizer, keys=True)
+    trainer = RecordingTrainer(model=tiny_model(tokenizer),
+                               args=config(mica_estimator="gigpo", max_steps=2),
+                               train_dataset=dataset(), processing_class=tokenizer,
+                               rollout_func=rollout)
+    trainer.train()
+    seen = check_loss_advantages(trainer, rollout, estimator="gigpo")
+    assert len(seen) == 8
+    # the key term matters: without keys, gigpo refuses in one line naming the field
+    with pytest.raises(mc.MicaInputError, match="groups turns by a key") as err:
+        collect_turn_signals({"turn_rewards": [[1.0]]}, 1, estimator="gigpo")
+    assert err.value.column == "turn_keys" and "\n" not in str(err.value)
 
 
 @pytest.mark.slow
@@ -332,12 +354,20 @@ def _run_until_error(tokenizer, breaker):
 
 
 @pytest.mark.slow
-def test_completion_without_turns_names_the_row(tokenizer):
+def test_completion_without_assistant_tokens_gets_zero(tokenizer):
+    """An aborted completion (no loss token) trains with advantage 0 instead of stopping."""
     def no_assistant_tokens(out):
         out["env_mask"][5] = [0] * len(out["env_mask"][5])
 
-    err = _run_until_error(tokenizer, no_assistant_tokens)
-    assert err.row == 5 and "no assistant token" in str(err) and "row 5" in str(err)
+    trainer = RecordingTrainer(model=tiny_model(tokenizer), args=config(max_steps=1),
+                               train_dataset=dataset(), processing_class=tokenizer,
+                               rollout_func=BrokenRollout(tokenizer, no_assistant_tokens))
+    trainer.train()
+    assert trainer.state.global_step == 1
+    rows = [inputs["advantages"][b] for inputs in trainer.loss_inputs
+            for b in range(inputs["advantages"].shape[0])
+            if not (inputs["completion_mask"][b] * inputs["tool_mask"][b]).any()]
+    assert len(rows) == 1 and not rows[0].any()
 
 
 @pytest.mark.slow
@@ -380,20 +410,21 @@ def test_token_advantages_errors(kwargs, counts, column, row, rule):
 
 def test_token_advantages_no_assistant_token_and_skipped_rows():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
-    with pytest.raises(mc.MicaInputError, match="row 1: the completion has no assistant token"):
-        token_advantages([1.0, 2.0], [1, 1], mask)
+    # an empty (aborted) completion gets 0, not an error
+    assert token_advantages([1.0, 2.0], [1, 1], mask).tolist() == [[1.0, 1.0, 0.0],
+                                                                    [0.0, 0.0, 0.0]]
     out = token_advantages([1.0, 2.0], [1, 1], mask, skip_rows=torch.tensor([False, True]))
     assert out.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
 
 
 @pytest.mark.parametrize("fields, column, row, rule", [
-    ({"turn_distances": [[1.0], []]}, "turn_distances", 1, "at least one turn"),
+    ({"turn_distances": [[1.0], [2.0]]}, "initial_distance", None, "required"),
     ({"turn_distances": [[1.0], None]}, "turn_distances", 1, "a value per completion"),
     ({"turn_distances": [[1.0], [0.5, float("nan")]]}, "turn_distances", 1, "finite"),
-    ({"turn_distances": [[1.0], [0.5, -0.1]]}, "turn_distances", 1, "distance >= 0"),
+    ({"turn_distances": [[1.0], [0.5, -0.1]]}, "turn_distances", 1, "non-negative"),
     ({"turn_distances": [[1.0], ["x"]]}, "turn_distances", 1, "numbers"),
     ({"turn_distances": [[1.0], [1.0]], "initial_distance": [1.0, -2.0]},
-     "initial_distance", 1, "distance >= 0"),
+     "initial_distance", 1, "non-negative"),
     ({"turn_distances": [[1.0], [1.0]], "initial_distance": [1.0, [2.0, 3.0]]},
      "initial_distance", 1, "shape"),
     ({"turn_distances": [[1.0]]}, "turn_distances", None, "one entry per completion"),

@@ -60,8 +60,8 @@ def test_adapter_matches_naive_per_token(batch, name, gamma):
     rew, mask, index, trajs = batch
     fn = mv.verl_estimator(name)
     kw = {} if gamma is None else {"gamma": gamma}
-    adv, ret = fn(rew, mask, index, **kw)
-    want = naive_estimate(trajs, name, **kw)
+    adv, ret = fn(rew, mask, index, non_tensor_batch={}, require_per_turn=False, **kw)
+    want = L.lone_rule(trajs, name, naive_estimate(trajs, name, **kw), **kw)
     want_adv = naive_broadcast([[t[2] for t in row] for row in want], mask.tolist())
     want_ret = naive_broadcast([[t[1] for t in row] for row in want], mask.tolist())
     assert adv.dtype == torch.float32 and adv.shape == rew.shape
@@ -111,11 +111,7 @@ def test_config_reaches_the_estimator():
 
 
 def test_errors_name_the_row():
-    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
     rew = torch.zeros(2, 4)
-    with pytest.raises(mc.MicaInputError, match="no assistant token") as info:
-        mv.compute_mica_advantage(rew, mask, np.array(["a", "b"], dtype=object))
-    assert (info.value.column, info.value.row) == ("response_mask", 1)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])
     rew[1, 0] = 1.0
     with pytest.raises(mc.MicaInputError, match="before the row's first assistant turn") as info:
@@ -182,7 +178,7 @@ def test_distances_in_non_tensor_batch_one_row_per_trajectory(name, kl):
     # without turn starts, a tool call makes two turns and the distances no longer fit
     if any(t["tool"] for ep in eps for t in ep["turns"]):
         nt2 = {k: v for k, v in nt.items() if k != "mica_turn_start"}
-        with pytest.raises(mc.MicaInputError, match="assistant turns|keys but the row"):
+        with pytest.raises(mc.MicaInputError, match="but the row has"):
             mv.verl_estimator(name)(rewards, mask, nt["uid"], non_tensor_batch=nt2)
 
 
@@ -275,7 +271,7 @@ def test_v1_one_row_per_session_keeps_its_turns(name):
     a, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], batch_keys=keys, **kw)
     b, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], **kw)
     assert torch.equal(a, b)
-    with pytest.raises(mc.MicaInputError, match="values but the row has 1 assistant turns"):
+    with pytest.raises(mc.MicaInputError, match="values but the row has 1 turns"):
         mv.verl_estimator(name)(scores, mask, nt["uid"], batch_keys=keys,
                                 config={"mica": {"v1_rows": "turn", "gamma": 0.85}},
                                 **{k: v for k, v in kw.items() if k != "gamma"})
@@ -296,18 +292,192 @@ def test_gigpo_needs_a_key_per_turn():
     assert info.value.row == 0
 
 
-def test_a_call_without_verls_batch_warns_once_that_fields_are_not_read(monkeypatch):
+def test_a_call_without_verls_batch_warns_every_time_and_counts():
     import warnings
 
     rng = np.random.default_rng(4)
     rows = L.trajectory_rows(L.random_episodes(rng))
     mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
-    monkeypatch.setattr(mv, "_CONTEXT_WARNED", [])
+    before = mv.counters()["frame_lookup_failed"]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         mv.compute_mica_advantage(scores, mask, rows["non_tensor"]["uid"])
+        assert mv.LAST_METRICS["mica/frame_lookup_failed"] == 1.0
         mv.compute_mica_advantage(scores, mask, rows["non_tensor"]["uid"])
         mv.compute_mica_advantage(scores, mask, rows["non_tensor"]["uid"],
                                   non_tensor_batch=rows["non_tensor"])
+        assert mv.LAST_METRICS["mica/frame_lookup_failed"] == 0.0
     msgs = [str(w.message) for w in seen if "no verl DataProto" in str(w.message)]
-    assert len(msgs) == 1 and "mica_distance are not read" in msgs[0]
+    assert len(msgs) == 2 and "mica_distance are not read" in msgs[0]
+    assert mv.counters()["frame_lookup_failed"] == before + 2
+
+
+# --- per-turn signal: never lost without a word -----------------------------------------------
+
+def _score_only(seed=11):
+    rng = np.random.default_rng(seed)
+    eps = L.random_episodes(rng, tool_p=0.0, per_group=(2, 3))
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    assert (np.diff(mc.tokens.turn_spans(mask).offsets.numpy()) >= 2).any()
+    return eps, mask, scores, {"uid": rows["non_tensor"]["uid"]}, rows
+
+
+def test_multi_turn_without_per_turn_signal_warns_every_call_and_sets_the_metric():
+    import warnings
+
+    _, mask, scores, nt, _ = _score_only()
+    before = mv.counters()["no_per_turn_signal"]
+    for _ in range(3):
+        with pytest.warns(UserWarning, match="without a per-turn signal") as seen:
+            mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+        assert "require_per_turn=true" in str(seen[0].message)
+        assert mv.LAST_METRICS["mica/per_turn_signal"] == 0.0
+    assert mv.counters()["no_per_turn_signal"] == before + 3
+    with pytest.raises(mc.MicaInputError, match="without a per-turn signal") as info:
+        mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt,
+                                  config={"mica": {"require_per_turn": True}})
+    assert "\n" not in str(info.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt,
+                                  require_per_turn=False)
+        # outcome-only presets need no per-turn signal: no warning
+        mv.compute_grpo_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+        # per-turn signals present: no warning, metric 1
+        _, _, _, _, rows = _score_only()
+        mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=rows["non_tensor"])
+    assert mv.LAST_METRICS["mica/per_turn_signal"] == 1.0
+
+
+def test_adr_preset_without_distances_warns_and_counts():
+    _, mask, scores, nt, rows = _score_only()
+    before = mv.counters()["missing_field"]
+    reward = L._objects([[1.0] * len(s) for s in rows["non_tensor"]["mica_turn_start"]])
+    with pytest.warns(UserWarning, match="computes ADR"):
+        mv.compute_mica_adr_advantage(scores, mask, nt["uid"],
+                                      non_tensor_batch={**nt, "mica_reward": reward})
+    assert mv.LAST_METRICS["mica/missing_field"] == 1.0
+    assert mv.counters()["missing_field"] == before + 1
+    with pytest.raises(mc.MicaInputError, match="computes ADR"):
+        mv.compute_mica_adr_advantage(scores, mask, nt["uid"], require_per_turn=True,
+                                      non_tensor_batch={**nt, "mica_reward": reward})
+
+
+class FakeDataProto:
+    """What the frame lookup needs of verl's DataProto: batch and non_tensor_batch."""
+
+    def __init__(self, tensors, non_tensors):
+        self.batch, self.non_tensor_batch = dict(tensors), dict(non_tensors)
+
+    def __len__(self):
+        return len(next(iter(self.batch.values())))
+
+
+def _nested(depth, fn):
+    if depth == 0:
+        return fn()
+    return _nested(depth - 1, fn)
+
+
+@pytest.mark.parametrize("how", ["same", "clone", "cast"])
+@pytest.mark.parametrize("depth", [0, 9])
+def test_the_callers_batch_is_found_when_cloned_cast_or_deep(how, depth):
+    import warnings
+
+    rng = np.random.default_rng(3)
+    eps = L.random_episodes(rng)
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    data = FakeDataProto({"token_level_rewards": scores, "response_mask": mask},
+                         rows["non_tensor"])
+    metrics = {}  # noqa: F841 - the trainer step's dict, which mica fills
+    handed = {"same": scores, "clone": scores.clone(), "cast": scores.double()}[how]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, _ = _nested(depth, lambda: mv.compute_mica_advantage(handed, mask,
+                                                                  rows["non_tensor"]["uid"]))
+    want, _ = mv.compute_mica_advantage(handed, mask, rows["non_tensor"]["uid"],
+                                        non_tensor_batch=data.non_tensor_batch)
+    assert torch.equal(got, want)
+    assert metrics["mica/frame_lookup_failed"] == 0.0 and metrics["mica/per_turn_signal"] == 1.0
+
+
+# --- empty rows and lone rollouts ---------------------------------------------------------------
+
+def test_an_empty_row_gets_zero_and_is_counted():
+    rng = np.random.default_rng(13)
+    eps = L.random_episodes(rng, per_group=(2, 3))
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = rows["non_tensor"]
+    ref, _ = mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    # append an aborted rollout of group uid0: no assistant token, a score on its last token
+    mask2 = torch.cat([mask, torch.zeros(1, mask.shape[1], dtype=mask.dtype)])
+    scores2 = torch.cat([scores, torch.zeros(1, scores.shape[1])])
+    scores2[-1, 3] = 5.0
+    nt2 = {k: np.concatenate([v, L._objects([[]]) if v.dtype == object and k != "uid" else
+                              np.array(["uid0"] if k == "uid" else [1.0], dtype=v.dtype)])
+           for k, v in nt.items()}
+    before = mv.counters()["empty_rows"]
+    adv, ret = mv.compute_mica_advantage(scores2, mask2, nt2["uid"], non_tensor_batch=nt2)
+    assert torch.all(adv[-1] == 0) and torch.all(ret[-1] == 0)
+    assert torch.equal(adv[:-1], ref)
+    assert mv.LAST_METRICS["mica/empty_rows"] == 1.0
+    assert mv.counters()["empty_rows"] == before + 1
+
+
+@pytest.mark.parametrize("name", ["mica", "mica_group", "mapo", "grpo", "reinforce_pp_idr"])
+@pytest.mark.parametrize("rule", ["zero", "within"])
+def test_lone_rollout_rule(name, rule):
+    rng = np.random.default_rng(17)
+    eps = L.random_episodes(rng, n_groups=4, per_group=(1, 3), max_turns=4)
+    eps.append({"uid": "alone", "session": 0, "initial_distance": 4.0,
+                "turns": [{"reply": 2, "tool": None, "user": 1, "distance": d, "key": "s0"}
+                          for d in (3.0, 3.5, 1.0)]})
+    rows = L.trajectory_rows(eps)
+    mask, scores = torch.as_tensor(rows["response_mask"]), torch.as_tensor(rows["scores"])
+    nt = rows["non_tensor"]
+    kw = {} if rule == "zero" else {"config": {"mica": {"lone_rollout": rule}}}
+    adv, _ = mv.verl_estimator(name)(scores, mask, nt["uid"], non_tensor_batch=nt, **kw)
+    want = L.expected(eps, name, lone_rollout=rule)
+    tok = L.expected_tokens(eps, want, 2, "trajectory")
+    ref = np.zeros(tuple(mask.shape))
+    for b, row in enumerate(tok):
+        ref[b, :len(row)] = row
+    np.testing.assert_allclose(adv.numpy(), ref, rtol=1e-5, atol=1e-5)
+    last = adv[-1][mask[-1].bool()]
+    if rule == "zero" and name != "reinforce_pp_idr":  # no batch-scope component
+        assert torch.all(last == 0) if name != "mapo" else not torch.all(last == 0)
+    if rule == "within" and name in ("mica", "mica_group"):
+        assert last.abs().max() > 0.1  # z_group over the lone trajectory's own turns
+    assert mv.LAST_METRICS["mica/lone_rollouts"] == float(
+        sum(1 for u in set(nt["uid"]) if list(nt["uid"]).count(u) == 1))
+
+
+def test_v1_turn_rows_with_turn_rewards_and_gigpo_refusal():
+    """v1 rows, one per turn, each carrying its own turn's reward (mica's agent_loop_output):
+    with algorithm.mica.turn_rewards=true they are per-turn rewards; gigpo refuses in one line
+    naming the route that works."""
+    rng = np.random.default_rng(5)
+    eps = L.random_episodes(rng, tool_p=0.5)
+    rows = L.turn_rows(eps, rng)
+    mask = torch.as_tensor(rows["response_mask"])
+    for name in ("mica", "mica_adr", "mica_turn", "mica_group"):
+        want = L.expected(eps, name, signal="turn_reward", gamma=0.85)
+        by_ep = {id(ep): res for ep, res in zip(eps, want)}
+        scores = torch.zeros(mask.shape, dtype=torch.float32)
+        for b, (ep, i) in enumerate(rows["turn"]):
+            scores[b, int(np.flatnonzero(rows["response_mask"][b])[-1])] = by_ep[id(ep)][i][0]
+        adv, _ = mv.verl_estimator(name)(
+            scores, mask, rows["non_tensor"]["uid"], non_tensor_batch={},
+            batch={"token_level_scores": scores}, batch_keys=rows["keys"],
+            config={"mica": {"turn_rewards": True, "gamma": 0.85}})
+        for b, (ep, i) in enumerate(rows["turn"]):
+            m = mask[b].bool()
+            np.testing.assert_allclose(adv[b][m].numpy(), by_ep[id(ep)][i][2], rtol=1e-5,
+                                       atol=1e-5, err_msg=name)
+    with pytest.raises(mc.MicaInputError, match="trainer.use_v1=false") as info:
+        mv.compute_gigpo_advantage(scores, mask, rows["non_tensor"]["uid"], non_tensor_batch={},
+                                   batch_keys=rows["keys"])
+    assert "\n" not in str(info.value)

@@ -49,7 +49,7 @@ def test_config_composes_on_verls_own_and_validates(config):
     assert config.algorithm.adv_estimator == "mica"
     env = config.ray_kwargs.ray_init.runtime_env.env_vars
     assert env.VERL_USE_EXTERNAL_MODULES == "mica_core.integrations.verl"
-    assert config.trainer.use_v1 is False
+    assert config.trainer.use_v1 is True and config.algorithm.mica.turn_rewards is True
     # verl's defaults are all there (the file only overrides them)
     assert config.actor_rollout_ref.actor.strategy is not None
     validate_config(config=config, use_reference_policy=need_reference_policy(config),
@@ -115,8 +115,9 @@ def run_agent_loop(config, tok, states, start=0):
 
 
 def test_agent_loop_distances_reach_mica_through_verl(config):
-    """The example's per-turn distances, through verl's agent-loop post-processing and
-    compute_advantage: mica's advantages equal the naive per-turn computation on them."""
+    """Legacy trainer (trainer.use_v1=false): the example's per-turn distances, through verl's
+    agent-loop post-processing and compute_advantage: mica's advantages equal the naive
+    per-turn computation on them."""
     from test_verl_integration import agent_loop_worker, trainer_rewards
     from verl.experimental.agent_loop.agent_loop import AgentLoopWorker  # noqa: F401
     from verl.trainer.ppo.ray_trainer import compute_advantage
@@ -164,3 +165,47 @@ def test_agent_loop_distances_reach_mica_through_verl(config):
                                            atol=1e-5)
         results[name] = adv
     assert not torch.allclose(results["mica"], results["mica_adr"])
+
+
+@pytest.mark.parametrize("name", ["mica", "mica_adr"])
+def test_agent_loop_reaches_mica_through_verls_v1_trainer(example_path, name, monkeypatch):
+    """verl's default (v1) trainer: the example's agent loop, verl's AgentLoopWorkerTQ
+    post-processing and the v1 trainer's _compute_advantage with the example's config
+    (TransferQueue replaced by an in-memory store): per-token advantages equal the naive
+    per-turn computation on the distances the scripted user reported."""
+    from hydra import compose, initialize_config_dir
+    from test_verl_integration import InMemoryTQ, v1_advantage_step, v1_trainer, v1_worker
+
+    with initialize_config_dir(config_dir=example_path, version_base=None):
+        cfg = compose("mica_multiturn", overrides=["actor_rollout_ref.model.path=/tmp/m",
+                                                   f"algorithm.adv_estimator={name}"])
+    tok = _tokenizer()
+    rng = np.random.default_rng(1)
+    states = [list(np.round(rng.uniform(-4, -1.5, 3), 2)) for _ in range(6)]
+    outputs = run_agent_loop(cfg, tok, states, start=2)
+    store = InMemoryTQ()
+    store.install(monkeypatch)
+    worker = v1_worker()
+    trajs = []
+    for k, out in enumerate(outputs):
+        ef = out.extra_fields
+        trajs.append({"group": f"g{k // 3}", "distances": ef["mica_distance"],
+                      "initial_distance": ef["mica_initial_distance"],
+                      "starts": list(ef["mica_turn_start"])})
+        asyncio.run(worker._agent_loop_postprocess(out, False, uid=f"g{k // 3}",
+                                                   session_id=k % 3, global_steps=1))
+    keys = list(store.rows)
+    metrics = v1_advantage_step(v1_trainer(cfg=cfg), keys)
+    assert metrics["mica/per_turn_signal"] == 1.0
+    want = naive_estimate(trajs, name, gamma=0.85)
+    adv = store.puts[-1][1]["advantages"]
+    assert max(len(t["distances"]) for t in trajs) > 1
+    for b, key in enumerate(keys):
+        t = trajs[int(key.split("_")[0][1:]) * 3 + int(key.split("_")[1])]
+        mask = store.rows[key]["response_mask"].bool()
+        starts = t["starts"] + [mask.shape[0]]
+        for k in range(len(starts) - 1):
+            seg = slice(starts[k], starts[k + 1])
+            np.testing.assert_allclose(adv[b][seg][mask[seg]].numpy(),
+                                       want[trajs.index(t)][k][2], rtol=1e-5, atol=1e-5)
+        assert not adv[b][~mask].any()

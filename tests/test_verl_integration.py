@@ -189,6 +189,7 @@ def _make_probe():
 
             p = config.mica_probe
             out = {"pid": os.getpid(), "results": {}}
+            metrics = {}  # a trainer step's metrics dict, as in RayPPOTrainer.fit
             keys = np.empty(len(p.turn_keys), dtype=object)
             keys[:] = [list(k) for k in p.turn_keys]
             for name in p.names:
@@ -202,6 +203,7 @@ def _make_probe():
                     out["results"][name] = res.batch["advantages"].tolist()
                 except Exception as e:  # noqa: BLE001 - the driver reads the message
                     out["results"][name] = f"{type(e).__name__}: {e}"
+            out["metrics"] = metrics
             with open(p.out, "w") as f:
                 json.dump(out, f)
 
@@ -257,6 +259,10 @@ def test_registration_reaches_verls_task_runner_actor(ray_task_runner):
         want, _ = mv.verl_estimator(name)(rew, mask, uids, config=cfg.algorithm,
                                            non_tensor_batch=nt)
         np.testing.assert_allclose(np.array(got), want.numpy(), rtol=1e-6, atol=1e-6)
+    # mica's metrics reached the step's metrics dict inside the actor (what verl logs)
+    assert report["metrics"]["mica/frame_lookup_failed"] == 0.0
+    assert {"mica/per_turn_signal", "mica/empty_rows", "mica/lone_rollouts"} <= set(
+        report["metrics"])
 
 
 def test_importing_in_the_driver_alone_does_not_reach_the_actor(ray_task_runner):
@@ -490,6 +496,264 @@ def test_verls_default_gamma_warns_once():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        c, _ = mv.compute_mica_turn_advantage(rew, mask, uids, config=cfg.algorithm)
+        c, _ = mv.compute_mica_turn_advantage(rew, mask, uids, config=cfg.algorithm,
+                                              non_tensor_batch={})
     d, _ = mv.compute_mica_turn_advantage(rew, mask, uids, gamma=0.85)
     assert torch.equal(c, d)
+
+
+# --- verl's v1 trainer: mica's agent-loop outputs through its own post-processing and
+# --- _compute_advantage, TransferQueue replaced by an in-memory store -------------------------
+
+class InMemoryTQ:
+    """TransferQueue's key-value calls that verl's v1 agent-loop worker and trainer make, on a
+    dict: rows stored by key as verl put them, read back with the fields asked for."""
+
+    def __init__(self):
+        self.rows, self.puts = {}, []
+
+    def _put(self, keys, partition_id, fields=None, tags=None, **_):
+        self.puts.append((list(keys), fields))
+        for i, key in enumerate(keys):
+            row = self.rows.setdefault(key, {})
+            if fields is not None:
+                item = fields[i]
+                for name in fields.keys():
+                    v = item[name]
+                    row[name] = getattr(v, "data", v) if not torch.is_tensor(v) else v
+        from transfer_queue import KVBatchMeta
+
+        return KVBatchMeta(keys=list(keys), tags=[{} for _ in keys], partition_id=partition_id)
+
+    async def async_kv_batch_put(self, *a, **kw):
+        return self._put(*a, **kw)
+
+    def kv_batch_put(self, *a, **kw):
+        return self._put(*a, **kw)
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+        return list_of_dict_to_tensordict([
+            {f: v for f, v in self.rows[k].items() if select_fields is None or f in select_fields}
+            for k in keys])
+
+    def install(self, monkeypatch):
+        import transfer_queue
+
+        for name in ("async_kv_batch_put", "kv_batch_put", "kv_batch_get"):
+            monkeypatch.setattr(transfer_queue, name, getattr(self, name))
+
+
+def v1_worker():
+    """verl's AgentLoopWorkerTQ (the class inside its Ray actor), post-processing only."""
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopWorkerTQ
+
+    cls = AgentLoopWorkerTQ.__ray_metadata__.modified_class
+    worker = cls.__new__(cls)
+    base = agent_loop_worker(_tiny_tokenizer(), prompt_length=4, response_length=64)
+    worker.__dict__.update(base.__dict__)
+    return worker
+
+
+def v1_trainer(overrides=(), kl=False, cfg=None):
+    """verl's v1 trainer class for the default trainer mode, its config composed by hydra
+    (verl's ppo_trainer with ``overrides``, unless ``cfg`` is given)."""
+    from verl.trainer.ppo.v1 import get_trainer_cls
+
+    if cfg is None:
+        cfg = compose_verl_config(list(overrides) + [f"algorithm.use_kl_in_reward={kl}"])
+    cls = get_trainer_cls(cfg.trainer.v1.trainer_mode)
+    trainer = cls.__new__(cls)
+    trainer.config = cfg
+    if kl:
+        trainer.kl_ctrl_in_reward = core_algos.FixedKLController(kl_coef=0.1)
+    return trainer
+
+
+def v1_advantage_step(trainer, keys):
+    """The v1 trainer's _compute_advantage on the rows stored under ``keys``, no warning
+    allowed; returns the step's metrics dict."""
+    import warnings
+
+    from transfer_queue import KVBatchMeta
+
+    metrics = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer._compute_advantage(KVBatchMeta(keys=keys, tags=[{}] * len(keys),
+                                               partition_id="train"), metrics)
+    return metrics
+
+
+def _v1_rollouts(episodes, name, layout, tq_store, monkeypatch, *, keys=False):
+    """Each episode's agent-loop result built by mica's agent_loop_output, through verl's
+    AgentLoopWorkerTQ._agent_loop_postprocess into the store; returns the row keys."""
+    import asyncio
+
+    worker = v1_worker()
+    rows = L.trajectory_rows(episodes)
+    for b, ep in enumerate(episodes):
+        n = int(rows["valid_length"][b])
+        out = mv.agent_loop_output(
+            prompt_ids=[1, 2, 3], response_ids=[5 + (j % 7) for j in range(n)],
+            response_mask=rows["response_mask"][b, :n].tolist(), estimator=mv.verl_name(name),
+            distances=[t["distance"] for t in ep["turns"]],
+            initial_distance=ep["initial_distance"],
+            turn_start=list(rows["non_tensor"]["mica_turn_start"][b]), layout=layout,
+            keys=[t["key"] for t in ep["turns"]] if keys else None)
+        asyncio.run(worker._agent_loop_postprocess(
+            out, False, uid=ep["uid"], session_id=ep["session"], global_steps=1))
+    return list(tq_store.rows)
+
+
+@pytest.mark.parametrize("kl", [False, True], ids=["scores", "kl_in_reward"])
+@pytest.mark.parametrize("layout", ["trajectory", "turn"])
+def test_v1_trainer_per_turn_credit(layout, kl, monkeypatch):
+    """verl's default (v1) trainer end to end on the advantage side: mica's agent-loop outputs,
+    verl's TQ post-processing (which copies a session's final score onto its earlier outputs),
+    verl's _compute_advantage (fixed fields: uid, response_mask, rm_scores, log probs) and
+    compute_advantage_for_multi_trajectories; advantages compared token by token with a naive
+    per-turn computation from the distances."""
+    rng = np.random.default_rng(31)
+    episodes = L.random_episodes(rng, tool_p=0.5 if layout == "turn" else 0.0)
+    for name in ("mica", "mica_adr", "mica_turn", "mica_group"):
+        store = InMemoryTQ()
+        store.install(monkeypatch)
+        keys = _v1_rollouts(episodes, name, layout, store, monkeypatch)
+        keys = [keys[i] for i in rng.permutation(len(keys))]  # sessions interleaved
+        if kl:  # what the trainer's old_log_prob / ref steps put before the advantage step
+            g = torch.Generator().manual_seed(2)
+            for k in keys:
+                n = store.rows[k]["response_mask"].shape[0]
+                store.rows[k]["old_log_probs"] = -torch.rand(n, generator=g)
+                store.rows[k]["ref_log_prob"] = -torch.rand(n, generator=g)
+        trainer = v1_trainer([f"algorithm.adv_estimator={mv.verl_name(name)}", REGISTRATION,
+                              "+algorithm.mica.gamma=0.85", "+algorithm.mica.turn_rewards=true",
+                              "+algorithm.mica.require_per_turn=true"], kl)
+        metrics = v1_advantage_step(trainer, keys)
+        assert metrics["mica/per_turn_signal"] == 1.0
+        assert metrics["mica/frame_lookup_failed"] == 0.0
+        back = store.puts[-1][1]
+        kl_turn = None
+        if kl:
+            kl_turn = {}
+            for i, k in enumerate(keys):
+                dense = (back["token_level_rewards"][i].double() -
+                         store.rows[k]["rm_scores"].double())
+                kl_turn[k] = dense
+        want = L.expected(episodes, name, signal="turn_reward", gamma=0.85,
+                          kl=_kl_by_turn(episodes, keys, kl_turn, layout) if kl else None)
+        by_session = {f"{ep['uid']}_{ep['session']}": (ep, res)
+                      for ep, res in zip(episodes, want)}
+        for i, k in enumerate(keys):
+            ep, res = by_session[k.rsplit("_", 1)[0]]
+            adv = back["advantages"][i]
+            mask = store.rows[k]["response_mask"].bool()
+            if layout == "trajectory":
+                ref = np.concatenate([[r[2] if m else 0.0 for m in L._turn_tokens(t)]
+                                      for t, r in zip(ep["turns"], res)])
+            else:
+                t = int(k.rsplit("_", 1)[1])
+                ref = np.where(mask.numpy(), res[t][2], 0.0)
+            np.testing.assert_allclose(adv.numpy(), ref[:adv.shape[0]], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{name} {k}")
+
+
+def _kl_by_turn(episodes, keys, kl_turn, layout):
+    """Per episode, per turn, the KL verl added (summed over the turn's tokens, from its start
+    to the next turn's start: mica's attribution rule)."""
+    out = []
+    for ep in episodes:
+        sid = f"{ep['uid']}_{ep['session']}"
+        if layout == "trajectory":
+            dense = kl_turn[sid + "_0"]
+            starts, pos = [], 0
+            for t in ep["turns"]:
+                starts.append(pos)
+                pos += len(L._turn_tokens(t))
+            ends = starts[1:] + [dense.shape[0]]
+            out.append([float(dense[s:e].sum()) for s, e in zip(starts, ends)])
+        else:
+            out.append([float(kl_turn[f"{sid}_{i}"].sum()) for i in range(len(ep["turns"]))])
+    return out
+
+
+def test_v1_trainer_refuses_gigpo_in_one_line(monkeypatch):
+    from transfer_queue import KVBatchMeta
+
+    rng = np.random.default_rng(32)
+    episodes = L.random_episodes(rng, tool_p=0.0)
+    store = InMemoryTQ()
+    store.install(monkeypatch)
+    keys = _v1_rollouts(episodes, "gigpo", "trajectory", store, monkeypatch, keys=True)
+    trainer = v1_trainer(["algorithm.adv_estimator=mica_gigpo", REGISTRATION,
+                          "+algorithm.mica.turn_rewards=true"], False)
+    with pytest.raises(MicaInputError, match="trainer.use_v1=false") as info:
+        trainer._compute_advantage(KVBatchMeta(keys=keys, tags=[{}] * len(keys),
+                                               partition_id="train"), {})
+    assert "\n" not in str(info.value) and info.value.column == "mica_key"
+
+
+def test_v1_trainer_without_mica_outputs_warns_every_step(monkeypatch):
+    """verl's stock outputs (one score per session, copied onto each output): the multi-turn
+    batch has no per-turn signal; mica says so on every step, and the metric says 0."""
+    import asyncio
+
+    from transfer_queue import KVBatchMeta
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
+
+    rng = np.random.default_rng(33)
+    episodes = L.random_episodes(rng, tool_p=0.0, per_group=(2, 3))
+    store = InMemoryTQ()
+    store.install(monkeypatch)
+    worker = v1_worker()
+    for ep in episodes:
+        outs = []
+        for t in ep["turns"]:
+            m = L._turn_tokens(t)
+            outs.append(AgentLoopOutput(prompt_ids=[1, 2], response_ids=[5] * len(m),
+                                        response_mask=m, metrics=AgentLoopMetrics(),
+                                        reward_score=L.score_of(ep), extra_fields={
+                                            "reward_extra_info": {}}))
+        asyncio.run(worker._agent_loop_postprocess(outs, False, uid=ep["uid"],
+                                                   session_id=ep["session"], global_steps=1))
+    keys = list(store.rows)
+    meta = KVBatchMeta(keys=keys, tags=[{}] * len(keys), partition_id="train")
+    trainer = v1_trainer(["algorithm.adv_estimator=mica", REGISTRATION,
+                          "+algorithm.mica.gamma=0.85"], False)
+    for _ in range(2):
+        metrics = {}
+        with pytest.warns(UserWarning, match="without a per-turn signal"):
+            trainer._compute_advantage(meta, metrics)
+        assert metrics["mica/per_turn_signal"] == 0.0
+    trainer = v1_trainer(["algorithm.adv_estimator=mica", REGISTRATION,
+                          "+algorithm.mica.gamma=0.85", "+algorithm.mica.require_per_turn=true"],
+                         False)
+    with pytest.raises(MicaInputError, match="without a per-turn signal") as info:
+        trainer._compute_advantage(meta, {})
+    assert "\n" not in str(info.value)
+
+
+def test_agent_loop_output_refuses_what_v1_cannot_carry():
+    """One-line errors: an ADR preset given rewards, a turn holding a tool call in the
+    trajectory layout (v1 sees no turn boundaries), a signal of the wrong length, none."""
+    kw = dict(prompt_ids=[1], response_ids=[5] * 6, response_mask=[1, 1, 0, 1, 0, 0])
+    with pytest.raises(MicaInputError, match="ADR .* pass distances") as info:
+        mv.agent_loop_output(estimator="mica_adr", rewards=[1.0, 2.0], **kw)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MicaInputError, match="use layout='turn'"):
+        mv.agent_loop_output(estimator="mica", distances=[1.0], initial_distance=2.0,
+                             turn_start=[0], **kw)
+    one = mv.agent_loop_output(estimator="mica", distances=[1.0], initial_distance=2.0,
+                               turn_start=[0], layout="turn", **kw)
+    assert len(one) == 1 and one[0].as_dict()["rm_scores"].tolist() == [0, 0, 0, 1.0, 0, 0]
+    with pytest.raises(MicaInputError, match="has 1 values but the row has 2 turns"):
+        mv.agent_loop_output(estimator="mica", distances=[1.0], initial_distance=2.0, **kw)
+    with pytest.raises(MicaInputError, match="give distances"):
+        mv.agent_loop_output(estimator="mica", **kw)
+    # mica_grpo (verl name) is mica's grpo: IDR turn rewards, their sum is the outcome
+    out = mv.agent_loop_output(estimator="mica_grpo", distances=[3.0, 1.0], initial_distance=4.0,
+                               **kw)
+    assert out.as_dict()["rm_scores"].tolist() == [0, 1.0, 0, 2.0, 0, 0]
+    assert out.reward_score == 3.0 and out.extra_fields["mica_turn_start"] == [0, 3]

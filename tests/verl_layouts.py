@@ -123,17 +123,41 @@ def _objects(lists):
     return out
 
 
-def expected(episodes, estimator, *, signal="distance", kl=None, **opts):
+def lone_rule(trajs, estimator, results, lone_rollout="zero", **opts):
+    """``results`` (naive_estimate of ``trajs``) with the lone-rollout rule applied: under
+    ``"zero"`` a trajectory alone in its group keeps only its batch-scope components (naive
+    again, on a spec holding those components alone), or 0 when there are none."""
+    if lone_rollout == "within":
+        return results
+    from naive import PRESETS
+
+    kind, gamma, returns, comps = PRESETS[estimator]
+    kept = [c for c in comps if c[2] == "batch"]
+    part = naive_estimate(trajs, spec=(kind, gamma, returns, kept), **opts) if kept else None
+    sizes = {}
+    for t in trajs:
+        sizes[t["group"]] = sizes.get(t["group"], 0) + 1
+    out = []
+    for i, (t, res) in enumerate(zip(trajs, results)):
+        if sizes[t["group"]] == 1:
+            res = [(r, g, part[i][k][2] if part else 0.0) for k, (r, g, _) in enumerate(res)]
+        out.append(res)
+    return out
+
+
+def expected(episodes, estimator, *, signal="distance", kl=None, lone_rollout="zero", **opts):
     """Per episode, naive (reward, return, advantage) per turn.
 
     ``signal="distance"``: mica computes IDR/ADR from the distances; ``"score"``: the outcome
-    score is the only reward, on the last turn. ``kl``: per episode, per turn, an extra
-    reward (the per-turn sum of a dense KL term) added to each turn's reward.
+    score is the only reward, on the last turn; ``"turn_reward"``: the preset's own per-turn
+    reward (IDR or ADR) given as rewards, as mica's v1 agent-loop outputs carry it. ``kl``: per
+    episode, per turn, an extra reward (the per-turn sum of a dense KL term) added to each
+    turn's reward. ``lone_rollout``: see :func:`lone_rule`.
     """
     trajs = []
     for e, ep in enumerate(episodes):
         d = [t["distance"] for t in ep["turns"]]
-        if signal == "distance":
+        if signal in ("distance", "turn_reward"):
             from naive import PRESETS, rewards_of
 
             kind = PRESETS[estimator][0]
@@ -144,7 +168,8 @@ def expected(episodes, estimator, *, signal="distance", kl=None, **opts):
             r = [x + k for x, k in zip(r, kl[e])]
         trajs.append({"group": ep["uid"], "rewards": r,
                       "keys": [t.get("key") for t in ep["turns"]]})
-    return naive_estimate(trajs, estimator, **opts)
+    return lone_rule(trajs, estimator, naive_estimate(trajs, estimator, **opts), lone_rollout,
+                     **opts)
 
 
 def expected_tokens(episodes, results, column, layout):

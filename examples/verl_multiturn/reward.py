@@ -1,12 +1,13 @@
 """verl reward function for the example (``reward.custom_reward_function``).
 
-verl's reward loop calls it once per trajectory with the agent loop's ``extra_fields`` merged
-into ``extra_info`` (verl/experimental/reward_loop/reward_manager/naive.py). The score it
-returns is what verl logs and what verl's own estimators (grpo, ...) would train on: the
-trajectory's total distance reduction ``D_{-1} - D_{T-1}`` (the sum of its IDR). mica's
-estimators do not use it: they read the per-turn distances the agent loop left in
-``non_tensor_batch`` (``mica_distance``, ``mica_initial_distance``) and compute IDR, ADR and
-returns themselves.
+verl's reward loop calls it for a trajectory whose agent loop left ``reward_score`` unset,
+with the agent loop's ``extra_fields`` merged into ``extra_info``
+(verl/experimental/reward_loop/reward_manager/naive.py). The example's agent loop returns
+mica's ``agent_loop_output``, which sets ``reward_score`` to the same outcome (and writes the
+per-turn rewards into ``rm_scores`` itself), so verl skips this function there; it stays for
+agent loops that return a plain ``AgentLoopOutput``. The score is the trajectory's total
+distance reduction ``D_{-1} - D_{T-1}`` (the sum of its IDR), what verl's own estimators
+(grpo, ...) would train on.
 """
 
 

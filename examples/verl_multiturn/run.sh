@@ -3,6 +3,7 @@
 #
 #   bash examples/verl_multiturn/run.sh                                  # mica
 #   bash examples/verl_multiturn/run.sh algorithm.adv_estimator=mica_adr # any verl override
+#   bash examples/verl_multiturn/run.sh trainer.use_v1=false             # the legacy trainer
 #
 # Needs: a CUDA GPU, verl 0.9.1 with vLLM (pip install "verl[vllm]==0.9.1"), mica installed in
 # the same environment (pip install -e . from the repository root), and network access to

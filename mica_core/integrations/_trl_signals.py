@@ -12,11 +12,11 @@ import numpy as np
 
 from .._errors import MicaInputError
 from ..estimators import get_estimator
-from ..signals import distance_from_state
 
 __all__ = [
     "FIELDS",
     "MICA_DEFAULTS",
+    "NAMES",
     "TurnSignals",
     "collect_turn_signals",
     "mica_options",
@@ -26,7 +26,7 @@ __all__ = [
 #: per-turn signal fields, one of which a batch must carry
 SIGNAL_FIELDS = ("turn_distances", "turn_states", "turn_rewards")
 #: every field read from the rollout, the dataset or ``turn_signals_func``
-FIELDS = (*SIGNAL_FIELDS, "initial_distance", "initial_state", "turn_starts")
+FIELDS = (*SIGNAL_FIELDS, "initial_distance", "initial_state", "turn_starts", "turn_keys")
 
 #: mica's options on :class:`MicaGRPOConfig` and their defaults (also used for a plain
 #: ``GRPOConfig``). ``mica_scale=None`` follows TRL's ``scale_rewards``.
@@ -39,6 +39,7 @@ MICA_DEFAULTS = {
     "mica_baseline": "mean",
     "mica_scale": None,
     "mica_singleton": "zero",
+    "mica_lone_rollout": None,
     "mica_state_weights": None,
     "mica_state_epsilon": 1.0,
     "mica_state_kind": "hinge",
@@ -88,6 +89,8 @@ class TurnSignals(NamedTuple):
       reward: float64 ``[n_turns]`` or None (from ``turn_rewards``).
       turn_starts: None, or a list of ``n`` int64 arrays (explicit turn boundaries).
       source: the field the per-turn values came from.
+      key: ``[n_turns]`` labels (``turn_keys``) or None.
+      batch: the :class:`mica_core.turns.TurnBatch` they were laid out in.
     """
 
     offsets: np.ndarray
@@ -96,6 +99,8 @@ class TurnSignals(NamedTuple):
     reward: np.ndarray | None
     turn_starts: list | None
     source: str
+    key: np.ndarray | None = None
+    batch: object = None
 
     @property
     def counts(self) -> np.ndarray:
@@ -103,10 +108,19 @@ class TurnSignals(NamedTuple):
         return np.diff(self.offsets)
 
     def estimate_inputs(self) -> dict:
-        """Keyword arguments ``distance``/``initial_distance``/``reward`` for ``estimate``."""
-        if self.reward is not None:
-            return {"reward": self.reward}
-        return {"distance": self.distance, "initial_distance": self.initial_distance}
+        """Keyword arguments ``distance``/``initial_distance``/``reward``/``key`` for
+        ``estimate``."""
+        out = {"reward": self.reward} if self.reward is not None else {
+            "distance": self.distance, "initial_distance": self.initial_distance}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+
+#: TRL's field names for the shared layer's (mica_core.turns.SIGNALS)
+NAMES = {"distance": "turn_distances", "state": "turn_states", "reward": "turn_rewards",
+         "initial_distance": "initial_distance", "initial_state": "initial_state",
+         "key": "turn_keys", "group": "group"}
 
 
 def _as_array(field, row, value, dtype=np.float64):
@@ -122,69 +136,34 @@ def _as_array(field, row, value, dtype=np.float64):
                              column=field, row=row, rule="numbers") from None
 
 
-def _per_turn(field, row, value, ndim):
-    a = _as_array(field, row, value)
-    what = "a list of numbers" if ndim == 1 else "a list of state vectors [turns, K]"
-    if a.ndim != ndim:
-        raise MicaInputError(f"needs {what} per completion; got shape {a.shape}", column=field,
-                             row=row, rule="shape")
-    if a.shape[0] == 0:
-        raise MicaInputError("an empty list: the completion has no turn", column=field,
-                             row=row, rule="at least one turn")
-    bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
-    if bad.size:
-        t = int(bad[0])
-        raise MicaInputError(f"turn {t}: {a[t].tolist()} is not finite", column=field, row=row,
-                             rule="finite")
-    return a
-
-
-def _initial(field, row, value, shape):
-    a = _as_array(field, row, value)
-    if a.shape != shape:
-        want = "a number" if shape == () else f"a vector of {shape[0]} values"
-        raise MicaInputError(f"needs {want} per completion; got shape {a.shape}", column=field,
-                             row=row, rule="shape")
-    if not np.isfinite(a).all():
-        raise MicaInputError(f"{a.tolist()} is not finite", column=field, row=row,
-                             rule="finite")
-    return a
-
-
-def _column(fields, name, n):
-    col = fields.get(name)
-    if col is None:
-        return None
-    if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
-        raise MicaInputError(f"needs one entry per completion; got {type(col).__name__}",
-                             column=name, rule="one entry per completion")
-    if len(col) != n:
-        raise MicaInputError(f"has {len(col)} entries for {n} completions", column=name,
-                             rule="one entry per completion")
-    return col
-
-
 def collect_turn_signals(fields: Mapping, n: int, *, state_weights=None, state_epsilon=1.0,
-                         state_kind="hinge") -> TurnSignals:
-    """Validate per-completion signal fields and lay them out for :func:`mica_core.estimate`.
+                         state_kind="hinge", group=None, estimator="mica") -> TurnSignals:
+    """Validate per-completion signal fields and lay them out for :func:`mica_core.estimate`
+    (through the shared layer, :func:`mica_core.turns.collect`).
 
     Args:
       fields: ``{field: list with one entry per completion}``; exactly one of
         ``turn_distances``, ``turn_states``, ``turn_rewards``, plus ``initial_distance`` /
-        ``initial_state`` where the signal needs it and optionally ``turn_starts`` (module
-        docstring). Other keys are ignored.
+        ``initial_state`` where the signal needs it, ``turn_keys`` for keyed estimators
+        (``gigpo``) and optionally ``turn_starts`` (module docstring). Other keys are ignored.
       n: the number of completions.
       state_weights, state_epsilon, state_kind: :func:`mica_core.distance_from_state`
         options for ``turn_states``.
+      group: optional ``[n]`` group labels (default: all in one group; only
+        :attr:`TurnSignals.batch` uses them).
+      estimator: the estimator the signals are for (IDR or ADR; whether keys are required).
 
     Returns:
-      :class:`TurnSignals`.
+      :class:`TurnSignals`. A completion whose list is empty has no turn: it gets advantage 0.
 
     Raises:
-      MicaInputError: naming the field and the completion (row): a missing, empty, non-numeric
-      or non-finite list, a negative distance, a state of the wrong width, ``turn_starts`` not
-      strictly increasing non-negative integers or of another length than the turns.
+      MicaInputError: naming the field and the completion (row): a missing, non-numeric or
+      non-finite list, a negative distance, a state of the wrong width, ``turn_starts`` not
+      strictly increasing non-negative integers or of another length than the turns, a
+      missing ``turn_keys`` for a keyed estimator.
     """
+    from ..turns import collect
+
     present = [f for f in SIGNAL_FIELDS if fields.get(f) is not None]
     if len(present) != 1:
         got = ", ".join(present) if present else "none"
@@ -193,48 +172,22 @@ def collect_turn_signals(fields: Mapping, n: int, *, state_weights=None, state_e
                              column=present[0] if present else SIGNAL_FIELDS[0],
                              rule="one per-turn signal")
     source = present[0]
-    col = _column(fields, source, n)
-    per_row = [_per_turn(source, b, col[b], 2 if source == "turn_states" else 1)
-               for b in range(n)]
-    counts = np.array([a.shape[0] for a in per_row], dtype=np.int64)
+    by_mica = {k: fields.get(v) for k, v in NAMES.items() if k != "group"}
+    batch = collect(None, np.zeros(n, dtype=np.int64) if group is None else group, by_mica,
+                    estimator=estimator, names=NAMES, row_name="completion",
+                    state_options={"weights": state_weights, "epsilon": state_epsilon,
+                                   "kind": state_kind})
+    counts = batch.counts
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    width = per_row[0].shape[1] if source == "turn_states" and n else 0
-    if source == "turn_states":
-        for b, a in enumerate(per_row):
-            if a.shape[1] != width:
-                raise MicaInputError(f"state vectors of {a.shape[1]} values; completion 0 has "
-                                     f"{width}", column=source, row=b, rule="one state width")
-    values = (np.concatenate(per_row) if n else np.zeros((0, width) if source == "turn_states"
-                                                          else 0))
-    distance = initial = reward = None
-    if source == "turn_rewards":
-        reward = values
-    elif source == "turn_distances":
-        bad = np.flatnonzero(values < 0)
-        if bad.size:
-            b = int(np.searchsorted(offsets, bad[0], side="right") - 1)
-            t = int(bad[0] - offsets[b])
-            raise MicaInputError(f"turn {t}: distance {values[bad[0]]} is negative",
-                                 column=source, row=b, rule="distance >= 0")
-        distance = values
-        init_col = _column(fields, "initial_distance", n)
-        if init_col is not None:
-            initial = np.array([_initial("initial_distance", b, init_col[b], ())
-                                for b in range(n)], dtype=np.float64)
-            bad = np.flatnonzero(initial < 0)
-            if bad.size:
-                raise MicaInputError(f"distance {initial[bad[0]]} is negative",
-                                     column="initial_distance", row=int(bad[0]),
-                                     rule="distance >= 0")
-    else:
-        kw = {"weights": state_weights, "epsilon": state_epsilon, "kind": state_kind}
-        distance = distance_from_state(values, **kw) if n else np.zeros(0)
-        init_col = _column(fields, "initial_state", n)
-        if init_col is not None:
-            init = np.stack([_initial("initial_state", b, init_col[b], (width,))
-                             for b in range(n)]) if n else np.zeros((0, width))
-            initial = distance_from_state(init, **kw) if n else np.zeros(0)
+    inputs = batch.inputs
+    back = batch.to_rows  # row-major turn j is CSR turn back[j]; rows are trajectories here
+    take = (lambda a: None if a is None else np.asarray(a)[back])  # noqa: E731
+    traj_rows = np.flatnonzero(counts > 0)
+    initial = None
+    if inputs.get("initial_distance") is not None:
+        initial = np.zeros(n)
+        initial[traj_rows] = inputs["initial_distance"]
     starts = None
     starts_col = _column(fields, "turn_starts", n)
     if starts_col is not None:
@@ -249,7 +202,21 @@ def collect_turn_signals(fields: Mapping, n: int, *, state_weights=None, state_e
                                      f"positions >= 0", column="turn_starts", row=b,
                                      rule="increasing positions")
             starts.append(s.astype(np.int64))
-    return TurnSignals(offsets, distance, initial, reward, starts, source)
+    return TurnSignals(offsets, take(inputs.get("distance")), initial, take(inputs.get("reward")),
+                       starts, source, take(inputs.get("key")), batch)
+
+
+def _column(fields, name, n):
+    col = fields.get(name)
+    if col is None:
+        return None
+    if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
+        raise MicaInputError(f"needs one entry per completion; got {type(col).__name__}",
+                             column=name, rule="one entry per completion")
+    if len(col) != n:
+        raise MicaInputError(f"has {len(col)} entries for {n} completions", column=name,
+                             rule="one entry per completion")
+    return col
 
 
 def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, skip_rows=None,
@@ -278,9 +245,9 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
       tokens, 0 on every other token.
 
     Raises:
-      MicaInputError: naming the row: a completion without an assistant token, a count of
-      turns in ``loss_mask`` other than ``counts``, assistant tokens before the first of
-      ``turn_starts``, a turn without an assistant token.
+      MicaInputError: naming the row: a count of turns in ``loss_mask`` other than
+      ``counts``, assistant tokens before the first of ``turn_starts``, a turn without an
+      assistant token. A completion without any ``loss_mask`` token gets 0.
     """
     import torch
 
@@ -295,12 +262,9 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
     if counts.shape != (B,) or skip.shape != (B,):
         raise ValueError(f"counts and skip_rows need shape ({B},); got {counts.shape}, "
                          f"{skip.shape}")
-    tokens = mask.sum(1).cpu().numpy()
-    empty = np.flatnonzero((tokens == 0) & ~skip)
-    if empty.size:
-        raise MicaInputError("the completion has no assistant token (completion_mask * "
-                             "tool_mask is all 0), so no turn to credit", column="loss_mask",
-                             row=int(empty[0]) + row_offset, rule="at least one turn")
+    # a completion without any loss token (an empty or aborted reply) gets 0, as TRL's
+    # loss gives it nothing to weigh; it is not checked against its signal
+    skip = skip | (mask.sum(1).cpu().numpy() == 0)
     mask = mask & torch.as_tensor(~skip, device=mask.device)[:, None]
     K = max(int(counts.max()) if B else 0, 1)
     adv = np.asarray(turn_advantage.cpu() if hasattr(turn_advantage, "cpu") else turn_advantage,
@@ -325,29 +289,29 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
                 rule="one value per turn")
         out = broadcast_to_tokens(padded_t, mask, validate=False)
     else:
-        starts = torch.full((B, K), L, dtype=torch.int64)
+        # TRL's turn k runs from turn_starts[k] to the next start; mica's tokens functions
+        # start a turn on its first loss token: move each start there
+        host = mask.cpu().numpy()
+        first = []
         for b in range(B):
-            starts[b, :counts[b]] = torch.as_tensor(turn_starts[b][:K])
-        starts = starts.to(mask.device)
-        pos = torch.arange(L, device=mask.device)
-        turn = (pos[None, None, :] >= starts[:, :, None]).sum(1) - 1  # [B, L], -1 before turn 0
-        before = (mask & (turn < 0)).cpu().numpy()
-        hit = np.argwhere(before)
-        if hit.size:
-            b, j = (int(x) for x in hit[0])
-            raise MicaInputError(f"token {j} is an assistant token before the first turn start "
-                                 f"{int(turn_starts[b][0])}", column="turn_starts",
-                                 row=b + row_offset, rule="every assistant token in a turn")
-        has_token = torch.zeros((B, K + 1), dtype=torch.int64, device=mask.device)
-        has_token.scatter_add_(1, (turn + 1).clamp(min=0), mask.to(torch.int64))
-        has_token = has_token[:, 1:].cpu().numpy() > 0
-        for b in np.flatnonzero(~skip):
-            k = np.flatnonzero(~has_token[b, :counts[b]])
-            if k.size:
+            s = np.asarray(turn_starts[b], dtype=np.int64)
+            if skip[b]:
+                first.append([])
+                continue
+            ends = np.r_[s[1:], L]
+            tok = np.flatnonzero(host[b])
+            at = np.searchsorted(tok, s)
+            ok = (at < tok.size) & (tok[np.minimum(at, tok.size - 1)] < ends)
+            if not ok.all():
+                k = int(np.flatnonzero(~ok)[0])
                 raise MicaInputError(
-                    f"turn {int(k[0])} (from token {int(turn_starts[b][k[0]])}) has no "
-                    f"assistant token (completion_mask * tool_mask is 0 there)",
-                    column="turn_starts", row=int(b) + row_offset, rule="a token per turn")
-        vals = torch.gather(padded_t, 1, turn.clamp(min=0))
-        out = torch.where(mask, vals, torch.zeros((), dtype=vals.dtype, device=mask.device))
+                    f"turn {k} (from token {int(s[k])}) has no assistant token "
+                    f"(completion_mask * tool_mask is 0 there)", column="turn_starts",
+                    row=b + row_offset, rule="a token per turn")
+            if tok.size and s.size and tok[0] < s[0]:
+                raise MicaInputError(f"token {int(tok[0])} is an assistant token before the "
+                                     f"first turn start {int(s[0])}", column="turn_starts",
+                                     row=b + row_offset, rule="every assistant token in a turn")
+            first.append(tok[at].tolist())
+        out = broadcast_to_tokens(padded_t, mask, validate=False, turn_start=first)
     return out.to(torch.float32)

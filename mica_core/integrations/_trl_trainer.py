@@ -25,8 +25,8 @@ import numpy as np
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
-from .. import estimate, trajectory_outcome
 from .._errors import MicaInputError
+from ..turns import estimate_turns
 from ._trl_signals import (
     FIELDS,
     MICA_DEFAULTS,
@@ -51,8 +51,8 @@ class MicaGRPOConfig(GRPOConfig):
 
     mica_estimator: str = field(default=D["mica_estimator"], metadata={
         "help": "mica estimator (registry name): mica, mica_turn, mica_group, mica_adr, mapo, "
-                "grpo, reinforce_pp, reinforce_pp_idr, mica_group_adr, or one registered with "
-                "mica_core.register_estimator."})
+                "grpo, reinforce_pp, reinforce_pp_idr, mica_group_adr, gigpo (needs "
+                "turn_keys), or one registered with mica_core.register_estimator."})
     mica_gamma: float | None = field(default=D["mica_gamma"], metadata={
         "help": "Discount of the per-turn return; None takes the preset's (0.85; grpo and "
                 "reinforce_pp: 1.0)."})
@@ -75,6 +75,10 @@ class MicaGRPOConfig(GRPOConfig):
         "help": "Zone width of distance_from_state's hinge for turn_states."})
     mica_state_kind: str = field(default=D["mica_state_kind"], metadata={
         "help": "'hinge' (EMPA's zone hinge) or 'norm' for turn_states."})
+    mica_lone_rollout: str | None = field(default=D["mica_lone_rollout"], metadata={
+        "help": "A group of one completion: 'zero' (its group-relative terms are 0) or "
+                "'within' (buckets over its own turns); None: 'zero', or 'within' under "
+                "mica_singleton='raw' (mica_core.turns)."})
 
 
 class MicaGRPOTrainer(GRPOTrainer):
@@ -155,17 +159,22 @@ class MicaGRPOTrainer(GRPOTrainer):
         fields = {k: [r.get(k) for r in rows] for k in FIELDS if any(k in r for r in rows)}
         state = {key[len("mica_state_"):]: getattr(self.args, key, MICA_DEFAULTS[key])
                  for key in ("mica_state_weights", "mica_state_epsilon", "mica_state_kind")}
-        signals = collect_turn_signals(fields, len(rows), state_weights=state["weights"],
-                                       state_epsilon=state["epsilon"], state_kind=state["kind"])
         options = dict(self.mica_options)
+        estimator = options.pop("estimator")
         group = np.arange(len(rows)) // group_size  # TRL's groups: consecutive completions
-        result = estimate(signals.offsets, group, estimator=options.pop("estimator"),
-                          **signals.estimate_inputs(), **options)
+        signals = collect_turn_signals(fields, len(rows), state_weights=state["weights"],
+                                       state_epsilon=state["epsilon"], state_kind=state["kind"],
+                                       group=group, estimator=estimator)
+        lone = getattr(self.args, "mica_lone_rollout", None) or (
+            "within" if options["singleton"] == "raw" else "zero")
+        result = estimate_turns(signals.batch, estimator, lone_rollout=lone, **options)
+        outcome = np.zeros(len(rows))
+        np.add.at(outcome, np.repeat(np.arange(len(rows)), signals.counts), result.reward)
         start = self.accelerator.process_index * len(prompts)
         self._mica_batch = {
             "signals": signals,
             "result": result,
-            "outcome": trajectory_outcome(signals.offsets, result.reward),
+            "outcome": outcome,
             "rows": slice(start, start + len(prompts)),
         }
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -195,4 +204,6 @@ class MicaGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["mica/turns/mean"].append(float(signals.counts.mean()))
         self._metrics[mode]["mica/outcome/mean"].append(float(batch["outcome"].mean()))
+        self._metrics[mode]["mica/empty_rows"].append(float(result.empty_rows))
+        self._metrics[mode]["mica/lone_rollouts"].append(float(result.lone_rollouts))
         return output

@@ -15,7 +15,9 @@ Per-turn signals, one entry per completion, in fields named:
 - or ``turn_states`` (``[T_i, K]`` support-state vectors) and ``initial_state`` (``[K]``),
   turned into distances by :func:`mica_core.distance_from_state`;
 - or ``turn_rewards`` (``[T_i]``, rewards given directly);
-- optionally ``turn_starts`` (``[T_i]`` completion-token positions where each turn begins).
+- optionally ``turn_starts`` (``[T_i]`` completion-token positions where each turn begins);
+- ``turn_keys`` (``[T_i]`` labels, e.g. anchor-state hashes) for estimators with a ``key``
+  scope (``gigpo``).
 
 They come from the rollout (extra keys of a ``rollout_func``'s output, which TRL forwards per
 completion), from dataset columns (e.g. a scenario's ``initial_distance``), or from a
@@ -30,11 +32,12 @@ Turns in a completion (``loss_mask = completion_mask * tool_mask``, what TRL's l
 - with ``turn_starts``: turn ``k`` is every ``loss_mask`` token in
   ``[turn_starts[k], turn_starts[k+1])``, so a tool call inside a reply does not make two turns.
 
-The number of turns found must equal the length of the per-turn list; otherwise, or for a
-completion without an assistant token, :class:`mica_core.MicaInputError` names the row (the
-completion's index in the generation batch). A completion that ``mask_truncated_completions``
-removed from the loss (``completion_mask`` all 0) still enters mica's group statistics, as it
-enters TRL's, and gets no token advantage.
+The number of turns found must equal the length of the per-turn list; otherwise
+:class:`mica_core.MicaInputError` names the row (the completion's index in the generation
+batch). A completion without an assistant token gets advantage 0. The fields go through
+:mod:`mica_core.turns`, the adapter layer shared with the verl integration. A completion
+that ``mask_truncated_completions`` removed from the loss (``completion_mask`` all 0) still
+enters mica's group statistics, as it enters TRL's, and gets no token advantage.
 
 This module imports neither TRL nor torch: :class:`MicaGRPOTrainer` and :class:`MicaGRPOConfig`
 are loaded on first access (``pip install 'mica-credit[trl]'``). See docs/trl.md.
@@ -45,6 +48,7 @@ from __future__ import annotations
 from ._trl_signals import (
     FIELDS,
     MICA_DEFAULTS,
+    NAMES,
     TurnSignals,
     collect_turn_signals,
     mica_options,
@@ -54,6 +58,7 @@ from ._trl_signals import (
 __all__ = [
     "FIELDS",
     "MICA_DEFAULTS",
+    "NAMES",
     "MicaGRPOConfig",  # noqa: F822 (loaded on first access, see __getattr__)
     "MicaGRPOTrainer",  # noqa: F822
     "TurnSignals",

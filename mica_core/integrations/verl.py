@@ -23,7 +23,11 @@ Layouts (docs/verl.md has the table):
 - verl's v1 trainer (``trainer.use_v1=True``, the default in 0.9.1): rows keyed
   ``{uid}_{session}_{index}``; the rows of a session are one trajectory in ``index`` order.
   When a session has several rows (a multi-output agent loop) each row is one turn, else the
-  row's turns are found as above; ``algorithm.mica.v1_rows=turn|spans`` overrides.
+  row's turns are found as above; ``algorithm.mica.v1_rows=turn|spans`` overrides. The v1
+  advantage step carries only ``uid``, ``response_mask`` and ``rm_scores``: an agent loop
+  returns :func:`agent_loop_output`, which writes each turn's reward (IDR or ADR, by the
+  preset) on the turn's last assistant token of ``rm_scores``, and
+  ``algorithm.mica.turn_rewards=true`` tells mica to read them as per-turn rewards.
 
 Turn rewards, from the first source present:
 
@@ -43,8 +47,9 @@ stay in ``data.non_tensor_batch`` (verl PR #7473 proposes passing it on). So the
 takes ``non_tensor_batch=``, ``batch=`` and ``batch_keys=`` when given, and otherwise reads the
 ``DataProto`` from verl's ``compute_advantage`` frame: the one whose
 ``batch["token_level_rewards"]`` is the very tensor it was handed (and, for the v1 trainer,
-``batch_keys`` from ``compute_advantage_for_multi_trajectories``). Called outside verl, it
-uses the tensors alone.
+``batch_keys`` from ``compute_advantage_for_multi_trajectories``); a clone or cast of that
+tensor is found by its values. Called outside verl without ``non_tensor_batch=``, it uses the
+tensors alone and warns on every call.
 
 Registered names: a preset's own name when it starts with ``mica`` (``mica``, ``mica_turn``,
 ``mica_group``, ``mica_adr``, ``mica_group_adr``), else ``mica_`` + name (``mica_mapo``,
@@ -69,8 +74,23 @@ Options, each from the first place that has it:
 ``config.mica.distance_weights``, ``distance_epsilon`` and ``distance_kind`` set how states
 become distances (:func:`mica_core.distance_from_state`).
 
-verl's ``index`` is a host array of labels, factorized on the host; the computation runs on the
-rewards' device. ``returns`` holds the preset's per-turn return on every token of its turn
+mica's own options (``algorithm.mica.<option>`` or keyword arguments):
+``require_per_turn`` (true: a multi-turn batch without a per-turn signal, or an ADR preset
+without distances, is an error; false: no warning; unset: a warning on every call),
+``turn_rewards`` (the token rewards are per-turn rewards), ``lone_rollout`` (``zero`` or
+``within``, :mod:`mica_core.turns`; default ``zero``, ``within`` under ``singleton="raw"``),
+``v1_rows``.
+
+Never lost without a word: each call puts ``mica/per_turn_signal``,
+``mica/frame_lookup_failed``, ``mica/missing_field``, ``mica/empty_rows`` and
+``mica/lone_rollouts`` into the calling trainer step's ``metrics`` dict (which verl logs) and
+:data:`LAST_METRICS`, and counts every fallback in :data:`COUNTERS`. A row without assistant
+tokens gets advantage 0 (counted). Per-row signals are laid out and checked by
+:mod:`mica_core.turns`, the adapter layer shared with TRL.
+
+verl's ``index`` is a host array of labels; mica's estimate runs on the host (a verl batch
+holds few turns) and the advantages are spread over tokens on the rewards' device.
+``returns`` holds the preset's per-turn return on every token of its turn
 (``G_t``; ``R_i`` for ``mica_grpo``), not a copy of the advantages.
 """
 
@@ -86,9 +106,14 @@ from .._errors import MicaInputError
 from ..estimators import get_estimator
 
 __all__ = [
+    "COUNTERS",
     "FIELDS",
+    "LAST_METRICS",
     "PRESETS",
     "REGISTERED",
+    "agent_loop_output",
+    "counters",
+    "reset_counters",
     "compute_gigpo_advantage",
     "compute_grpo_advantage",
     "compute_mapo_advantage",
@@ -126,7 +151,6 @@ FIELDS = {
 REGISTERED: dict = {}
 
 _GAMMA_WARNED: set = set()
-_CONTEXT_WARNED: list = []
 
 
 def verl_name(estimator: str) -> str:
@@ -191,82 +215,121 @@ def options_from_config(estimator: str, config=None, kwargs=None) -> dict:
     return opts
 
 
-def _holds_rewards(obj, token_level_rewards):
-    """Whether ``obj`` is a DataProto whose ``token_level_rewards`` is this very tensor."""
+# --------------------------------------------------------------------------- metrics
+
+#: Per-process totals since import (or :func:`reset_counters`): ``calls``, and how often each
+#: fallback happened: ``no_per_turn_signal`` (a multi-turn batch trained on its outcome score
+#: alone), ``frame_lookup_failed`` (no verl DataProto found, so per-turn fields could not be
+#: read), ``missing_field`` (a preset's field absent, e.g. distances for ``mica_adr``),
+#: ``empty_rows`` (rows without assistant tokens, given 0) and ``lone_rollouts``
+#: (trajectories alone in their group, see ``lone_rollout``).
+COUNTERS = {"calls": 0, "no_per_turn_signal": 0, "frame_lookup_failed": 0, "missing_field": 0,
+            "empty_rows": 0, "lone_rollouts": 0}
+#: The metrics of the latest call (``mica/...`` names, floats), as published to verl.
+LAST_METRICS: dict = {}
+
+
+def counters() -> dict:
+    """A copy of :data:`COUNTERS`."""
+    return dict(COUNTERS)
+
+
+def reset_counters() -> None:
+    for k in COUNTERS:
+        COUNTERS[k] = 0
+
+
+def _publish(metrics, max_depth=16):
+    """Put this call's metrics where verl logs them: the ``metrics`` dict of the trainer step
+    that called the estimator (``RayPPOTrainer.fit``'s, or v1's ``_compute_advantage(batch,
+    metrics)``), found among the calling frames; every key starts with ``mica/``."""
+    LAST_METRICS.clear()
+    LAST_METRICS.update(metrics)
+    frame = sys._getframe(3)  # _publish <- _advantage <- estimator <- caller
+    for _ in range(max_depth):
+        if frame is None:
+            return False
+        target = frame.f_locals.get("metrics")
+        if isinstance(target, dict):
+            target.update(metrics)
+            return True
+        frame = frame.f_back
+    return False
+
+
+# --------------------------------------------------------------------------- verl's batch
+
+
+def _holds_rewards(obj, token_level_rewards, exact=True):
+    """Whether ``obj`` is a DataProto whose ``token_level_rewards`` is this very tensor
+    (``exact``) or one of the same shape and values (a clone or a cast)."""
     batch = getattr(obj, "batch", None)
     if batch is None or not hasattr(obj, "non_tensor_batch"):
         return False
     try:
-        return "token_level_rewards" in batch.keys() and \
-            batch["token_level_rewards"] is token_level_rewards
+        if "token_level_rewards" not in batch.keys():
+            return False
+        held = batch["token_level_rewards"]
+        if exact:
+            return held is token_level_rewards
+        import torch
+
+        return (tuple(held.shape) == tuple(token_level_rewards.shape) and
+                torch.equal(held.detach().to(token_level_rewards.device, torch.float64),
+                            token_level_rewards.detach().to(torch.float64)))
     except Exception:  # noqa: BLE001 - anything unexpected is simply not our batch
         return False
 
 
-def _verl_call_context(token_level_rewards, max_depth=8):
+def _verl_call_context(token_level_rewards, max_depth=16):
     """``(DataProto, batch_keys)`` from verl's call frames, or ``(None, None)``.
 
-    The DataProto is the one verl's ``compute_advantage`` holds, identified by identity of its
-    ``token_level_rewards`` tensor; ``batch_keys`` (v1 trainer) is the list of
-    ``{uid}_{session}_{index}`` keys that ``compute_advantage_for_multi_trajectories`` got
-    along with that same DataProto.
+    The DataProto is the one verl's ``compute_advantage`` holds: the nearest whose
+    ``token_level_rewards`` is the very tensor handed over, else the nearest whose tensor has
+    the same shape and values (the caller cloned or cast it). ``batch_keys`` (v1 trainer) is
+    the list of ``{uid}_{session}_{index}`` keys that ``compute_advantage_for_multi_trajectories``
+    got along with that same DataProto.
     """
+    frames = []
     frame = sys._getframe(3)  # _verl_call_context <- _advantage <- estimator <- caller
-    data, keys = None, None
-    for _ in range(max_depth):
-        if frame is None:
+    while frame is not None and len(frames) < max_depth:
+        frames.append(frame.f_locals)
+        frame = frame.f_back
+    data = None
+    for exact in (True, False):
+        data = next((v for local in frames for v in local.values()
+                     if _holds_rewards(v, token_level_rewards, exact)), None)
+        if data is not None:
             break
-        local = frame.f_locals
-        if data is None:
-            data = next((v for v in local.values() if _holds_rewards(v, token_level_rewards)),
-                        None)
-        if data is not None and keys is None:
+    keys = None
+    if data is not None:
+        for local in frames:
             k = local.get("batch_keys")
             if k is not None and any(v is data for v in local.values()) and \
                     len(k) == len(data) and all(isinstance(x, str) for x in k):
                 keys = list(k)
-        frame = frame.f_back
+                break
     return data, keys
 
 
-def _session_order(keys, labels):
-    """Rows grouped into sessions (``{uid}_{session}``) in ``index`` order.
-
-    Returns ``(row_order, traj_of_row_in_order, n_traj, last_row_mask, group_per_traj)``.
-    """
-    sessions, order_key = {}, []
+def _sessions(keys):
+    """verl v1 keys ``{uid}_{session}_{index}`` -> ``(session label, index)`` per row."""
+    session, index, seen = [], [], {}
     for r, key in enumerate(keys):
         parts = key.rsplit("_", 2)
         if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
             raise MicaInputError(f"batch key {key!r} is not verl's {{uid}}_{{session}}_{{index}}",
                                  column="batch_keys", row=r, rule="v1 key format")
-        sid = parts[0] + "_" + parts[1]
-        if sid not in sessions:
-            sessions[sid] = len(sessions)
-        order_key.append((sessions[sid], int(parts[2]), r))
-    order_key.sort()
-    row_order = np.array([r for _, _, r in order_key], dtype=np.int64)
-    traj = np.array([s for s, _, _ in order_key], dtype=np.int64)
-    seen = {}
-    for (s, idx, r) in order_key:
-        if (s, idx) in seen:
-            raise MicaInputError(f"rows {seen[s, idx]} and {r} have the same key {keys[r]!r}",
+        if key in seen:
+            raise MicaInputError(f"rows {seen[key]} and {r} have the same key {key!r}",
                                  column="batch_keys", row=r, rule="unique keys")
-        seen[s, idx] = r
-    last = np.zeros(len(keys), dtype=bool)
-    last[row_order[np.r_[traj[1:] != traj[:-1], True]]] = True
-    group = np.empty(len(sessions), dtype=object)
-    for s, r in zip(traj, row_order):
-        if group[s] is None:
-            group[s] = labels[r]
-        elif group[s] != labels[r]:
-            raise MicaInputError(f"uid {labels[r]!r} differs from its session's uid "
-                                 f"{group[s]!r}", column="index", row=int(r),
-                                 rule="a session stays in its group")
-    return row_order, traj, len(sessions), last, group
+        seen[key] = r
+        session.append(parts[0] + "_" + parts[1])
+        index.append(int(parts[2]))
+    return session, np.asarray(index, dtype=np.int64)
 
 
-def _rows_are_turns(keys, setting):
+def _rows_are_turns(session, setting):
     """v1 rows: is each row one turn (``"turn"``) or a piece holding whole turns (``"spans"``)?
 
     ``auto`` (default): one turn per row as soon as a session has several rows (a multi-output
@@ -279,140 +342,96 @@ def _rows_are_turns(keys, setting):
                              column="algorithm.mica.v1_rows", rule="choice")
     if setting != "auto":
         return setting == "turn"
-    sessions = {k.rsplit("_", 1)[0] for k in keys}
-    return len(sessions) < len(keys)
+    return len(set(session)) < len(session)
 
 
-def _row_values(field, column, b, width=None):
-    """Row ``b`` of a per-row signal field as float64: ``[T]`` (or ``[T, width]``)."""
-    try:
-        v = np.asarray(column[b], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise MicaInputError(f"expected numbers, got {column[b]!r}", column=field, row=b,
-                             rule="numeric") from None
-    v = v.reshape(-1) if width is None else v.reshape(-1, v.shape[-1] if v.ndim else 1)
-    if not np.all(np.isfinite(v)):
-        raise MicaInputError(f"values {v.tolist()} are not all finite", column=field, row=b,
-                             rule="finite")
-    return v
+def _last_of_session(session, index):
+    """bool per row: the row with the highest index of its session."""
+    best = {}
+    for r, (s, i) in enumerate(zip(session, index)):
+        if s not in best or index[best[s]] < i:
+            best[s] = r
+    last = np.zeros(len(session), dtype=bool)
+    last[list(best.values())] = True
+    return last
 
 
-def _signals(nt, config):
-    """``(kind, field, per-row values, per-row initial values)`` of the first signal present."""
-    if not nt:
-        return None
-    section = _get(config, "mica")
-    if FIELDS["distance"] in nt:
-        return ("distance", FIELDS["distance"], nt[FIELDS["distance"]],
-                nt.get(FIELDS["initial_distance"]))
-    if FIELDS["state"] in nt:
-        from ..signals import distance_from_state
-
-        kw = {k: _get(section, "distance_" + k) for k in ("weights", "epsilon", "kind")}
-        kw = {k: (list(v) if k == "weights" else v) for k, v in kw.items() if v is not None}
-        col, init = nt[FIELDS["state"]], nt.get(FIELDS["initial_state"])
-        if init is None:
-            raise MicaInputError(f"{FIELDS['state']} needs {FIELDS['initial_state']} (the "
-                                 f"state before the first reply)",
-                                 column=FIELDS["initial_state"], rule="required")
-        dist = [distance_from_state(_row_values(FIELDS["state"], col, b, 1), **kw)
-                for b in range(len(col))]
-        d0 = [float(distance_from_state(_row_values(FIELDS["initial_state"], init, b), **kw))
-              for b in range(len(init))]
-        return "distance", FIELDS["state"], dist, d0
-    if FIELDS["reward"] in nt:
-        return "reward", FIELDS["reward"], nt[FIELDS["reward"]], None
-    return None
+def _mica_option(name, config, kwargs):
+    v = kwargs.get(name)
+    return _get(_get(config, "mica"), name) if v is None else v
 
 
-def _turn_rewards_from_signals(kind, field, values, initial, estimator, per_row, row_order,
-                               traj, offsets):
-    """Per-turn rewards (host float64, trajectory order) from per-row signal lists;
-    ``offsets`` [n_traj + 1] are the trajectories' turn offsets."""
-    from ..signals import absolute_distance_reward, incremental_distance_reward
-
-    chunks = []
-    for b in row_order:
-        v = _row_values(field, values, int(b))
-        if v.shape[0] != per_row[b]:
-            raise MicaInputError(f"has {v.shape[0]} values but the row has {per_row[b]} "
-                                 f"assistant turns", column=field, row=int(b),
-                                 rule="one value per turn")
-        if kind == "distance" and np.any(v < 0):
-            raise MicaInputError(f"distance {float(v[v < 0][0])} is negative", column=field,
-                                 row=int(b), rule="non-negative")
-        chunks.append(v)
-    flat = np.concatenate(chunks) if chunks else np.zeros(0)
-    if kind == "reward":
-        return flat
-    if get_estimator(estimator).reward == "adr":
-        return absolute_distance_reward(flat)
-    if initial is None:
-        raise MicaInputError(f"{field} needs {FIELDS['initial_distance']} (D before the first "
-                             f"reply) for IDR", column=FIELDS["initial_distance"],
-                             rule="required")
-    first = row_order[np.diff(traj, prepend=-1) != 0]  # a session's first row holds D_{-1}
-    d0 = np.array([float(np.asarray(initial[b], dtype=np.float64).reshape(-1)[0])
-                   for b in first])
-    bad = np.flatnonzero(~np.isfinite(d0) | (d0 < 0))
-    if bad.size:
-        raise MicaInputError(f"initial distance {d0[bad[0]]} is not a finite non-negative "
-                             f"number", column=FIELDS["initial_distance"],
-                             row=int(first[bad[0]]), rule="non-negative")
-    return incremental_distance_reward(offsets, flat, d0)
+def _flag(name, value):
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise MicaInputError(f"must be true or false; got {value!r}", column="algorithm.mica." + name,
+                         rule="boolean")
 
 
-def _turn_keys(nt, estimator, per_row, row_order):
-    """Per-turn keys in trajectory order (``mica_key``), for estimators with a component of
-    scope ``key``; ``None`` for the others."""
-    if not any(c.scope == "key" for c in get_estimator(estimator).components):
-        return None
-    field = FIELDS["key"]
-    if not nt or field not in nt:
-        raise MicaInputError(f"estimator {estimator!r} groups turns by a key: put one key per "
-                             f"assistant turn of each row (e.g. an anchor-state hash) in "
-                             f"non_tensor_batch[{field!r}]", column=field, rule="required")
-    keys = []
-    for b in row_order:
-        row = list(nt[field][int(b)])
-        if len(row) != per_row[b]:
-            raise MicaInputError(f"has {len(row)} keys but the row has {per_row[b]} assistant "
-                                 f"turns", column=field, row=int(b), rule="one key per turn")
-        keys.extend(row)
-    out = np.empty(len(keys), dtype=object)
-    out[:] = keys
-    return out
+def _needs_per_turn(est):
+    """Whether an estimator's advantages use per-turn rewards (not only the outcome)."""
+    return any(c.signal in ("reward", "return") for c in est.components)
+
+
+def _no_per_turn_message(estimator, why):
+    return (f"mica: estimator {estimator!r} got a multi-turn batch ({why}) without a per-turn "
+            f"signal, so its advantages come from the outcome score alone: give mica_distance "
+            f"(or mica_state, mica_reward) in non_tensor_batch, or, with verl's v1 trainer, "
+            f"build the agent loop's outputs with mica_core.integrations.verl.agent_loop_output "
+            f"and set algorithm.mica.turn_rewards=true; algorithm.mica.require_per_turn=true "
+            f"makes this an error, =false silences it")
 
 
 def _advantage(estimator, token_level_rewards, response_mask, index, config, kwargs):
     import torch
 
-    from .. import estimate
     from ..tokens import broadcast_to_tokens, turn_rewards_from_tokens
+    from ..turns import collect, estimate_turns
 
     if index is None:
         raise MicaInputError("verl passed no index: mica's estimators need verl's uid (keep "
                              "data.non_tensor_batch['uid'], which verl's compute_advantage "
                              "passes as index) to know each row's rollout group",
                              column="index", rule="required")
+    est = get_estimator(estimator)
     opts = options_from_config(estimator, config, kwargs)
-    data, keys = _verl_call_context(token_level_rewards)
-    if data is None and kwargs.get("non_tensor_batch") is None and not _CONTEXT_WARNED:
-        # Outside verl's compute_advantage (or in a verl that calls estimators differently)
-        # the rollout's per-turn fields cannot be read: say so once rather than silently use
-        # the token rewards where distances were meant.
-        _CONTEXT_WARNED.append(True)
-        warnings.warn("mica: no verl DataProto found for this call (and no non_tensor_batch= "
-                      "given): per-turn fields such as mica_distance are not read; the "
-                      "advantages come from the token-level rewards", stacklevel=3)
+    require = _flag("require_per_turn", _mica_option("require_per_turn", config, kwargs))
+    turn_rewards = _flag("turn_rewards", _mica_option("turn_rewards", config, kwargs))
+    # a lone rollout follows the singleton rule unless set: singleton="raw" (verl's GRPO
+    # convention) keeps the within-trajectory buckets, the default "zero" gives it 0
+    lone_rollout = _mica_option("lone_rollout", config, kwargs) or (
+        "within" if opts.get("singleton") == "raw" else "zero")
+    COUNTERS["calls"] += 1
+    metrics = {"mica/frame_lookup_failed": 0.0}
+
     nt = kwargs.get("non_tensor_batch")
     batch = kwargs.get("batch")
-    if nt is None and data is not None:
-        nt = data.non_tensor_batch
+    keys = kwargs.get("batch_keys")
+    data = found_keys = None
+    if nt is None or (keys is None and batch is None):
+        data, found_keys = _verl_call_context(token_level_rewards)
+    if nt is None:
+        metrics["mica/frame_lookup_failed"] = float(data is None)
+        if data is None:
+            # Outside verl's compute_advantage (or in a verl that calls estimators
+            # differently) the rollout's per-turn fields cannot be read: say so every time.
+            COUNTERS["frame_lookup_failed"] += 1
+            warnings.warn("mica: no verl DataProto found for this call (and no "
+                          "non_tensor_batch= given): per-turn fields such as mica_distance are "
+                          "not read; the advantages come from the token-level rewards "
+                          "(pass non_tensor_batch=, {} for none, to say there are none)",
+                          UserWarning, stacklevel=3)
+        else:
+            nt = data.non_tensor_batch
+    nt = nt or {}
     if batch is None and data is not None:
         batch = data.batch
-    if kwargs.get("batch_keys") is not None:
-        keys = list(kwargs["batch_keys"])
+    keys = list(keys) if keys is not None else found_keys
 
     B = token_level_rewards.shape[0]
     labels = np.asarray(index.cpu() if isinstance(index, torch.Tensor)
@@ -423,72 +442,123 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
     if keys is not None and len(keys) != B:
         raise MicaInputError(f"needs one key per row ({B}); got {len(keys)}",
                              column="batch_keys", rule="length")
+    session = order = last = None
+    if keys is not None:
+        session, order = _sessions(keys)
+        last = _last_of_session(session, order)
     mask = response_mask
     bounds = {}
-    if nt is not None and FIELDS["turn_start"] in nt:
+    if FIELDS["turn_start"] in nt:
         bounds["turn_start"] = list(nt[FIELDS["turn_start"]])
     elif batch is not None and FIELDS["turn_index"] in batch.keys():
         bounds["turn_index"] = batch[FIELDS["turn_index"]]
-    elif keys is not None and _rows_are_turns(keys, _get(_get(config, "mica"), "v1_rows")):
+    elif session is not None and _rows_are_turns(session, _get(_get(config, "mica"), "v1_rows")):
         bounds["turn_index"] = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
+    if any(c.scope == "key" for c in est.components) and FIELDS["key"] not in nt and \
+            keys is not None:
+        raise MicaInputError(f"estimator {estimator!r} needs a key per turn ({FIELDS['key']}), "
+                             f"which verl's v1 trainer does not carry to the advantage step: run "
+                             f"it with trainer.use_v1=false and {FIELDS['key']} in the agent "
+                             f"loop's extra_fields", column=FIELDS["key"], rule="required")
     scores = None
     if batch is not None and "token_level_scores" in batch.keys():
         scores = batch["token_level_scores"]
-    signal = _signals(nt, config)
-
-    if keys is not None:
-        row_order, traj, n_traj, last, group = _session_order(keys, labels)
-    else:
-        row_order, traj, n_traj, last, group = np.arange(B), np.arange(B), B, None, labels
+    fields = {name: nt.get(FIELDS[name]) for name in ("distance", "initial_distance", "state",
+                                                      "initial_state", "reward", "key")}
+    has_signal = any(fields[k] is not None for k in ("distance", "state", "reward"))
 
     with torch.no_grad():
-        if signal is not None:
+        has_token = (mask != 0).any(1)
+        if has_signal:
             # the score is replaced by the signals; what verl added to it (KL) stays
             dense = (token_level_rewards - scores if scores is not None
                      else torch.zeros_like(token_level_rewards))
-        elif keys is not None and scores is not None:
+        elif session is not None and scores is not None and not turn_rewards:
             # verl's v1 agent loop copies the session's score onto every row of the session
             # (agent_loop_tq._agent_loop_postprocess): count it once, on the last row
             keep = torch.as_tensor(last, device=scores.device)[:, None]
             dense = torch.where(keep, token_level_rewards, token_level_rewards - scores)
         else:
             dense = token_level_rewards
+        # a row without assistant tokens (an empty or aborted response) has no turn: its
+        # rewards go nowhere and its advantage is 0
+        dense = torch.where(has_token[:, None], dense, torch.zeros((), dtype=dense.dtype,
+                                                                   device=dense.device))
         token_reward, spans = turn_rewards_from_tokens(dense, mask, **bounds)
-        host_off = spans.offsets.cpu().numpy()  # the one host copy of the turn offsets
-        per_row = np.diff(host_off)
-        empty = np.flatnonzero(per_row == 0)
-        if empty.size:
-            raise MicaInputError("this row has no assistant token (response_mask is all 0): "
-                                 "it has no turn to credit", column="response_mask",
-                                 row=int(empty[0]), rule="at least one turn")
-        counts = np.bincount(traj, weights=per_row[row_order], minlength=n_traj).astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        # Turns in trajectory order (rows in session/index order). With one row per
-        # trajectory that is the rows' own order; v1 sessions need a permutation.
-        perm_t = None
-        if keys is not None:
-            perm = np.concatenate([np.arange(host_off[b], host_off[b + 1]) for b in row_order])
-            perm_t = torch.as_tensor(perm, device=token_reward.device)
-            token_reward = token_reward[perm_t]
-        reward = token_reward.to(torch.float64)
-        if signal is not None:
-            sig = _turn_rewards_from_signals(*signal, estimator, per_row, row_order, traj,
-                                             offsets)
-            reward = reward + torch.as_tensor(sig, device=reward.device)
-        res = estimate(torch.as_tensor(offsets, device=reward.device), group, reward=reward,
-                       estimator=estimator, max_turns=int(counts.max()),
-                       key=_turn_keys(nt, estimator, per_row, row_order), **opts)
-        adv, ret = res.advantage, res.returns
-        if perm_t is not None:  # back to the rows' order
-            adv, ret = torch.empty_like(adv), torch.empty_like(ret)
-            adv[perm_t] = res.advantage
-            ret[perm_t] = res.returns
-        advantages = broadcast_to_tokens(adv, mask, validate=False, **bounds)
-        returns = broadcast_to_tokens(ret, mask, validate=False, **bounds)
+        counts = np.diff(spans.offsets.cpu().numpy())
+        state = {k: _get(_get(config, "mica"), "distance_" + k)
+                 for k in ("weights", "epsilon", "kind")}
+        if state["weights"] is not None:
+            state["weights"] = list(state["weights"])
+        tb = collect(counts, labels, fields, estimator=est, trajectory=session, order=order,
+                     names={**FIELDS, "group": "index"}, state_options=state)
+
+        # --- is there a per-turn signal? (never lose it without saying so)
+        several_rows = session is not None and len(set(session)) < len(session)
+        v1_turn_rows = several_rows and "turn_index" in bounds and FIELDS["turn_index"] not in (
+            batch.keys() if batch is not None else ())
+        if has_signal or turn_rewards:
+            per_turn = True
+        elif v1_turn_rows:
+            per_turn = False  # verl's copied session score: one value per session
+        else:  # rewards on a turn other than a row's last: turn rewards on span ends
+            src = scores if scores is not None else token_level_rewards
+            src = torch.where(has_token[:, None], src, torch.zeros((), dtype=src.dtype,
+                                                                   device=src.device))
+            by_turn, _ = turn_rewards_from_tokens(src, mask, validate=False, **bounds)
+            host = by_turn.detach().cpu().numpy()
+            not_last = np.ones(host.shape[0], dtype=bool)
+            not_last[np.cumsum(counts)[counts > 0] - 1] = False
+            per_turn = bool(np.any(host[not_last] != 0))
+        multi_turn = tb.n_turns > len(tb.group)
+        lacking = multi_turn and not per_turn and _needs_per_turn(est)
+        metrics["mica/per_turn_signal"] = float(not lacking)
+        if lacking:
+            COUNTERS["no_per_turn_signal"] += 1
+            why = "v1 sessions of several rows" if several_rows else "rows of several turns"
+            if require:
+                raise MicaInputError(f"estimator {estimator!r} got a multi-turn batch ({why}) "
+                                     f"without a per-turn signal (algorithm.mica."
+                                     f"require_per_turn=true): give {FIELDS['distance']}, "
+                                     f"{FIELDS['state']} or {FIELDS['reward']}, or v1 outputs "
+                                     f"from agent_loop_output with algorithm.mica.turn_rewards"
+                                     f"=true", column="token_level_rewards",
+                                     rule="per-turn signal required")
+            if require is None:
+                warnings.warn(_no_per_turn_message(estimator, why), UserWarning, stacklevel=3)
+        missing = (est.reward == "adr" and _needs_per_turn(est) and not turn_rewards and
+                   fields["distance"] is None and fields["state"] is None)
+        metrics["mica/missing_field"] = float(missing)
+        if missing:
+            COUNTERS["missing_field"] += 1
+            msg = (f"estimator {estimator!r} computes ADR (-D_t) from distances and this batch "
+                   f"has none ({FIELDS['distance']} or {FIELDS['state']}): it computes what its "
+                   f"IDR twin does from the rewards given")
+            if require:
+                raise MicaInputError(msg, column=FIELDS["distance"], rule="required")
+            if require is None:
+                warnings.warn("mica: " + msg, UserWarning, stacklevel=3)
+
+        row_major = token_reward.detach().to(torch.float64).cpu().numpy()
+        extra = row_major if has_signal and np.any(row_major != 0) else None
+        res = estimate_turns(tb, est, reward=None if has_signal else row_major,
+                             extra_reward=extra,
+                             lone_rollout=lone_rollout, **opts)
+        COUNTERS["empty_rows"] += res.empty_rows
+        COUNTERS["lone_rollouts"] += res.lone_rollouts
+        metrics["mica/empty_rows"] = float(res.empty_rows)
+        metrics["mica/lone_rollouts"] = float(res.lone_rollouts)
+        dev = token_level_rewards.device
+        advantages = broadcast_to_tokens(torch.as_tensor(res.advantage, device=dev), mask,
+                                         validate=False, **bounds)
+        returns = broadcast_to_tokens(torch.as_tensor(res.returns, device=dev), mask,
+                                      validate=False, **bounds)
+    _publish(metrics)
     dt = token_level_rewards.dtype if token_level_rewards.is_floating_point() else None
     if dt is not None:
         advantages, returns = advantages.to(dt), returns.to(dt)
     return advantages, returns
+
 
 
 @functools.cache
@@ -560,6 +630,184 @@ def register_with_verl(estimators=None) -> dict:
         done[verl_name(est)] = fn
     REGISTERED.update(done)
     return done
+
+
+# --------------------------------------------------------------------------- v1 agent loops
+
+
+def _preset_of(estimator):
+    """mica's estimator for a verl name (``mica_grpo`` -> ``grpo``) or a mica name."""
+    from ..estimators import list_estimators
+
+    names = list_estimators()
+    by_verl = {verl_name(n): n for n in names}
+    if estimator in by_verl:
+        return by_verl[estimator]
+    return get_estimator(estimator).name
+
+
+def _make_output_class():
+    import torch
+    from verl.experimental.agent_loop.agent_loop import AgentLoopOutput
+
+    class MicaAgentLoopOutput(AgentLoopOutput):
+        """verl's ``AgentLoopOutput`` whose ``rm_scores`` are mica's per-turn rewards, each on
+        its turn's last assistant token (:func:`agent_loop_output`)."""
+
+        mica_rm_scores: list[float] | None = None
+        """One value per response token; replaces ``rm_scores`` in :meth:`as_dict`."""
+
+        def as_dict(self):
+            out = super().as_dict()
+            dense = out.pop("mica_rm_scores", None)
+            if dense is not None:
+                out["rm_scores"] = torch.tensor(dense, dtype=torch.float32)
+            return out
+
+    MicaAgentLoopOutput.__module__ = __name__
+    MicaAgentLoopOutput.__qualname__ = "MicaAgentLoopOutput"
+    return MicaAgentLoopOutput
+
+
+def __getattr__(name):
+    if name == "MicaAgentLoopOutput":
+        cls = _make_output_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def agent_loop_output(*, prompt_ids, response_ids, response_mask, estimator, turn_start=None,
+                      distances=None, initial_distance=None, states=None, initial_state=None,
+                      rewards=None, keys=None, layout="trajectory", response_logprobs=None,
+                      num_turns=0, metrics=None, extra_fields=None, state_options=None):
+    """An agent loop's result with mica's per-turn rewards in the tokens verl trains on.
+
+    verl 0.9.1's v1 trainer hands the advantage step only ``uid``, ``response_mask`` and the
+    ``rm_scores`` token tensor (``trainer/ppo/v1/trainer_base.py``, ``_compute_advantage``), and
+    its agent-loop worker writes one ``reward_score`` per output at the last response token,
+    copying the session's final score onto every earlier output (``agent_loop_tq.py``). So the
+    per-turn signal has to travel in the tokens: this helper computes each turn's reward for
+    ``estimator`` from the rollout's distances, states or rewards (IDR ``D_{t-1} - D_t`` or ADR
+    ``-D_t``, by the preset) and returns :class:`MicaAgentLoopOutput` objects whose
+    ``rm_scores`` hold turn ``t``'s reward on turn ``t``'s last assistant token, whatever verl
+    copies into ``reward_score``. Set ``algorithm.mica.turn_rewards=true`` so that mica reads
+    them as per-turn rewards.
+
+    Args:
+      prompt_ids, response_ids, response_mask: as for ``AgentLoopOutput`` (the whole
+        conversation after the prompt; ``response_mask`` 1 on the model's tokens).
+      estimator: the estimator the run trains with, verl's name (pass
+        ``self.config.algorithm.adv_estimator``): it decides IDR or ADR.
+      turn_start: optional response positions where each assistant turn starts (default: the
+        runs of ones of ``response_mask``).
+      distances + initial_distance, or states + initial_state, or rewards: one value (state
+        vector) per assistant turn.
+      keys: optional key per turn (``mica_key``; read by ``trainer.use_v1=false`` only).
+      layout: ``"trajectory"`` (default): one output holding the whole conversation (works in
+        both trainers: the legacy one reads the ``mica_*`` extra fields it also carries);
+        ``"turn"``: one output per turn (verl v1's multi-output agent loops; rows keyed
+        ``{uid}_{session}_{index}``), needed when a turn holds a tool call (several runs of
+        ones), since the v1 advantage step sees no turn boundaries.
+      response_logprobs, num_turns, metrics, extra_fields: as for ``AgentLoopOutput``
+        (``metrics`` defaults to an empty ``AgentLoopMetrics``).
+      state_options: ``weights``, ``epsilon``, ``kind`` for ``distance_from_state``.
+
+    Returns:
+      one :class:`MicaAgentLoopOutput` (``layout="trajectory"``) or a list, one per turn.
+
+    Raises:
+      MicaInputError: naming the argument: a signal whose length differs from the turns, an
+      ADR preset given rewards instead of distances, a trajectory layout whose turns hold
+      several runs of assistant tokens, a bad ``layout``.
+    """
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics
+
+    from ..signals import absolute_distance_reward, incremental_distance_reward
+    from ..tokens import turn_spans
+    from ..turns import collect
+
+    if layout not in ("trajectory", "turn"):
+        raise MicaInputError(f"must be 'trajectory' or 'turn'; got {layout!r}", column="layout",
+                             rule="choice")
+    est = get_estimator(_preset_of(estimator))
+    mask = np.asarray(response_mask, dtype=np.int64).reshape(1, -1)
+    if mask.shape[1] != len(response_ids):
+        raise MicaInputError(f"has {mask.shape[1]} entries for {len(response_ids)} response "
+                             f"tokens", column="response_mask", rule="one per token")
+    bounds = {} if turn_start is None else {"turn_start": [list(turn_start)]}
+    spans = turn_spans(mask, **bounds)
+    T = int(spans.offsets[-1])
+    if rewards is not None and est.reward == "adr":
+        raise MicaInputError(f"estimator {estimator!r} computes ADR (-D_t) from distances: pass "
+                             f"distances= (or states=), not rewards=", column="rewards",
+                             rule="distances for ADR")
+    names = {"distance": "distances", "initial_distance": "initial_distance",
+             "state": "states", "initial_state": "initial_state", "reward": "rewards",
+             "key": "keys"}
+    wrap = lambda v: None if v is None else [v]  # noqa: E731 - one row
+    tb = collect([T], ["session"], {"distance": wrap(distances), "state": wrap(states),
+                                    "reward": wrap(rewards), "key": wrap(keys),
+                                    "initial_distance": wrap(initial_distance),
+                                    "initial_state": wrap(initial_state)},
+                 estimator=est, names=names, state_options=state_options)
+    if tb.source is None:
+        raise MicaInputError("give distances (+ initial_distance), states (+ initial_state) or "
+                             "rewards, one per assistant turn", column="distances",
+                             rule="a per-turn signal")
+    if "reward" in tb.inputs:
+        reward = tb.inputs["reward"]
+    elif est.reward == "adr":
+        reward = absolute_distance_reward(tb.inputs["distance"])
+    else:
+        reward = incremental_distance_reward(tb.offsets, tb.inputs["distance"],
+                                             tb.inputs["initial_distance"])
+    reward = [float(x) for x in reward]
+    last = [int(x) for x in np.asarray(spans.last)]
+    start = [int(x) for x in np.asarray(spans.start)]
+    cls = globals().get("MicaAgentLoopOutput") or __getattr__("MicaAgentLoopOutput")
+    extra = dict(extra_fields or {})
+    extra.setdefault("reward_extra_info", {})  # verl's v1 worker copies it between outputs
+
+    def make(prompt, lo, hi, turns, score):
+        dense = [0.0] * (hi - lo)
+        for k in turns:
+            dense[last[k] - lo] += reward[k]
+        return cls(prompt_ids=list(prompt), response_ids=list(response_ids[lo:hi]),
+                   response_mask=[int(x) for x in mask[0, lo:hi]],
+                   response_logprobs=(None if response_logprobs is None
+                                      else list(response_logprobs[lo:hi])),
+                   reward_score=score, num_turns=num_turns,
+                   metrics=AgentLoopMetrics(**(metrics.model_dump() if hasattr(
+                       metrics, "model_dump") else (metrics or {}))),  # one per output
+                   extra_fields=dict(extra), mica_rm_scores=dense)
+
+    if layout == "trajectory":
+        runs = int(turn_spans(mask).offsets[-1])
+        if runs != T:
+            raise MicaInputError(f"{T} turns hold {runs} runs of assistant tokens (a tool call "
+                                 f"inside a turn): verl's v1 advantage step would count each run "
+                                 f"as a turn; use layout='turn'", column="turn_start",
+                                 rule="one run per turn")
+        out = make(prompt_ids, 0, len(response_ids), range(T), float(sum(reward)))
+        fields = {FIELDS["turn_start"]: start}
+        if distances is not None:
+            fields[FIELDS["distance"]] = [float(x) for x in distances]
+            fields[FIELDS["initial_distance"]] = float(initial_distance) \
+                if initial_distance is not None else None
+        elif states is not None:
+            fields[FIELDS["state"]] = [list(map(float, s)) for s in states]
+            fields[FIELDS["initial_state"]] = None if initial_state is None else \
+                [float(x) for x in initial_state]
+        else:
+            fields[FIELDS["reward"]] = reward
+        if keys is not None:
+            fields[FIELDS["key"]] = list(keys)
+        out.extra_fields.update({k: v for k, v in fields.items() if v is not None})
+        return out
+    ends = start[1:] + [len(response_ids)]
+    return [make(list(prompt_ids) + list(response_ids[:start[k]]), start[k], ends[k], [k],
+                 reward[k]) for k in range(T)]
 
 
 def _register_presets_if_verl():
