@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from test_trl_integration import _one_thread, _quiet  # noqa: F401 (autouse fixtures)
 
 import mica_core as mc
 from mica_core.integrations.trl import MicaGRPOConfig, MicaGRPOTrainer, turn_fields_from_calls
@@ -105,21 +106,6 @@ def tokenizer():
     tok.chat_template = TOOL_TEMPLATE
     tok.response_template = RESPONSE_TEMPLATE
     return tok
-
-
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch, tmp_path):
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _warm_conversation(rng):
