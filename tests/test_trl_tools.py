@@ -69,16 +69,18 @@ RESPONSE_TEMPLATE = {
 
 class Listener:
     """A simulated user reached through one tool, ``say``: each call moves the distance by an
-    amount set by what was said and records it in ``call_distances`` (read by mica)."""
+    amount set by what was said. With ``mica_fields`` it keeps ``initial_distance`` and
+    ``call_distances`` as attributes (read by mica); every call goes to a shared log."""
 
+    mica_fields = True
     ids = itertools.count(1)
-    log = {}  # reaction id -> the distance after that call
+    log = {}  # reaction id -> (the distance after that call, the call's reward)
 
     def reset(self, initial_distance, **kwargs):
-        self.initial_distance = initial_distance
-        self.distance = initial_distance
-        self.call_distances = []
+        self.start = self.distance = initial_distance
         self.calls = []  # this rollout's reaction ids, in call order
+        if self.mica_fields:
+            self.initial_distance, self.call_distances = initial_distance, []
 
     def say(self, text: str = "") -> str:
         """Say something to the user.
@@ -86,12 +88,24 @@ class Listener:
         Args:
             text: what to say.
         """
-        self.distance = abs(self.distance - 0.45 * (len(text) % 4 + 1))
+        before = self.distance
+        self.distance = abs(before - 0.45 * (len(text) % 4 + 1))
         n = next(Listener.ids)
-        Listener.log[n] = self.distance
+        Listener.log[n] = (self.distance, (before - self.distance) * (1 + len(text) % 3))
         self.calls.append(n)
-        self.call_distances.append(self.distance)
+        if self.mica_fields:
+            self.call_distances.append(self.distance)
         return f"heard r{n}"
+
+
+class QuietListener(Listener):
+    """No mica attributes: a turn_signals_func hands each call's reward over as call_rewards."""
+
+    mica_fields = False
+
+
+def call_rewards(prompts, completions, completion_ids, environments, **kwargs):
+    return {"call_rewards": [[Listener.log[n][1] for n in e.calls] for e in environments]}
 
 
 @pytest.fixture(scope="module")
@@ -173,15 +187,17 @@ class RecordingTrainer(MicaGRPOTrainer):
         super().__init__(*a, **kw)
         self.generated, self.loss_inputs = [], []
 
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._ids = [tuple(ids) for ids in completion_ids_list]  # unpadded, before any masking
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         rows = []
         for b, env in enumerate(self.environments):
-            n = int(output["completion_mask"][b].sum())
             prompt = output["prompt_ids"][b][output["prompt_mask"][b].bool()]
-            rows.append({"prompt": tuple(prompt.tolist()),
-                         "ids": tuple(output["completion_ids"][b, :n].tolist()),
-                         "initial": env.initial_distance, "calls": list(env.calls)})
+            rows.append({"prompt": tuple(prompt.tolist()), "ids": self._ids[b],
+                         "initial": env.start, "calls": list(env.calls)})
         self.generated.append(rows)
         return output
 
@@ -214,50 +230,66 @@ def split_turns(tokenizer, ids):
 
 
 def expected_turns(tokenizer, row):
-    """Turn spans and distances: after a tool block, the listener's distance at its last
-    reaction; a turn without a reaction keeps the distance before it; calls the listener
+    """Turn spans, distances and rewards, from the completion's tokens and the listener's log:
+    after a tool block, the distance at its last reaction and the sum of its rewards; a turn
+    without a reaction keeps the distance before it and gets reward 0; calls the listener
     executed whose results TRL dropped count for the last turn."""
     spans, blocks = split_turns(tokenizer, row["ids"])
-    distances, d, seen = [], row["initial"], []
-    for k in range(len(spans)):
-        found = [int(n) for n in re.findall(r"heard r(\d+)", blocks[k])] if k < len(blocks) else []
-        seen += found
-        if found:
-            d = Listener.log[found[-1]]
-        distances.append(d)
+    calls = [[int(n) for n in re.findall(r"heard r(\d+)", blocks[k])] if k < len(blocks) else []
+             for k in range(len(spans))]
+    seen = [n for c in calls for n in c]
     assert seen == row["calls"][:len(seen)]
-    if len(seen) < len(row["calls"]):
-        distances[-1] = Listener.log[row["calls"][-1]]
-    return spans, distances
+    calls[-1] += row["calls"][len(seen):]
+    distances, rewards, d = [], [], row["initial"]
+    for c in calls:
+        d = Listener.log[c[-1]][0] if c else d
+        distances.append(d)
+        rewards.append(sum(Listener.log[n][1] for n in c))
+    return spans, distances, rewards
+
+
+ROUTES = {  # environment, turn_signals_func, mica options, expected signal, more config
+    "call_distances attributes, mica": (Listener, None, {"estimator": "mica"}, "distance", {}),
+    "call_rewards from turn_signals_func, mica_turn, truncated masked": (
+        QuietListener, call_rewards, {"estimator": "mica_turn", "scale": "none"}, "reward",
+        {"scale_rewards": "none", "mask_truncated_completions": True,
+         "max_completion_length": 64}),
+}
 
 
 @pytest.mark.slow
-def test_tool_loop_credits_each_turn(tokenizer, tool_policy_state):
-    """environment_factory + call_distances read from the listeners; 2 generation batches x
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_tool_loop_credits_each_turn(tokenizer, tool_policy_state, route):
+    """environment_factory, per-call signals from the listeners; 2 generation batches x
     2 optimizer steps; every loss token has mica's advantage of its turn."""
-    args = MicaGRPOConfig(
-        output_dir="out", per_device_train_batch_size=4, num_generations=G,
-        steps_per_generation=2, max_steps=4, max_completion_length=96,
-        max_tool_calling_iterations=3, bf16=False, use_cpu=True, report_to=[], logging_steps=1,
-        save_strategy="no", learning_rate=1e-3, gradient_checkpointing=False, seed=0)
+    env, func, options, signal, more = ROUTES[route]
+    Listener.ids = itertools.count(1)  # the same reactions whatever ran before
+    args = MicaGRPOConfig(**{
+        "output_dir": "out", "per_device_train_batch_size": 4, "num_generations": G,
+        "steps_per_generation": 2, "max_steps": 4, "max_completion_length": 96,
+        "max_tool_calling_iterations": 3, "bf16": False, "use_cpu": True, "report_to": [],
+        "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-3,
+        "gradient_checkpointing": False, "seed": 0, "mica_estimator": options["estimator"],
+        **more})
     trainer = RecordingTrainer(model=tool_policy(tokenizer, tool_policy_state), args=args,
                                train_dataset=dataset(), processing_class=tokenizer,
-                               environment_factory=Listener)
+                               environment_factory=env, turn_signals_func=func)
     trainer.train()
     assert trainer.state.global_step == 4
     assert len(trainer.generated) == 2 and len(trainer.loss_inputs) == 4
 
-    expected = []  # per generation batch: (prompt, completion) -> token advantages
+    expected = []  # per generation batch: (prompt, completion) -> token advantages, turn mask
     turn_counts, per_turn_spread = [], 0.0
     for rows in trainer.generated:
         turns = [expected_turns(tokenizer, r) for r in rows]
-        counts = [len(d) for _, d in turns]
+        counts = [len(t[1]) for t in turns]
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        res = mc.estimate(offsets, np.arange(len(rows)) // G, estimator="mica",
-                          distance=np.concatenate([d for _, d in turns]),
-                          initial_distance=[r["initial"] for r in rows])
+        values = ({"distance": np.concatenate([t[1] for t in turns]),
+                   "initial_distance": [r["initial"] for r in rows]} if signal == "distance"
+                  else {"reward": np.concatenate([t[2] for t in turns])})
+        res = mc.estimate(offsets, np.arange(len(rows)) // G, **options, **values)
         batch = {}
-        for b, (row, (spans, _)) in enumerate(zip(rows, turns)):
+        for b, (row, (spans, _, _)) in enumerate(zip(rows, turns)):
             adv = res.advantage[offsets[b]:offsets[b + 1]]
             per_turn_spread = max(per_turn_spread, float(np.ptp(adv)))
             want = torch.zeros(len(row["ids"]), dtype=torch.float64)
@@ -272,12 +304,17 @@ def test_tool_loop_credits_each_turn(tokenizer, tool_policy_state):
         expected.append(batch)
         turn_counts += counts
 
+    masked = 0
     for i, inputs in enumerate(trainer.loss_inputs):
         batch = expected[i // 2]  # steps_per_generation=2
         adv = inputs["advantages"]
         assert adv.dtype == torch.float32 and adv.shape == inputs["completion_ids"].shape
         for b in range(adv.shape[0]):
             n = int(inputs["completion_mask"][b].sum())
+            if n == 0:  # removed by mask_truncated_completions: no loss, no advantage
+                masked += 1
+                assert not adv[b].any()
+                continue
             prompt = inputs["prompt_ids"][b][inputs["prompt_mask"][b].bool()]
             key = (tuple(prompt.tolist()), tuple(inputs["completion_ids"][b, :n].tolist()))
             want, on_turn = batch[key]
@@ -297,7 +334,9 @@ def test_tool_loop_credits_each_turn(tokenizer, tool_policy_state):
     assert sum(b.count("{'error': ") for bs in blocks for b in bs) >= 1
     assert sum(sum(b.count("heard r") for b in bs) < len(r["calls"])
                for bs, r in zip(blocks, rows)) >= 1
-    assert sum(r["ids"][-1] != tokenizer.eos_token_id for r in rows) >= 1
+    truncated = sum(r["ids"][-1] != tokenizer.eos_token_id for r in rows)
+    assert truncated >= 1
+    assert masked == (truncated if more.get("mask_truncated_completions") else 0)
 
 
 @pytest.mark.slow
