@@ -96,8 +96,14 @@ def _values(field, row, value, ndim):
                              row=row, rule="shape")
     bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
     if bad.size:
-        raise MicaInputError(f"call {int(bad[0])}: {a[bad[0]].tolist()} is not finite",
-                             column=field, row=row, rule="finite")
+        at = f"call {int(bad[0])}: " if field in CALL_FIELDS else ""
+        raise MicaInputError(f"{at}{a[bad[0]].tolist()} is not finite", column=field, row=row,
+                             rule="finite")
+    if field in ("call_distances", "initial_distance") and (a < 0).any():
+        c = int(np.flatnonzero(a < 0)[0])
+        at = f"call {c}: " if field in CALL_FIELDS else ""
+        raise MicaInputError(f"{at}distance {a[c]} is negative", column=field, row=row,
+                             rule="distance >= 0")
     return a
 
 
@@ -147,7 +153,7 @@ def turn_fields_from_calls(fields: Mapping, completions: Sequence, *, row_offset
             raise MicaInputError("the completion has no assistant message", column="completions",
                                  row=row, rule="assistant and tool messages")
         executed = sum(e for e, _ in turns)
-        dropped = turns[-1][1] if turns else 0
+        dropped = turns[-1][1]
         if not executed <= len(values) <= executed + dropped:
             also = f" (up to {executed + dropped} with the last turn's dropped calls)" \
                 if dropped else ""
@@ -162,8 +168,9 @@ def turn_fields_from_calls(fields: Mapping, completions: Sequence, *, row_offset
             out.append([float(values[s:e].sum()) for s, e in zip(starts, ends, strict=True)])
             continue
         previous = None
-        if init_col is not None and init_col[b] is not None:
-            previous = init_col[b]
+        if init_col is not None and init_col[b] is not None and ends[0] == 0:
+            # carried into the first turn: checked here, so that errors name the initial field
+            previous = _values(_INITIAL[field], row, [init_col[b]], values.ndim)[0]
         per_turn = []
         for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
             if e > s:
