@@ -34,10 +34,12 @@ from ._trl_signals import (
     mica_options,
     token_advantages,
 )
+from ._trl_tools import CALL_FIELDS, turn_fields_from_calls
 
 __all__ = ["MicaGRPOConfig", "MicaGRPOTrainer"]
 
 D = MICA_DEFAULTS
+_KNOWN = (*FIELDS, *CALL_FIELDS)  # fields read from columns, environments, turn_signals_func
 
 
 @dataclass
@@ -94,6 +96,11 @@ class MicaGRPOTrainer(GRPOTrainer):
         ``environment_factory``, ``environments``); returns ``{field: list with one entry per
         completion}`` with the fields of :mod:`mica_core.integrations.trl`. Its fields win over
         input columns of the same name.
+
+    With ``environment_factory``, each environment's attributes named like those fields, or
+    ``call_distances`` / ``call_states`` / ``call_rewards`` (one value per executed tool call,
+    assigned to turns by :func:`mica_core.integrations.trl.turn_fields_from_calls`), are read for
+    its completion; they win over input columns, ``turn_signals_func``'s fields over them.
       reward_funcs: as in TRL; they are evaluated and logged but do not enter the advantages.
         When omitted, ``mica_outcome`` (each completion's sum of mica turn rewards, i.e.
         ``D_{-1} - D_{T-1}`` under IDR) is logged as the reward.
@@ -126,10 +133,28 @@ class MicaGRPOTrainer(GRPOTrainer):
         return mica_outcome
 
     def _turn_signal_fields(self, inputs, prompts, completions, completion_ids_list):
-        """Signal fields of this process's completions: input columns, then the function's."""
-        fields = {k: [x.get(k) for x in inputs] for k in FIELDS if any(k in x for x in inputs)}
-        if self.turn_signals_func is None:
-            return fields
+        """Signal fields of this process's completions: input columns, then the environments'
+        attributes, then the function's; per-call fields become per-turn ones (_trl_tools)."""
+        fields = {k: [x.get(k) for x in inputs] for k in _KNOWN if any(k in x for x in inputs)}
+        environments = getattr(self, "environments", None)
+        if environments is not None:
+            fields.update({k: [getattr(e, k, None) for e in environments] for k in _KNOWN
+                           if any(hasattr(e, k) for e in environments)})
+        if self.turn_signals_func is not None:
+            fields.update(self._turn_signals_from_func(inputs, prompts, completions,
+                                                       completion_ids_list))
+        if any(fields.get(k) is not None for k in CALL_FIELDS):
+            if not self.tools:
+                raise MicaInputError("per-call signals need TRL's tool loop (tools= or "
+                                     "environment_factory=); give per-turn fields instead",
+                                     column=next(k for k in CALL_FIELDS if k in fields),
+                                     rule="tool loop")
+            fields = turn_fields_from_calls(fields, completions,
+                                            row_offset=self.accelerator.process_index
+                                            * len(prompts))
+        return fields
+
+    def _turn_signals_from_func(self, inputs, prompts, completions, completion_ids_list):
         skip = ("prompt", "completion", "completion_ids")
         kwargs = {k: [x.get(k) for x in inputs] for k in inputs[0] if k not in skip}
         kwargs["trainer_state"] = self.state
@@ -141,15 +166,14 @@ class MicaGRPOTrainer(GRPOTrainer):
             raise TypeError(f"turn_signals_func must return a dict of fields; got "
                             f"{type(out).__name__}")
         for key, values in out.items():
-            if key not in FIELDS:
+            if key not in _KNOWN:
                 raise MicaInputError(f"turn_signals_func returned an unknown field; known: "
-                                     f"{', '.join(FIELDS)}", column=key, rule="known field")
+                                     f"{', '.join(_KNOWN)}", column=key, rule="known field")
             if values is not None and len(values) != len(prompts):
                 raise MicaInputError(f"turn_signals_func returned {len(values)} entries for "
                                      f"{len(prompts)} completions", column=key,
                                      rule="one entry per completion")
-        fields.update({k: v for k, v in out.items() if v is not None})
-        return fields
+        return {k: v for k, v in out.items() if v is not None}
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         mode = "train" if self.model.training else "eval"

@@ -22,7 +22,11 @@ Per-turn signals, one entry per completion, in fields named:
 They come from the rollout (extra keys of a ``rollout_func``'s output, which TRL forwards per
 completion), from dataset columns (e.g. a scenario's ``initial_distance``), or from a
 ``turn_signals_func`` with TRL's reward-function signature that returns them (e.g. read from
-``environments``); the function's fields win over the others.
+``environments``); the function's fields win over the others. With TRL's tool loop
+(``environment_factory``) they may also be attributes of each completion's environment, which
+may instead record one value per executed tool call (``call_distances``, ``call_states``,
+``call_rewards``), assigned to turns by :func:`turn_fields_from_calls` (docs/trl.md, "Tool
+calling").
 
 Turns in a completion (``loss_mask = completion_mask * tool_mask``, what TRL's loss sums over):
 
@@ -54,8 +58,10 @@ from ._trl_signals import (
     mica_options,
     token_advantages,
 )
+from ._trl_tools import CALL_FIELDS, tool_turns, turn_fields_from_calls
 
 __all__ = [
+    "CALL_FIELDS",
     "FIELDS",
     "MICA_DEFAULTS",
     "NAMES",
@@ -65,6 +71,8 @@ __all__ = [
     "collect_turn_signals",
     "mica_options",
     "token_advantages",
+    "tool_turns",
+    "turn_fields_from_calls",
 ]
 
 
