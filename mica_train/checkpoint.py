@@ -137,7 +137,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        with open(pointer, encoding="utf-8", errors="replace") as fh:
+            name = fh.read(64).strip()  # a step name is short; never read a planted giant
         if not _STEP_DIR.match(name):
             raise CheckpointError(f"{pointer} names {name[:80]!r}, not a step_NNNNNN checkpoint of "
                                   f"this run")

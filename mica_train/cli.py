@@ -202,11 +202,12 @@ def _eval(args) -> int:
                 check_output_file(target, option)
         cfg = _load(args)
         weights = checkpoint_weights(args.checkpoint, cfg.run_dir, cfg.lora.enabled)
+        from .policy import load_policy
+
+        policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)  # lora.target_modules checked
     from .metrics import json_safe
-    from .policy import load_policy
     from .trainer import evaluate
 
-    policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)
     metrics = evaluate(policy, cfg, transcripts=args.transcripts,
                        progress=cfg.progress and not args.no_progress)
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"

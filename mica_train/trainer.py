@@ -246,6 +246,8 @@ class Trainer:
                     saved = json.loads(saved_config.read_text(encoding="utf-8"))
                 except (OSError, UnicodeDecodeError, ValueError) as exc:
                     raise CheckpointError(f"{saved_config}: not readable JSON ({str(exc).splitlines()[0]})") from None
+                if not isinstance(saved, dict):
+                    raise CheckpointError(f"{saved_config}: expected a JSON object (the run's config)")
                 check_resume(saved, cfg, where)
             state = load_checkpoint_state(ckpt)  # before the model: a bad file fails fast
         self.policy = load_policy(

@@ -258,6 +258,7 @@ def test_every_field_is_range_checked(override, message, tmp_path):
     ("optim.lr=.nan", "optim.lr must be a finite number > 0, got nan"),
     ("lora.target_modules=[nope, v_proj]", "lora.target_modules: nope not in the model (its layers:"),
     ("run_dir=FILE", "is a file, not a directory"),
+    ("run_dir=/proc/mica-run", "run_dir /proc/mica-run: cannot write there"),
 ])
 def test_range_errors_are_one_line_before_anything_is_written(override, message, tiny_model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
