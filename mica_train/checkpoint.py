@@ -122,12 +122,19 @@ def _listed_steps(ckpt_root: Path) -> list[int]:
     return out
 
 
-def _inside(root: Path, cand: Path) -> Path:
-    """``cand`` itself when it is a real ``step_NNNNNN`` directory of ``root`` (no link, no
-    ``..``), else a :class:`CheckpointError`."""
-    if not _STEP_DIR.match(cand.name) or cand.is_symlink() or cand.resolve().parent != root.resolve():
+_PARTS = ("weights", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json")
+
+
+def _inside(run_dir: Path, cand: Path) -> Path:
+    """``cand`` itself when it is a real ``step_NNNNNN`` directory of ``run_dir``'s own
+    ``checkpoints`` folder (no link on the way, none inside, no ``..``), else a
+    :class:`CheckpointError`."""
+    root = Path(run_dir).resolve() / "checkpoints"  # a linked checkpoints/ resolves elsewhere
+    linked = [p.name for p in (cand, *(cand / n for n in _PARTS)) if p.is_symlink()]
+    if not _STEP_DIR.match(cand.name) or linked or cand.resolve() != root / cand.name:
         raise CheckpointError(f"{cand}: not a checkpoint of this run (a resumed checkpoint must be a "
-                              f"step_NNNNNN directory inside {root}, not a link or a path elsewhere)")
+                              f"step_NNNNNN directory inside {Path(run_dir) / 'checkpoints'}, not a link "
+                              f"or a path elsewhere)")
     return cand
 
 
@@ -144,9 +151,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
                                   f"this run")
         cand = root / name
         if (cand / "trainer_state.json").is_file():
-            return _inside(root, cand)
+            return _inside(run_dir, cand)
     steps = _listed_steps(root)
-    return _inside(root, checkpoint_dir(run_dir, max(steps))) if steps else None
+    return _inside(run_dir, checkpoint_dir(run_dir, max(steps))) if steps else None
 
 
 def _rng_safe_globals() -> list:

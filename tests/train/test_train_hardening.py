@@ -104,6 +104,19 @@ def test_latest_pointing_outside_the_run_is_refused(trained_run, tiny_model_dir,
     res = _train(tiny_model_dir, mine, "steps=1", "plot=false")
     _one_line(res, "not a checkpoint of this run")
     assert not (mine / "metrics.jsonl").exists() and not (other / "checkpoints" / "step_000002").exists()
+    # ... and so is a checkpoints folder that links to another run's, or a linked file inside
+    shutil.rmtree(mine / "checkpoints")
+    (mine / "checkpoints").symlink_to(other / "checkpoints")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this run"):
+        latest_checkpoint(mine)
+    (mine / "checkpoints").unlink()
+    _copy(other / "checkpoints", mine / "checkpoints")
+    (mine / "checkpoints" / "step_000001" / "optimizer.pt").unlink()
+    (mine / "checkpoints" / "step_000001" / "optimizer.pt").symlink_to(
+        other / "checkpoints" / "step_000001" / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this run"):
+        latest_checkpoint(mine)
+    assert latest_checkpoint(other).name == "step_000001"
 
 
 def test_a_changed_config_is_refused_without_config_json(trained_run, tiny_model_dir, tmp_path):
