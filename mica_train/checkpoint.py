@@ -41,6 +41,7 @@ __all__ = [
     "checkpoint_dir",
     "latest_checkpoint",
     "load_checkpoint_state",
+    "read_json_object",
     "read_trainer_state",
     "restore_rng_state",
     "save_checkpoint",
@@ -200,16 +201,23 @@ def load_checkpoint_state(ckpt: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (a run's ``config.json``, a ``trainer_state.json``), or a
+    :class:`CheckpointError` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
     """``trainer_state.json`` of checkpoint ``ckpt``: an object with an integer ``step`` and
     the ``config`` the checkpoint was trained with. Raises :class:`CheckpointError`."""
     path = Path(ckpt) / "trainer_state.json"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({str(exc).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    state = read_json_object(path)
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}"[:300])

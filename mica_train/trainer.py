@@ -222,6 +222,7 @@ class Trainer:
             CheckpointError,
             latest_checkpoint,
             load_checkpoint_state,
+            read_json_object,
             read_trainer_state,
             restore_rng_state,
         )
@@ -240,15 +241,7 @@ class Trainer:
             check_resume(read_trainer_state(ckpt)["config"], cfg, where)
             saved_config = self.run_dir / "config.json"
             if saved_config.is_file():
-                import json
-
-                try:
-                    saved = json.loads(saved_config.read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, ValueError) as exc:
-                    raise CheckpointError(f"{saved_config}: not readable JSON ({str(exc).splitlines()[0]})") from None
-                if not isinstance(saved, dict):
-                    raise CheckpointError(f"{saved_config}: expected a JSON object (the run's config)")
-                check_resume(saved, cfg, where)
+                check_resume(read_json_object(saved_config), cfg, where)
             state = load_checkpoint_state(ckpt)  # before the model: a bad file fails fast
         self.policy = load_policy(
             cfg.model,
