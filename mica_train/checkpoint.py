@@ -143,6 +143,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of ``run_dir``, or None. A ``latest`` pointer naming
     anything but a ``step_NNNNNN`` directory of this run raises :class:`CheckpointError`."""
     root = Path(run_dir) / "checkpoints"
+    if root.is_symlink():  # checkpoints would be read from, and written to, another place
+        raise CheckpointError(f"{root} is a link; a run keeps its checkpoints in its own folder "
+                              f"(link the run directory itself instead)")
     pointer = root / "latest"
     if pointer.is_file():
         with open(pointer, encoding="utf-8", errors="replace") as fh:
@@ -255,8 +258,15 @@ class RunDirLock:
         except ImportError:  # pragma: no cover - not POSIX
             return
         import os
+        import stat
 
-        fh = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 (held until release)
+        # Never through a link, never a FIFO or device planted under the name: a crafted run
+        # dir must not make the lock truncate or block on another file.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CheckpointError(f"{self.path} is not a regular file; remove it")
+        fh = os.fdopen(fd, "r+", encoding="ascii", errors="replace")
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

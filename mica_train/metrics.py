@@ -75,10 +75,12 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        planted = self.path.is_symlink()
+        self.records = [] if planted else [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
         kept = "".join(_line(r) for r in self.records)
-        if not self.path.is_file() or self.path.read_text() != kept:
-            atomic_write_text(self.path, kept)  # truncate to the resumed step, once
+        if planted or not self.path.is_file() or self.path.read_text() != kept:
+            # truncate to the resumed step, once; a link planted here is replaced, not followed
+            atomic_write_text(self.path, kept)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

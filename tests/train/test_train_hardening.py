@@ -107,7 +107,7 @@ def test_latest_pointing_outside_the_run_is_refused(trained_run, tiny_model_dir,
     # ... and so is a checkpoints folder that links to another run's, or a linked file inside
     shutil.rmtree(mine / "checkpoints")
     (mine / "checkpoints").symlink_to(other / "checkpoints")
-    with pytest.raises(CheckpointError, match="not a checkpoint of this run"):
+    with pytest.raises(CheckpointError, match="is a link; a run keeps its checkpoints in its own folder"):
         latest_checkpoint(mine)
     (mine / "checkpoints").unlink()
     _copy(other / "checkpoints", mine / "checkpoints")
@@ -203,6 +203,27 @@ def test_a_second_trainer_on_one_run_dir_is_refused(tiny_model_dir, tmp_path):
     lock = RunDirLock(run)
     lock.acquire()
     lock.release()
+
+
+def test_planted_links_in_a_run_dir_are_not_followed(tmp_path):
+    from mica_train.metrics import MetricsLogger
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        RunDirLock(run).acquire()  # O_NOFOLLOW: the victim is not truncated
+    (run / "train.lock").unlink()
+    os.mkfifo(run / "train.lock")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        RunDirLock(run).acquire()  # and a FIFO does not block
+    (run / "metrics.jsonl").symlink_to(victim)
+    logger = MetricsLogger(run, tensorboard=False)
+    logger.log({"step": 1, "loss": 0.5})
+    assert victim.read_text() == "precious\n"
+    assert not (run / "metrics.jsonl").is_symlink() and logger.records == [{"step": 1, "loss": 0.5}]
 
 
 def test_the_lock_is_released_when_training_ends(tiny_model_dir, tmp_path):
