@@ -238,7 +238,7 @@ class RunDirLock:
     trainers never write one run. The kernel drops it when the process ends, however it ends
     (``kill -9`` included), so a stale lock file never blocks a later run. The file holds the
     owner's process id, for the message of the process refused. Where ``fcntl`` is missing
-    (Windows) there is no lock."""
+    (Windows), or the file system refuses ``flock`` (a warning says so), there is no lock."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
@@ -276,6 +276,13 @@ class RunDirLock:
             who = f"process {owner}" if owner.isdigit() else "another process"
             raise CheckpointError(f"run_dir {self.path.parent} is in use by {who} (another mica train "
                                   f"holds {self.path}); wait for it to end or use another run_dir") from None
+        except OSError as exc:  # a file system without flock (some network mounts): go on unlocked
+            fh.close()
+            import warnings
+
+            warnings.warn(f"{self.path}: cannot lock the run directory ({exc.strerror or exc}); nothing "
+                          f"stops a second mica train on it", RuntimeWarning, stacklevel=2)
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")

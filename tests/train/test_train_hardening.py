@@ -205,6 +205,20 @@ def test_a_second_trainer_on_one_run_dir_is_refused(tiny_model_dir, tmp_path):
     lock.release()
 
 
+def test_a_file_system_without_flock_trains_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = RunDirLock(tmp_path)
+    with pytest.warns(RuntimeWarning, match="cannot lock the run directory"):
+        lock.acquire()
+    assert not lock.held
+
+
 def test_planted_links_in_a_run_dir_are_not_followed(tmp_path):
     from mica_train.metrics import MetricsLogger
 
