@@ -22,7 +22,8 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["COMMANDS", "CommandError", "build_parser", "checkpoint_weights", "command_parser", "main"]
+__all__ = ["COMMANDS", "CommandError", "build_parser", "check_output_file", "checkpoint_weights", "command_parser",
+           "main"]
 
 
 class CommandError(Exception):
@@ -119,13 +120,16 @@ def _train(args) -> int:
     if args.print_config:
         import yaml
 
-        from .config import config_to_dict, load_config, overrides_from_args
+        from .config import SECRET_EXTRA, config_to_dict, load_config, overrides_from_args
 
         with _user_errors():
             cfg = load_config(args.config, overrides_from_args(args))
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+        hidden = [k for k in SECRET_EXTRA if cfg.env.extra.get(k)]
+        if hidden:
+            print(f"# env.extra.{', env.extra.'.join(hidden)}: set, not shown (never written or printed)")
         return 0
-    from .trainer import JudgeFailureStop, Trainer
+    from .trainer import JudgeFailureStop, Trainer, TrainingDiverged
 
     with _user_errors():
         trainer = Trainer(_load(args))
@@ -133,7 +137,7 @@ def _train(args) -> int:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})", file=sys.stderr)
     try:
         last = trainer.train()
-    except JudgeFailureStop as exc:
+    except (JudgeFailureStop, TrainingDiverged) as exc:
         raise CommandError(str(exc)) from None
     if trainer.dist.is_main and last:
         keys = ("step", "pass_rate", "mean_final_distance", "reward_mean", "kl", "time_step")
@@ -168,18 +172,46 @@ def checkpoint_weights(checkpoint: str, run_dir: str | Path, lora: bool) -> Path
     return weights
 
 
+def check_output_file(path: str | Path, option: str) -> None:
+    """``option``'s file ``path`` can be written (atomically, creating its folders): not a
+    directory, and the nearest existing folder on its way takes a new file. Checked before any
+    work, so a long evaluation never ends in a refusal. Raises ``ConfigError``."""
+    import tempfile
+
+    from .config import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; name a file")
+    for folder in path.parents:
+        if folder.exists():
+            break
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: {folder} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".mica-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
 def _eval(args) -> int:
     with _user_errors():
+        for option, target in (("--out", args.out), ("--transcripts", args.transcripts)):
+            if target:
+                check_output_file(target, option)
         cfg = _load(args)
         weights = checkpoint_weights(args.checkpoint, cfg.run_dir, cfg.lora.enabled)
-    from .policy import load_policy
+        from .policy import load_policy
+
+        policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)  # lora.target_modules checked
+    from .metrics import json_safe
     from .trainer import evaluate
 
-    policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)
     metrics = evaluate(policy, cfg, transcripts=args.transcripts,
                        progress=cfg.progress and not args.no_progress)
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"
-    text = json.dumps(metrics, indent=2, sort_keys=True, default=str)
+    text = json.dumps(json_safe(metrics), indent=2, sort_keys=True, default=str, allow_nan=False)
     if args.out:
         from mica_core.atomic import atomic_write_text
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import textwrap
 import types
@@ -43,7 +44,9 @@ __all__ = [
     "add_config_arguments",
     "apply_overrides",
     "check_config",
+    "check_device",
     "check_resume",
+    "check_run_dir",
     "check_model_dir",
     "config_fields",
     "config_from_dict",
@@ -54,6 +57,7 @@ __all__ = [
     "overrides_from_args",
     "packaged_configs",
     "read_config_file",
+    "redact_config",
 ]
 
 
@@ -245,7 +249,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def check_resume(saved: dict, cfg: TrainConfig, where: str) -> None:
     """Refuse to resume a run with a config that trains something else than the run's
     ``config.json`` (``saved``): a :class:`ConfigError` naming the changed fields."""
-    old, new = _flatten(saved), _flatten(config_to_dict(cfg))
+    old, new = _flatten(redact_config(saved)), _flatten(config_to_dict(cfg))
     changed = [k for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not k.startswith(RESUME_MAY_CHANGE)
                and k != "run_dir"]
@@ -270,12 +274,25 @@ def packaged_configs() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _packaged(name: str) -> tuple[str, str] | None:
+    from importlib.resources import files
+
+    if not name or "/" in name or "\\" in name:
+        return None
+    res = files("mica_train") / PACKAGE_CONFIG_DIR / f"{name}.yaml"
+    if not res.is_file():
+        return None
+    return res.read_text(encoding="utf-8"), f"{name} (packaged: mica_train/{PACKAGE_CONFIG_DIR}/{name}.yaml)"
+
+
 def read_config_file(spec: str | Path) -> tuple[str, str]:
     """``(text, source)`` of a config: ``spec`` is a YAML file, or else the name of a packaged
     config (``demo``, ``demo.yaml``) read with ``importlib.resources``, so it works from a
-    wheel. A file that exists wins over a packaged config of the same name."""
-    from importlib.resources import files
-
+    wheel. A bare packaged name (``demo``) always means the packaged config, whatever the
+    working directory holds (``./demo`` names a file); with a suffix (``demo.yaml``) a file
+    that exists wins over the packaged config."""
+    if isinstance(spec, str) and spec in packaged_configs():
+        return _packaged(spec)
     path = Path(spec)
     if path.is_file():
         try:
@@ -287,10 +304,9 @@ def read_config_file(spec: str | Path) -> tuple[str, str]:
     name = str(spec)
     if name.endswith((".yaml", ".yml")):
         name = name.rsplit(".", 1)[0]
-    if name and "/" not in name and "\\" not in name:
-        res = files("mica_train") / PACKAGE_CONFIG_DIR / f"{name}.yaml"
-        if res.is_file():
-            return res.read_text(encoding="utf-8"), f"{name} (packaged: mica_train/{PACKAGE_CONFIG_DIR}/{name}.yaml)"
+    found = _packaged(name)
+    if found is not None:
+        return found
     raise ConfigError(f"config {str(spec)!r}: no such file, and no packaged config of that name "
                       f"(packaged: {', '.join(packaged_configs())})")
 
@@ -306,7 +322,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping (a config section), got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping (a config section), got {_shown(value, where)}")
         return config_from_dict(tp, value, where)
     if tp is Any:
         return value
@@ -317,7 +333,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_shown(value, where)}")
         return dict(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -345,6 +361,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def _shown(value: Any, where: str) -> str:
+    """``value`` for a message; under ``env`` (which may hold an API key) only its type."""
+    return f"a {type(value).__name__}" if where.split(".")[0] == "env" else repr(value)
+
+
 def _unknown_key(where: str, key: str, known: list[str]) -> ConfigError:
     name = f"{where}.{key}" if where else str(key)
     close = difflib.get_close_matches(str(key), known, n=1)
@@ -365,8 +386,49 @@ def config_from_dict(cls, data: dict[str, Any] | None, where: str = ""):
     return cls(**kwargs)
 
 
+#: ``env.extra`` fields that hold a secret: never written, printed or compared.
+SECRET_EXTRA = ("api_key",)
+
+
+def _hide_url_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"  # not a URL we can take apart: show none of it
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def redact_config(data: Any) -> Any:
+    """A copy of config mapping ``data`` without its secrets: ``env.extra.api_key`` left out,
+    a password in ``env.extra.base_url`` replaced by ``***``. Used on everything that leaves
+    the process (``config.json``, ``trainer_state.json``, ``--print-config``, messages), also
+    on mappings read back from an older run."""
+    import copy
+
+    if not isinstance(data, dict):
+        return data
+    out = copy.deepcopy(data)
+    env = out.get("env")
+    extra = env.get("extra") if isinstance(env, dict) else None
+    if isinstance(extra, dict):
+        for key in SECRET_EXTRA:
+            extra.pop(key, None)
+        if isinstance(extra.get("base_url"), str):
+            extra["base_url"] = _hide_url_password(extra["base_url"])
+    return out
+
+
 def config_to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as a nested mapping, as it may be written or shown: without its secrets
+    (:func:`redact_config`); the key itself stays only in the live ``cfg``."""
+    return redact_config(dataclasses.asdict(cfg))
 
 
 def _parse_value(raw: str, key: str) -> Any:
@@ -378,7 +440,8 @@ def _parse_value(raw: str, key: str) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{key}={raw}: the value is not valid YAML ({problem})") from None
+        shown = key if key.split(".")[0] == "env" else f"{key}={raw}"  # env.* may hold a key
+        raise ConfigError(f"{shown}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -425,18 +488,87 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # ---------------------------------------------------------------------------- checks
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-AT_LEAST = {  # field: smallest value that makes sense
-    "steps": 1, "optim.epochs": 1, "optim.minibatches": 1, "data.group_size": 2,
-    "data.scenarios_per_step": 1, "data.train_scenarios": 1, "rollout.max_new_tokens": 1,
-    "eval.episodes_per_scenario": 1, "lora.r": 1, "rollout.context_messages": 1,
-    "rollout.context_replies": 0,
+AT_LEAST = {  # integer field: smallest value that makes sense
+    "seed": 0, "threads": 0, "steps": 1, "save_every": 0, "keep_checkpoints": 0,
+    "transcripts_every": 0, "tensorboard_conversations": 0,
+    "lora.r": 1,
+    "data.train_scenarios": 1, "data.scenario_seed": 0, "data.scenarios_per_step": 1, "data.group_size": 2,
+    "rollout.max_new_tokens": 1, "rollout.context_messages": 0, "rollout.context_replies": 0,
+    "rollout.max_prompt_tokens": 0, "rollout.batch_size": 1,
+    "optim.epochs": 1, "optim.minibatches": 1, "optim.micro_batch_rows": 0,
+    "eval.episodes_per_scenario": 1, "eval.seed": 0, "eval.every": 0, "eval.max_turns": 0,
 }
-WHY = {"data.group_size": ": group baselines need several rollouts"}
+#: float field: (low, high, low included, high included); every float must also be finite.
+RANGES = {
+    "lora.alpha": (0.0, math.inf, False, False),
+    "lora.dropout": (0.0, 1.0, True, False),
+    "rollout.temperature": (0.0, math.inf, False, False),
+    "rollout.top_p": (0.0, 1.0, False, True),
+    "loss.eps_low": (0.0, 1.0, True, True),
+    "loss.eps_high": (0.0, math.inf, True, False),
+    "loss.kl_coef": (0.0, math.inf, True, False),
+    "loss.entropy_coef": (0.0, math.inf, True, False),
+    "optim.lr": (0.0, math.inf, False, False),
+    "optim.weight_decay": (0.0, math.inf, True, False),
+    "optim.warmup_ratio": (0.0, 1.0, True, True),
+    "optim.min_lr_ratio": (0.0, 1.0, True, True),
+    "optim.max_grad_norm": (0.0, math.inf, True, False),
+    "eval.temperature": (0.0, math.inf, True, False),
+}
+WHY = {
+    "data.group_size": ": group baselines need several rollouts",
+    "rollout.temperature": ": training rollouts sample (eval.temperature=0 is greedy)",
+}
 CHOICES = {  # field: the values it takes
     "rollout.sampler": ("mica", "hf"), "loss.old_logprobs": ("auto", "rollout", "recompute"),
 }
 
 
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _check_float(name: str, value: float, low: float, high: float, low_in: bool, high_in: bool) -> None:
+    ok = math.isfinite(value) and (value >= low if low_in else value > low) and \
+        (value <= high if high_in else value < high)
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number {_range_text(low, high, low_in, high_in)}, "
+                          f"got {value}{WHY.get(name, '')}")
+
+
+def check_device(name: str) -> None:
+    """``model.device`` must exist on this machine (``cuda:N`` with N below the device
+    count, ``mps`` where available). Raises :class:`ConfigError`."""
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError("model.device: mps is not available on this machine (use auto or cpu)")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= count:
+        have = f"{count} CUDA device{'s' if count != 1 else ''}"
+        raise ConfigError(f"model.device: {name} is not available ({have} on this machine; use auto or cpu)")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """``run_dir`` must name a directory that exists or can be created: not empty, not a file,
+    no file on the way to it. Raises :class:`ConfigError`."""
+    if not str(run_dir).strip():
+        raise ConfigError("run_dir must name a directory, got ''")
+    path = Path(run_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"cannot be created: {p} is a file"
+                raise ConfigError(f"run_dir {run_dir} {what}, not a directory")
+            return
 def _get(cfg, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
@@ -449,9 +581,21 @@ def check_config(cfg: TrainConfig) -> None:
     :class:`ConfigError`."""
     import mica_core as mc
 
+    check_run_dir(cfg.run_dir)
     for name, low in AT_LEAST.items():
         if _get(cfg, name) < low:
             raise ConfigError(f"{name} must be >= {low}, got {_get(cfg, name)}{WHY.get(name, '')}")
+    for name, bounds in RANGES.items():
+        _check_float(name, _get(cfg, name), *bounds)
+    if cfg.loss.dual_clip != 0:
+        _check_float("loss.dual_clip", cfg.loss.dual_clip, 1.0, math.inf, False, False)
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {betas}")
+    targets = cfg.lora.target_modules
+    if not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        raise ConfigError(f"lora.target_modules must name at least one module (e.g. [q_proj, v_proj]), "
+                          f"got {targets}")
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
     for name, allowed in CHOICES.items():
@@ -462,6 +606,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"env.max_judge_failure_share must be a number in [0, 1], got {share!r}")
     if not DEVICE_PATTERN.fullmatch(cfg.model.device):
         raise ConfigError(f"model.device must be auto, cpu, mps, cuda or cuda:N, got {cfg.model.device!r}")
+    check_device(cfg.model.device)
     known = mc.list_estimators()
     if cfg.advantage.estimator not in known:
         raise ConfigError(f"advantage.estimator {cfg.advantage.estimator!r} is not registered; "

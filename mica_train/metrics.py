@@ -18,7 +18,7 @@ from typing import Any
 
 from mica_core.atomic import atomic_path, atomic_write_text
 
-__all__ = ["CURVES", "MetricsLogger", "plot_learning_curves", "read_metrics"]
+__all__ = ["CURVES", "MetricsLogger", "json_safe", "plot_learning_curves", "read_metrics"]
 
 # (metric key, panel title) of the learning-curve figure.
 CURVES = (
@@ -53,16 +53,34 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists too) replaced by
+    None: JSON has no NaN, and ``json.dumps`` would write a bare ``NaN`` other readers reject."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n"
+
+
 class MetricsLogger:
     """Writes metrics of ``run_dir``; only the main process should own one."""
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        kept = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
-        if not self.path.is_file() or self.path.read_text() != kept:
-            atomic_write_text(self.path, kept)  # truncate to the resumed step, once
+        planted = self.path.is_symlink()
+        self.records = [] if planted else [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        kept = "".join(_line(r) for r in self.records)
+        if planted or not self.path.is_file() or self.path.read_text() != kept:
+            # truncate to the resumed step, once; a link planted here is replaced, not followed
+            atomic_write_text(self.path, kept)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -72,7 +90,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(_line(record))
             fh.flush()
             os.fsync(fh.fileno())
         if self.tb is not None:
@@ -134,5 +152,5 @@ def plot_learning_curves(records: Sequence[dict[str, Any]], out_png: str | Path,
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, parse_math=False)  # a path, not math text: "$" is literal
     return save_figure(fig, out_png, dpi=110)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 __all__ = [
     "Policy",
     "TokenBatch",
+    "check_target_modules",
     "collate_turns",
     "encode_prompts",
     "generate_replies",
@@ -180,6 +182,7 @@ def load_policy(model_cfg, lora_cfg, weights_dir: str | Path | None = None, need
         if weights_dir is not None:
             model = PeftModel.from_pretrained(model, str(weights_dir), is_trainable=True)
         else:
+            check_target_modules(model, lora_cfg.target_modules)
             peft_cfg = LoraConfig(
                 r=lora_cfg.r,
                 lora_alpha=lora_cfg.alpha,
@@ -188,7 +191,13 @@ def load_policy(model_cfg, lora_cfg, weights_dir: str | Path | None = None, need
                 bias="none",
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, peft_cfg)
+            try:
+                model = get_peft_model(model, peft_cfg)
+            except ValueError as exc:  # e.g. a target that is not a layer peft can adapt
+                from .config import ConfigError
+
+                raise ConfigError(f"lora.target_modules {list(lora_cfg.target_modules)}: "
+                                  f"{str(exc).splitlines()[0][:300]}") from None
     else:
         if need_reference:
             reference = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype).to(device).eval()
@@ -210,6 +219,20 @@ def load_policy(model_cfg, lora_cfg, weights_dir: str | Path | None = None, need
     torch.set_grad_enabled(True)
     return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, lora=lora_cfg.enabled,
                   reference=reference)
+
+
+def check_target_modules(model, targets: Sequence[str]) -> None:
+    """Every name in ``lora.target_modules`` must name modules of ``model`` (a module whose
+    dotted name is it or ends with ``.name``, as peft matches). Raises ``ConfigError``."""
+    from .config import ConfigError
+
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if n and not any(True for _ in m.children()) and not n.rsplit(".", 1)[-1].isdigit()})
+        raise ConfigError(f"lora.target_modules: {', '.join(map(str, missing))} not in the model "
+                          f"(its layers: {', '.join(leaves[:20])})")
 
 
 def save_policy_weights(policy: Policy, out_dir: str | Path) -> None:
@@ -263,15 +286,71 @@ def prompt_messages(messages: Sequence[dict], context_messages: int, system_prom
 
 def encode_prompts(tokenizer, conversations: Sequence[Sequence[dict]], max_prompt_tokens: int) -> list[list[int]]:
     """Chat-template each conversation with the generation prompt; keep the last
-    ``max_prompt_tokens`` tokens (left truncation keeps the newest context)."""
-    ids = tokenizer.apply_chat_template(
-        [list(c) for c in conversations], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    ``max_prompt_tokens`` tokens (left truncation keeps the newest context).
+
+    Message text is data, never markup: a message containing the text of a special token
+    (``<|im_start|>``, ``<|im_end|>``, the end-of-text token, ...) is encoded as the plain
+    characters, so a user (or a reply fed back as context) cannot open a role or end a turn.
+    Conversations without such text take the tokenizer's own path, token for token."""
+    convs = [list(c) for c in conversations]
+    ids = tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=False)
     if ids and isinstance(ids[0], int):  # a single conversation comes back flat
         ids = [ids]
+    ids = [list(x) for x in ids]
+    specials = _special_pattern(tokenizer)
+    if specials is not None:
+        for i, conv in enumerate(convs):
+            if any(isinstance(m.get("content"), str) and specials.search(m["content"]) for m in conv):
+                ids[i] = _encode_as_text(tokenizer, conv, specials)
     if max_prompt_tokens > 0:
-        ids = [list(x[-max_prompt_tokens:]) for x in ids]
+        ids = [x[-max_prompt_tokens:] for x in ids]
     return [list(map(int, x)) for x in ids]
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # stands for special text inside a message
+
+
+def _special_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the text of every special token of ``tokenizer`` (longest first)."""
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            texts.add(str(getattr(added, "content", added)))
+    texts.discard("")
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def _encode_as_text(tokenizer, conv: list[dict], specials: re.Pattern) -> list[int]:
+    """``conv`` chat-templated with the special-token text inside its messages encoded as
+    plain text: each such text is swapped for a private-use mark, the template is rendered,
+    the rendering is cut at the special tokens (now only the template's own), and each piece
+    between them is encoded with the marks turned back into their text and
+    ``split_special_tokens`` (the tokenizer's own segmentation, special text kept literal)."""
+    found: list[str] = []
+
+    def mark(m):
+        found.append(m.group(0))
+        return f"\ue000{len(found) - 1}\ue001"
+
+    safe = [dict(m, content=specials.sub(mark, m["content"])) if isinstance(m.get("content"), str) else m
+            for m in conv]
+    text = tokenizer.apply_chat_template(safe, add_generation_prompt=True, tokenize=False)
+
+    def plain(piece: str) -> list[int]:
+        piece = _MARK.sub(lambda m: found[int(m.group(1))] if int(m.group(1)) < len(found) else m.group(0), piece)
+        if not piece:
+            return []
+        return list(tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    out: list[int] = []
+    start = 0
+    for m in specials.finditer(text):
+        out += plain(text[start:m.start()])
+        out.append(int(tokenizer.convert_tokens_to_ids(m.group(0))))
+        start = m.end()
+    return out + plain(text[start:])
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device):

@@ -40,12 +40,18 @@ from .rollout import derive_seed
 # process SIGKILLs itself in the middle of step N + 1 (after N steps of this process).
 KILL_AFTER_STEPS_ENV = "MICA_TRAIN_TEST_KILL_AFTER_STEPS"
 
-__all__ = ["JudgeFailureStop", "StepTimes", "Trainer", "evaluate", "training_scenarios", "warmup_cosine"]
+__all__ = ["JudgeFailureStop", "StepTimes", "Trainer", "TrainingDiverged", "evaluate",
+           "training_scenarios", "warmup_cosine"]
 
 
 class JudgeFailureStop(RuntimeError):
     """A step's rollouts had more failed judge turns than ``env.max_judge_failure_share``: the
     run stops before training on their fallback rewards (``mica train`` exits with status 2)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, the gradient or the weights became NaN or infinite: training stops (``mica
+    train`` prints the one-line message and exits with status 2)."""
 
 
 def warmup_cosine(total: int, warmup: int, min_ratio: float):
@@ -164,14 +170,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         import torch
 
-        from .checkpoint import (
-            latest_checkpoint,
-            load_checkpoint_state,
-            restore_rng_state,
-        )
         from .distributed import init_distributed
-        from .env import make_env
-        from .policy import load_policy
 
         self.cfg = cfg
         if cfg.threads > 0:
@@ -179,16 +178,77 @@ class Trainer:
         self.dist = init_distributed()
         self.run_dir = Path(cfg.run_dir)
         self._validate()
+        self.logger = None
+        self._lock = None
+        created = self._claim_run_dir() if self.dist.is_main else None
+        try:
+            self._setup()
+        except BaseException:
+            self._abandon(created)
+            raise
+
+    def _claim_run_dir(self) -> Path | None:
+        """Create the run directory (main process) and lock it; returns the topmost directory
+        this call created (None when it existed), which :meth:`_abandon` removes again if the
+        set-up fails."""
+        from .checkpoint import RunDirLock
+        from .config import ConfigError
+
+        created = next((p for p in reversed((self.run_dir, *self.run_dir.parents)) if not p.exists()), None)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = RunDirLock(self.run_dir)
+            self._lock.acquire()
+        except OSError as exc:
+            self._abandon(created)
+            raise ConfigError(f"run_dir {self.run_dir}: cannot write there ({exc.strerror or exc})") from None
+        except BaseException:
+            self._abandon(created)
+            raise
+        return created
+
+    def _abandon(self, created: Path | None) -> None:
+        """A set-up that failed leaves nothing behind: the lock released, and the run
+        directory removed again when this trainer created it (it holds only the lock file)."""
+        import shutil
+
+        if self.logger is not None:
+            self.logger.close()
+        if self._lock is not None:
+            if self._lock.held and created is not None:
+                self._lock.path.unlink(missing_ok=True)
+            self._lock.release()
+        if created is not None and (not self.run_dir.is_dir() or not any(self.run_dir.iterdir())):
+            shutil.rmtree(created, ignore_errors=True)
+
+    def _setup(self) -> None:
+        import torch
+
+        from .checkpoint import (
+            CheckpointError,
+            latest_checkpoint,
+            load_checkpoint_state,
+            read_json_object,
+            read_trainer_state,
+            restore_rng_state,
+        )
+        from .config import check_resume
+        from .env import make_env
+        from .policy import load_policy
+
+        cfg = self.cfg
         seed_all(derive_seed(cfg.seed, 0, self.dist.rank))
         ckpt = latest_checkpoint(self.run_dir)
         self.resumed_from = ckpt
-        saved_config = self.run_dir / "config.json"
-        if ckpt is not None and saved_config.is_file():
-            import json
-
-            from .config import check_resume
-
-            check_resume(json.loads(saved_config.read_text()), cfg, f"run_dir {self.run_dir}")
+        if ckpt is not None:
+            # The checkpoint's own record of its config is the reference; config.json (rewritten
+            # at every start) must agree with it too when present.
+            where = f"run_dir {self.run_dir}"
+            check_resume(read_trainer_state(ckpt)["config"], cfg, where)
+            saved_config = self.run_dir / "config.json"
+            if saved_config.is_file():
+                check_resume(read_json_object(saved_config), cfg, where)
+            state = load_checkpoint_state(ckpt)  # before the model: a bad file fails fast
         self.policy = load_policy(
             cfg.model,
             cfg.lora,
@@ -212,22 +272,32 @@ class Trainer:
         self._steps_this_process = 0
         self._kill_after_steps = int(os.environ.get(KILL_AFTER_STEPS_ENV) or 0)
         if ckpt is not None:
-            state = load_checkpoint_state(ckpt)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            rng = state["rng"]
-            restore_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+                rng = state["rng"]
+                restore_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+                self.elapsed = float(state.get("elapsed_seconds", 0.0))
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(f"{ckpt}: the optimizer, scheduler or RNG state does not fit this "
+                                      f"run ({why[:200]})") from None
             self.step = int(state["step"])
-            self.elapsed = float(state.get("elapsed_seconds", 0.0))
-        self.logger = None
         if self.dist.is_main:
             from mica_core.atomic import atomic_write_json
 
             from .metrics import MetricsLogger
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.run_dir / "config.json", config_to_dict(cfg))
             self.logger = MetricsLogger(self.run_dir, resume_step=self.step, tensorboard=cfg.tensorboard)
+
+    def close(self) -> None:
+        """Close the metrics writers and release the run directory (``train`` does this when
+        it ends; a later ``train`` takes the lock again)."""
+        if self.logger is not None:
+            self.logger.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def _validate(self) -> None:
         from .config import ConfigError, check_config
@@ -453,6 +523,7 @@ class Trainer:
                 grad_norm += float(gn)
                 n_updates += 1
         model.eval()
+        self._check_finite(step, sums["loss"], grad_norm)
         stats = {k: v / max(n_updates, 1) for k, v in sums.items()}
         stats["grad_norm"] = grad_norm / max(n_updates, 1)
         if ref_logp is None:
@@ -466,6 +537,26 @@ class Trainer:
         stats["lr"] = float(self.scheduler.get_last_lr()[0])
         stats["time_logprob"] = t_score
         return stats
+
+    def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Stop with :class:`TrainingDiverged` when the step's loss, gradient norm or the
+        trained weights are no longer finite: saving or logging them would record a broken
+        run (the last checkpoint stays the last good state)."""
+        import torch
+
+        bad = [f"{name} {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+               if not math.isfinite(value)]
+        with torch.no_grad():
+            if not all(bool(torch.isfinite(p).all()) for p in self.params):
+                bad.append("the trained weights")
+        if bad:
+            from .checkpoint import latest_checkpoint
+
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last checkpoint is {last.name}" if last is not None else "no checkpoint was saved"
+            raise TrainingDiverged(f"step {step}: training diverged ({', '.join(bad)} not finite); stopped "
+                                   f"before saving or logging it, {kept} (lower optim.lr, or check "
+                                   f"lora.alpha and model.dtype)")
 
     # ---------------------------------------------------------------- one step
     def train_step(self, step: int) -> dict[str, Any]:
@@ -573,6 +664,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        if self._lock is not None:
+            self._lock.acquire()  # again, after a close()
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -607,11 +700,10 @@ class Trainer:
                 last = rec
                 bar.update(1)
                 bar.set_postfix(pass_rate=f"{rec['pass_rate']:.2f}", dist=f"{rec['mean_final_distance']:.2f}")
-        finally:
-            bar.close()
-        if self.logger is not None:
             if not last:
                 self.plot_curves()  # nothing left to run: the curves of the finished run
-            self.logger.close()
+        finally:
+            bar.close()
+            self.close()
         return last
 
