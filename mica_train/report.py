@@ -119,9 +119,9 @@ def curve_svg(points: Sequence[tuple[float, float]], label: str, key: str) -> st
     for t in _nice_ticks(x0, x1, 5)[0]:
         if float(t).is_integer():
             x = sx(t)
-            label = int(t) if abs(t) < 1e6 else f"{t:.3g}"
+            tick = int(t) if abs(t) < 1e6 else f"{t:.3g}"
             parts.append(f'<text class="tick" x="{x:.1f}" y="{CHART_H - m["bottom"] + 14}" '
-                         f'text-anchor="middle">{label}</text>')
+                         f'text-anchor="middle">{tick}</text>')
     parts.append(f'<text class="axis" x="{m["left"] + pw / 2:.1f}" y="{CHART_H - 3}" '
                  f'text-anchor="middle">step</text>')
     coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)

@@ -272,8 +272,12 @@ def test_odd_but_readable_run_dirs_render(tmp_path, capsys, case, kwargs, text):
 
     run = run_dir(tmp_path, **kwargs)
     assert main([str(run)]) == 0, capsys.readouterr().err
-    dom = parse((run / "report.html").read_text())
+    page = (run / "report.html").read_text()
+    dom = parse(page)
     assert text in " ".join(dom.text)
+    for key, label in CURVES:  # each chart captioned by its metric
+        if f'data-key="{key}"' in page:
+            assert f"<figcaption>{label} " in page, key
     for line in dom.having("polyline", "line"):  # every point drawn inside the chart
         for point in line["points"].split():
             x, y = map(float, point.split(","))
