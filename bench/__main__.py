@@ -22,8 +22,13 @@ warmed up, then timed ``--repeats`` times; the table shows medians. Ratios:
 - cli: ``mica advantages`` on a Parquet file divided by pyarrow reading the columns mica reads
   and writing three float64 columns of the same length.
 
+- startup: the wall time of launching the ``mica`` console script (``mica --help``,
+  ``mica advantages --help``, ``mica advantages`` on a 12k-turn Parquet file), median of
+  ``--repeats`` launches (at least 5), and whether that small run imported torch or
+  mica_train.
+
 Sections: ``kernels``, ``api``, ``baselines``, ``memory``, ``firstcall``, ``cli``,
-``threshold``. Results, with the machine's description and load, go to
+``startup``, ``threshold``. Results, with the machine's description and load, go to
 ``bench/results/<name>.json`` (``--out``); the targets of docs/performance.md are evaluated
 at the end (only on a full-size run).
 """
@@ -39,7 +44,8 @@ import time
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "cli", "threshold")
+SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "cli", "startup",
+            "threshold")
 PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
            "reinforce_pp_idr", "mica_group_adr")
 # A child's own peak resident memory: VmHWM on Linux (ru_maxrss would include the parent's
@@ -397,6 +403,52 @@ class Runner:
                        ("mica advantages", "pyarrow read+write"))
         mica["x_pyarrow"] = mica["median_s"] / arrow["median_s"]
 
+    def startup(self):
+        """How long ``mica`` takes to start: the console script (or ``python -m
+        mica_core.cli`` outside an install) launched as a user launches it, timed from the
+        parent, median of several launches; then, in one more process, which heavy packages a
+        small ``mica advantages`` run imported."""
+        import shutil
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        from bench.data import long_table, make_batch
+
+        exe = shutil.which("mica", path=os.path.dirname(sys.executable))
+        mica = [exe] if exe else [sys.executable, "-m", "mica_core.cli"]
+        env = _child_env()
+        tmp = tempfile.mkdtemp(prefix="mica-bench-")
+        src, out = os.path.join(tmp, "in.parquet"), os.path.join(tmp, "out.parquet")
+        pq.write_table(long_table(make_batch(SMALL_GROUPS * 8 * 23, seed=self.args.seed)), src)
+        launches = max(5, self.args.repeats)
+        try:
+            for name, argv in (("mica --help", ["--help"]),
+                               ("mica advantages --help", ["advantages", "--help"]),
+                               ("mica advantages (12k turns)",
+                                ["advantages", src, out, "--force"])):
+                times = []
+                for _ in range(launches):
+                    t0 = time.perf_counter()
+                    subprocess.run(mica + argv, capture_output=True, env=env, cwd=tmp,
+                                   check=True)
+                    times.append(time.perf_counter() - t0)
+                times.sort()
+                self.cases.append({"section": "startup", "name": name, "launches": launches,
+                                   "median_s": times[len(times) // 2], "times_s": times,
+                                   "command": " ".join(["mica"] + argv[:1])})
+            probe = ("import sys\n"
+                     "from mica_core.cli import main\n"
+                     "assert main(['advantages', sys.argv[1], sys.argv[2], '--force']) == 0\n"
+                     "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & "
+                     "{'torch', 'mica_train', 'numba', 'matplotlib', 'transformers'})))\n")
+            res = subprocess.run([sys.executable, "-c", probe, src, out], capture_output=True,
+                                 text=True, env=env, cwd=tmp, check=True)
+            _find(self.cases, section="startup", name="mica advantages (12k turns)")[
+                "heavy_imports"] = res.stdout.split()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def threshold(self):
         """The ``mica`` kernel on 1 thread and on all threads at growing sizes: where ``auto``
         starts using threads."""
@@ -506,6 +558,7 @@ def print_table(result, file=sys.stdout):
                 ("api", "API"), ("baselines", "baselines (mica: estimate, backend='auto')"),
                 ("memory", "peak memory"), ("firstcall", "first call in a new process"),
                 ("cli", "command line on a Parquet file"),
+                ("startup", "command line start-up (console script launches, median)"),
                 ("threshold", "parallel threshold: the mica kernel on 1 and on all threads")]
     for key, title in sections:
         rows = [c for c in cases if c.get("section") == key]
@@ -540,6 +593,10 @@ def print_table(result, file=sys.stdout):
                 ratio = f"  {c['x_pyarrow']:.2f}x pyarrow" if "x_pyarrow" in c else ""
                 w(f"  {c['turns']:>10,} {c['name']:<20}{_fmt_time(c['median_s'])}  peak "
                   f"{c['peak_rss_bytes'] / 2**20:,.0f} MiB{ratio}\n")
+            elif key == "startup":
+                heavy = c.get("heavy_imports")
+                note = "" if heavy is None else f"  imports {', '.join(heavy) or 'no torch, no mica_train'}"
+                w(f"  {c['name']:<30}{_fmt_time(c['median_s'])} ({c['launches']} launches){note}\n")
             elif key == "threshold":
                 faster = "threads" if c["all_threads_s"] < c["one_thread_s"] else "1 thread"
                 w(f"  {c['turns']:>10,}  1 thread{_fmt_time(c['one_thread_s'])}  "

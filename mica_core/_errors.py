@@ -8,6 +8,7 @@ class MicaInputError(ValueError):
     """
 
     def __init__(self, message, *, column=None, row=None, rule=None):
+        self.detail = message
         self.column = column
         self.row = row
         self.rule = rule
@@ -19,3 +20,8 @@ class MicaInputError(ValueError):
         prefix = (", ".join(parts) + ": ") if parts else ""
         suffix = f" (rule: {rule})" if rule else ""
         super().__init__(prefix + message + suffix)
+
+    def with_row(self, row) -> "MicaInputError":
+        """The same error naming another row (e.g. counted from a dataset's start, or the
+        table row that holds a list element)."""
+        return MicaInputError(self.detail, column=self.column, row=row, rule=self.rule)

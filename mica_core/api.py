@@ -48,8 +48,9 @@ def run_plan(plan, ragged, distance, initial_distance, reward, backend="auto", *
     Args:
       out: optional ``(reward, returns, advantage)`` float64 arrays ``[n_rows]`` to fill
         (caller-owned; nothing is allocated), else new arrays.
-      num_threads: threads of the ``cython`` and ``numba`` backends for this call (default:
-        by size, :func:`mica_core._autoselect.threads_for`).
+      num_threads: threads of the ``cython`` and ``numba`` backends for this call, an
+        integer >= 1 (default: by size, :func:`mica_core._autoselect.threads_for`); more than
+        :data:`mica_core.validate.MAX_THREADS` run on that many (results do not depend on it).
 
     Returns the three float64 arrays.
     """
@@ -66,7 +67,7 @@ def run_plan(plan, ragged, distance, initial_distance, reward, backend="auto", *
             raise ValueError(f"num_threads applies to the cython and numba backends; got "
                              f"{backend!r}")
         module.run(plan, ragged, distance, initial_distance, reward, *out,
-                   num_threads=num_threads)
+                   num_threads=_validate.check_num_threads(num_threads))
     else:
         module.run(plan, ragged, distance, initial_distance, reward, *out)
     return tuple(out)

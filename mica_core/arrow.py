@@ -33,7 +33,8 @@ from ._errors import MicaInputError
 from .api import run_plan
 from .estimators import resolve
 from .layout import ON_MISSING, Ragged, fill_missing, ragged_from_lengths
-from .signals import distance_from_state, turn_index
+from .signals import potential as _potential
+from .signals import turn_index
 
 __all__ = ["compute_advantages", "ragged_from_table", "DEFAULT_COLUMNS", "TableInput",
            "to_arrow_table"]
@@ -91,7 +92,11 @@ def to_arrow_table(obj) -> pa.Table:
         return pa.Table.from_batches([obj])
     mod = type(obj).__module__
     if mod.startswith("pandas"):
-        return pa.Table.from_pandas(obj, preserve_index=False)
+        try:
+            return pa.Table.from_pandas(obj, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            _raise_unconvertible_column(obj)
+            raise
     if mod.startswith("polars"):
         return obj.to_arrow()
     if mod.startswith("datasets"):
@@ -103,6 +108,26 @@ def to_arrow_table(obj) -> pa.Table:
         return pa.table(obj)
     raise TypeError(f"expected an Arrow table, RecordBatch, pandas/polars DataFrame or "
                     f"datasets.Dataset; got {type(obj).__name__}")
+
+
+def _raise_unconvertible_column(frame):
+    """Name the first column of a pandas DataFrame that Arrow cannot hold, and its first row
+    whose value is of another kind than the column's first value (``1`` and ``"1"`` in one
+    object column: Arrow columns hold one type)."""
+    for name in frame.columns:
+        try:
+            pa.array(frame[name], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            values = frame[name].tolist()
+            kinds = [type(v) for v in values if v is not None]
+            row = next((i for i, v in enumerate(values)
+                        if v is not None and type(v) is not kinds[0]), None) if kinds else None
+            found = f"{kinds[0].__name__} and {type(values[row]).__name__}" if row is not None \
+                else str(exc).splitlines()[0]
+            raise MicaInputError(f"mixes kinds of values that one Arrow column cannot hold "
+                                 f"({found}); give the column one type (e.g. all text)",
+                                 column=str(name), row=row, rule="one type per column") \
+                from None
 
 
 def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
@@ -255,9 +280,10 @@ def _list_parts(col, name):
     return offsets, values
 
 
-def _state_distance(table, name, n, *, weights, epsilon, kind, axes=None, axes_of=None):
-    """Potentials of a state column; ``axes``: the number of axes the column must have (that
-    of the column ``axes_of``). Returns ``(distances, axes)``."""
+def _state_distance(table, name, n, potential, *, axes=None, axes_of=None):
+    """Potentials of a state column (``potential``: the checked options); ``axes``: the
+    number of axes the column must have (that of the column ``axes_of``). Returns
+    ``(distances, axes)``."""
     col = _column(table, name, "state")
     offsets, values = _list_parts(col, name)
     lengths = np.diff(offsets)
@@ -273,12 +299,14 @@ def _state_distance(table, name, n, *, weights, epsilon, kind, axes=None, axes_o
     v = _numpy(values, name)
     if n and k == 0:
         raise MicaInputError("state vectors are empty", column=name, row=0, rule="non-empty")
-    bad = np.flatnonzero(~np.isfinite(v))
-    if bad.size:
-        raise MicaInputError("state value is not finite", column=name, row=int(bad[0]) // k,
-                             rule="finite")
-    return distance_from_state(v.reshape(n, k) if n else np.zeros((0, 1)), weights, epsilon,
-                               kind), k
+    if n and potential.weights is not None and len(potential.weights) != k:
+        raise MicaInputError(f"has {len(potential.weights)} weights but {name} has {k} axes",
+                             column="state_weights", rule="one weight per axis")
+    # Before any square is taken: 1e155 squared is already past float64.
+    _validate.check_states(v, name, max(k, 1))
+    d = _potential(v.reshape(n, k) if n else np.zeros((0, 1)), potential)
+    _validate.check_potentials(d, name)
+    return d, k
 
 
 def _finite(a, name, order=None, *, non_negative=False, allow_missing=False):
@@ -325,11 +353,11 @@ def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source
     if on_missing not in ON_MISSING:
         raise ValueError(f"on_missing must be one of {', '.join(ON_MISSING)}; got {on_missing!r}")
     src = _pick_source(table, cols, source, nested)
+    potential = _validate.potential_options(state_weights, epsilon, distance_kind)
     if nested:
         ti = _read_nested(table, cols, src, need_initial)
     else:
-        ti = _read_long(table, cols, src, need_initial, state_weights, epsilon, distance_kind,
-                        on_missing == "carry")
+        ti = _read_long(table, cols, src, need_initial, potential, on_missing == "carry")
     if need_key:
         ti.ragged = _with_key(table, cols, ti, nested)
     return ti
@@ -351,14 +379,20 @@ def _with_key(table, cols, ti: TableInput, nested: bool) -> Ragged:
             raise MicaInputError("has a different number of keys than turns", column=name,
                                  row=row, rule="one key per turn")
         col = values
-    codes, nlabels = _codes(col, name)
+    try:
+        codes, nlabels = _codes(col, name)
+    except MicaInputError as err:
+        if nested and err.row is not None:  # name the table row that holds the element
+            raise err.with_row(int(np.searchsorted(offsets, err.row, side="right") - 1)) \
+                from None
+        raise
     if ti.order is not None:
         codes = codes[ti.order]
     buckets, nkeys = _validate.key_buckets(codes, nlabels, ragged.offsets, ragged.group)
     return Ragged(ragged.offsets, ragged.group, ragged.ngroups, buckets, nkeys)
 
 
-def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
+def _read_long(table, cols, src, need_initial, potential, carry):
     n = table.num_rows
     gcol = _column(table, cols["group"], "group")
     tcol = _column(table, cols["traj"], "trajectory")
@@ -438,8 +472,7 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
             init_rows = rows(_numpy(_column(table, init_name, "initial distance"), init_name))
             _finite(init_rows, init_name, order, non_negative=True)
         else:
-            init_rows, init_axes = _state_distance(table, init_name, n, weights=weights,
-                                                   epsilon=epsilon, kind=kind)
+            init_rows, init_axes = _state_distance(table, init_name, n, potential)
             init_rows = rows(init_rows)
         d0 = init_rows[offsets[:-1]] if n else np.zeros(0)
         if ext is not None and init_rows.dtype == np.float64 and init_rows.flags.c_contiguous:
@@ -459,8 +492,8 @@ def _read_long(table, cols, src, need_initial, weights, epsilon, kind, carry):
                         cols["distance"]))
         _finite(d, cols["distance"], order, non_negative=True, allow_missing=carry)
     else:
-        d = rows(_state_distance(table, cols["state"], n, weights=weights, epsilon=epsilon,
-                                 kind=kind, axes=init_axes, axes_of=init_name)[0])
+        d = rows(_state_distance(table, cols["state"], n, potential, axes=init_axes,
+                                 axes_of=init_name)[0])
     if carry:
         if d0 is None and n and not np.isfinite(d[offsets[:-1]]).all():
             k = int(offsets[:-1][~np.isfinite(d[offsets[:-1]])][0])

@@ -3,8 +3,13 @@
 Every writer in mica (the ``mica advantages`` output, streamed Parquet, trainer configs,
 metrics, checkpoints, scenario files, study results) goes through this module:
 
-- the content is written to a hidden temporary sibling (``.NAME.XXXX.tmp``, same folder, so
-  the final move stays on one file system), flushed to disk, then moved into place;
+- the content is written to a hidden temporary sibling (``.NAME.HOST-PID.XXXX.tmp``, same
+  folder, so the final move stays on one file system), flushed to disk, then moved into
+  place;
+- a temporary sibling left by a writer that was killed (SIGKILL, a power cut) is removed by
+  the next write of the same path: one whose name carries this host's tag and the id of a
+  process that no longer exists. A live writer's files (this or another process, another
+  host sharing the folder) and files of any other name are never touched;
 - ``overwrite=True`` publishes with ``os.replace`` (atomic on POSIX);
 - ``overwrite=False`` publishes with ``os.link``, which fails when the target exists, so two
   writers racing for the same path cannot both succeed: exactly one wins, the other gets
@@ -22,11 +27,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import zlib
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +106,44 @@ def _release_signals(held) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
+def _host_tag() -> str:
+    """8 hex digits naming this host (a process id means something on its own host only)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _temp_prefix(path: Path) -> str:
+    """The start of this process's temporary names for ``path``: ``.NAME.HOST-PID.``."""
+    return f".{path.name}.{_host_tag()}-{os.getpid()}."
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or a pid this OS cannot ask about): keep
+    return True
+
+
+def _remove_stale(path: Path, suffix: str, remove) -> None:
+    """Remove the temporary siblings of ``path`` that a killed writer left: names of this
+    writer's pattern (``.NAME.HOST-PID.<mkstemp letters>SUFFIX``) with this host's tag and the
+    id of a process that no longer exists. Anything else is left alone."""
+    pattern = re.compile(re.escape(f".{path.name}.{_host_tag()}-") + r"(\d+)\.[a-z0-9_]+"
+                         + re.escape(suffix) + r"\Z")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        match = pattern.match(name)
+        if match and int(match.group(1)) != os.getpid() \
+                and not _process_exists(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                remove(path.parent / name)
+
+
 def _exists_error(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} exists; it was not replaced")
 
@@ -134,12 +181,20 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path, suffix, os.unlink)
     # A signal handler that raises (SIGINT, the CLI's SIGTERM) must not run between creating
     # the temporary file and entering the ``try`` that removes it: hold those signals back
     # until then; one that arrived meanwhile is raised inside the ``try``.
     held = _hold_signals()
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        _release_signals(held)
+        # The folder exists (created above) but takes no new file (/proc, a read-only mount):
+        # say so, not the bare errno text, which names the temporary file or reads as if the
+        # folder were missing.
+        raise type(exc)(exc.errno, f"cannot create a file in this folder ({exc.strerror})",
+                        str(path.parent)) from None
     except BaseException:
         _release_signals(held)
         raise
@@ -180,14 +235,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     An existing ``path`` is first renamed aside and removed only after the new directory is
     in place, so an interruption leaves the old or the new directory (plus, at worst, a
-    hidden leftover that the next call for the same ``path`` removes). Files get the default
+    hidden leftover that the next call for the same ``path`` removes once its writer is
+    gone). Files get the default
     file mode and folders ``0o777`` less the umask, as ``mkdir`` would give them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _remove_stale(path, ".tmp", partial(shutil.rmtree, ignore_errors=True))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         file_mode = default_file_mode()
@@ -201,7 +256,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, dir_mode)
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp",
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp",
                                         dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)

@@ -8,11 +8,31 @@ naming the column, the first offending row and the rule (or the path and the rea
 SIGTERM and SIGINT stop the command with one line and status 143 or 130; the temporary file
 is removed and OUT keeps its old content (or stays absent).
 
-Other packages add subcommands through the entry-point group ``mica.commands``: each entry
-point's name is the command, its object a callable ``main(argv: list[str]) -> int`` whose
-docstring's first line is the help text. ``mica_train`` adds ``env``, ``train``, ``eval``,
-``tiny-model``, ``warm-start`` and ``study`` this way; the core never imports it, and without
-it ``mica`` lists and runs the core commands alone.
+Commands load lazily (docs/architecture.md, "Commands"). ``mica advantages`` and ``mica
+estimators`` import only what they run (numpy and pyarrow; never torch, never another
+package's command). Other packages add subcommands through the entry-point group
+``mica.commands``: each entry point's name is the command, its object a callable
+``main(argv: list[str]) -> int``. They are listed from the installed distributions' metadata
+alone and imported only when invoked, so a broken one cannot break the others:
+
+- ``mica --help`` lists each added command as "see `mica NAME --help`" with its distribution:
+  a one-line help text would need the command's module imported, and the command's own
+  ``--help`` has the full text. A command whose top-level package is not installed is not
+  listed.
+- Whatever an added command raises while it is imported or while it runs (``SystemExit``
+  at import, a syntax error, a missing attribute, a bad entry-point spec, any exception) is
+  one line naming the command, its entry point and its distribution, exit status 2
+  (``MICA_TRACEBACK=1`` prints the traceback too). A ``SystemExit`` with a status while the
+  command runs is its exit status (``--help``, usage errors).
+- Built-in commands cannot be taken over: an entry point named ``advantages`` or
+  ``estimators`` is ignored. When several distributions register one name, the one of the
+  distribution that ships ``mica`` itself wins (mica_train's ``env``, ``train``, ``eval``,
+  ``tiny-model``, ``warm-start``, ``study`` and ``report``), else the first found. Each
+  ignored entry point is named in a warning on stderr by ``mica --help`` and by the command
+  it contended for.
+
+The core never imports ``mica_train``; without it ``mica`` lists and runs the core commands
+alone.
 """
 
 from __future__ import annotations
@@ -22,13 +42,23 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 COMMAND_GROUP = "mica.commands"
-CORE_COMMANDS = ("advantages", "estimators")
+BUILTIN_COMMANDS = {
+    "advantages": "per-turn reward, return and advantage of a trajectory table (Parquet, "
+                  "Arrow IPC or CSV in; Parquet out)",
+    "estimators": "list the registered estimators",
+}
+CORE_COMMANDS = tuple(BUILTIN_COMMANDS)
 READ_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "ipc", ".ipc": "ipc",
                    ".feather": "ipc", ".arrows": "ipc", ".csv": "csv"}
 PROGRESS_MIN_ROWS = 1_000_000
 STREAM_MIN_ROWS = 16_000_000  # --stream auto: about 1 GiB of value columns and outputs
+# api.BACKENDS, restated so that `mica advantages --help` imports no numpy (a test checks
+# that the two agree).
+BACKEND_CHOICES = ("auto", "numpy", "cython", "numba", "torch")
 
 
 class CliError(Exception):
@@ -45,42 +75,163 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-def plugin_commands() -> dict:
-    """``{name: entry point}`` of the subcommands other packages add (group ``mica.commands``).
+# --------------------------------------------------------------------------- added commands
 
-    Core command names cannot be taken over; of two entry points with one name the first
-    found wins."""
+
+@dataclass(frozen=True)
+class Plugin:
+    """An added command as its distribution's metadata declares it (nothing imported)."""
+
+    name: str
+    value: str  # the entry point's ``module:attribute``
+    dist: str  # the distribution's name ("?" when unknown)
+    entry_point: Any
+
+    def describe(self) -> str:
+        return f"{self.value!r} of distribution {self.dist!r}"
+
+
+def _dist_name(ep) -> str:
+    try:
+        return ep.dist.name or "?"
+    except Exception:  # no distribution, or unreadable metadata
+        return "?"
+
+
+def _home_distribution(eps) -> str | None:
+    """The distribution that ships this ``mica`` (its console script runs this module)."""
+    for ep in eps.select(group="console_scripts", name="mica"):
+        if ep.value.replace(" ", "") == "mica_core.cli:main":
+            return _dist_name(ep)
+    return None
+
+
+def _installed(value: str) -> bool:
+    """Whether the top-level package of ``module:attribute`` can be found (nothing is
+    imported; an error of the import system counts as absent)."""
+    from importlib.util import find_spec
+
+    top = value.split(":")[0].strip().split(".")[0]
+    try:
+        return bool(top) and find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def plugin_commands(ignored: list | None = None) -> dict[str, Plugin]:
+    """``{name: Plugin}`` of the commands other packages add (group ``mica.commands``), from
+    metadata only. Built-in names are ignored; of several entry points with one name, that
+    of mica's own distribution wins, else the first found. ``ignored`` collects
+    ``(name, one line saying why)`` per ignored entry point."""
     from importlib.metadata import entry_points
 
-    found = {}
-    for ep in entry_points(group=COMMAND_GROUP):
-        if ep.name not in CORE_COMMANDS and ep.name not in found:
-            found[ep.name] = ep
+    eps = entry_points()
+    home = _home_distribution(eps)
+    found: dict[str, Plugin] = {}
+    notes = [] if ignored is None else ignored
+    for ep in eps.select(group=COMMAND_GROUP):
+        plugin = Plugin(ep.name, ep.value, _dist_name(ep), ep)
+        if ep.name in BUILTIN_COMMANDS:
+            notes.append((ep.name, f"ignored the command {ep.name!r} ({plugin.describe()}): "
+                                   f"{ep.name!r} is a built-in command"))
+            continue
+        other = found.get(ep.name)
+        if other is None:
+            found[ep.name] = plugin
+            continue
+        if (other.value, other.dist) == (plugin.value, plugin.dist):
+            continue  # one distribution found twice on the path
+        keep, drop = (plugin, other) if plugin.dist == home != other.dist else (other, plugin)
+        found[ep.name] = keep
+        notes.append((ep.name, f"ignored the command {ep.name!r} ({drop.describe()}): "
+                               f"{keep.describe()} provides it"))
     return found
 
 
-def _load_command(ep):
-    """``(callable, None)``, or ``(None, why)`` when its package cannot be imported (a
-    distribution that declares the command but lacks its optional package or a dependency)."""
+def _plugin_failure(plugin: Plugin, when: str, exc: BaseException) -> int:
+    if os.environ.get("MICA_TRACEBACK", "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    if isinstance(exc, SystemExit):
+        what = f"exited with status {exc.code!r}"
+    else:
+        text = str(exc).strip().splitlines()
+        what = type(exc).__name__ + (f": {text[0]}" if text else "")
+    sys.stderr.write(f"mica: error: the {plugin.name!r} command ({plugin.describe()}) "
+                     f"failed {when}: {what}\n")
+    return 2
+
+
+def _exit_status(code) -> int | None:
+    """An exit status given as ``None`` or an int in 0..255, else ``None``."""
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool) and 0 <= code <= 255:
+        return code
+    return None
+
+
+def _run_plugin(plugin: Plugin, argv: list[str]) -> int:
+    """Import and run an added command. Everything it raises becomes one line and status 2,
+    except ``KeyboardInterrupt`` and SIGTERM (handled as for the built-in commands) and a
+    ``SystemExit`` with a status while it runs (its exit status: ``--help``, usage errors)."""
     try:
-        fn = ep.load()
+        fn = plugin.entry_point.load()
+    except (KeyboardInterrupt, Terminated):
+        raise
     except ImportError as exc:
-        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = str(exc).strip().splitlines()
+        sys.stderr.write(f"mica: error: the {plugin.name!r} command cannot be loaded "
+                         f"({plugin.describe()}): {text[0] if text else type(exc).__name__}\n")
+        return 2
+    except BaseException as exc:  # noqa: BLE001 - SystemExit and syntax errors included
+        return _plugin_failure(plugin, "while loading", exc)
     if not callable(fn):
-        return None, f"{ep.value} is not callable"
-    return fn, None
+        sys.stderr.write(f"mica: error: the {plugin.name!r} command ({plugin.describe()}) "
+                         f"is not callable\n")
+        return 2
+    try:
+        code = fn(argv)
+    except (KeyboardInterrupt, Terminated):
+        raise
+    except SystemExit as exc:
+        status = _exit_status(exc.code)
+        return status if status is not None else _plugin_failure(plugin, "while running", exc)
+    except BaseException as exc:  # noqa: BLE001
+        return _plugin_failure(plugin, "while running", exc)
+    status = _exit_status(code)
+    if status is None:
+        sys.stderr.write(f"mica: error: the {plugin.name!r} command ({plugin.describe()}) "
+                         f"returned {code!r}, not an exit status\n")
+        return 2
+    return status
 
 
-def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
+# --------------------------------------------------------------------------- parsers
+
+
+def _top_parser(plugins: dict[str, Plugin]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mica",
-        description="mica: multi-turn credit assignment (MICA) for RL on language models.")
+        description="mica: multi-turn credit assignment (MICA) for RL on language models.",
+        epilog="Commands added by other packages are imported only when they run; "
+               "`mica NAME --help` shows a command's options.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in BUILTIN_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    for name, plugin in sorted(plugins.items()):
+        if _installed(plugin.value):
+            sub.add_parser(name, add_help=False,
+                           help=f"see `mica {name} --help` (from {plugin.dist})")
+    return p
 
-    a = sub.add_parser("advantages", help="per-turn reward, return and advantage of a "
-                       "trajectory table (Parquet, Arrow IPC or CSV in; Parquet out)",
-                       description="Compute per-turn reward, return and advantage columns. "
-                       "Rows may come in any order; the output keeps the input order.")
+
+def _advantages_parser() -> argparse.ArgumentParser:
+    a = argparse.ArgumentParser(
+        prog="mica advantages",
+        description="Compute per-turn reward, return and advantage columns. Rows may come "
+                    "in any order; the output keeps the input order.")
     a.add_argument("input", metavar="IN", help="trajectory table: .parquet/.pq (a file or a "
                    "folder of Parquet files), .arrow/.ipc/.feather (Arrow IPC) or .csv")
     a.add_argument("output", metavar="OUT", help="output Parquet file (.parquet or .pq)")
@@ -95,7 +246,7 @@ def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     a.add_argument("--singleton", default="zero", choices=("zero", "raw"),
                    help="advantage of a bucket of one: 0, or the raw value (verl's GRPO)")
     a.add_argument("--backend", default="auto",
-                   choices=("auto", "numpy", "cython", "numba", "torch"))
+                   choices=BACKEND_CHOICES)
     a.add_argument("--source", default="auto", choices=("auto", "distance", "state", "reward"),
                    help="which value columns to read (auto: distance, else state, else reward)")
     for role, default in (("group", "group_id"), ("traj", "traj_id"), ("turn", "turn"),
@@ -118,14 +269,7 @@ def _parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     a.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress on stderr (auto: for large inputs on a terminal)")
-
-    sub.add_parser("estimators", help="list the registered estimators")
-    for name, ep in sorted((plugins or {}).items()):
-        fn, _ = _load_command(ep)
-        if fn is not None:
-            text = (fn.__doc__ or "").strip().splitlines()
-            sub.add_parser(name, help=text[0] if text else None, add_help=False)
-    return p
+    return a
 
 
 class _Progress:
@@ -343,25 +487,40 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _warn(ignored, command=None):
+    for name, line in ignored:
+        if command is None or name == command:
+            sys.stderr.write(f"mica: warning: {line}\n")
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    plugins = plugin_commands()
-    if argv and argv[0] in plugins:
-        fn, why = _load_command(plugins[argv[0]])
-        if fn is None:
-            sys.stderr.write(f"mica: error: the {argv[0]!r} command cannot be loaded "
-                             f"({plugins[argv[0]].value}): {why}\n")
-            return 2
-        return fn(argv[1:])
-    parser = _parser(plugins)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    command = argv[0] if argv else None
+    if command in BUILTIN_COMMANDS:
+        return _builtin(command, argv[1:])
+    ignored: list[tuple[str, str]] = []
+    plugins = plugin_commands(ignored)
+    if command in plugins:
+        _warn(ignored, command)
+        return _run_plugin(plugins[command], argv[1:])
+    parser = _top_parser(plugins)
+    if command in ("-h", "--help"):
+        _warn(ignored)
+    parser.parse_args(argv)  # --help, or a usage error naming the commands
+    parser.print_help()  # no command at all
+    return 2
+
+
+def _builtin(command: str, argv: list[str]) -> int:
+    if command == "advantages":
+        args = _advantages_parser().parse_args(argv)
+    else:
+        args = argparse.ArgumentParser(prog="mica estimators",
+                                       description=BUILTIN_COMMANDS[command]).parse_args(argv)
     from ._errors import MicaInputError
 
     try:
-        if args.command == "advantages":
+        if command == "advantages":
             return _advantages(args)
         return _estimators()
     except (CliError, MicaInputError, ValueError, OSError) as exc:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .validate import check_potentials, check_states, potential_options
+
 __all__ = [
     "distance_from_state",
     "incremental_distance_reward",
@@ -35,31 +37,36 @@ def distance_from_state(state, weights=None, epsilon=1.0, kind="hinge"):
     ``kind="norm"`` gives ``||s||_2`` (``weights`` still multiply the squares).
 
     Args:
-      state: array ``[..., K]`` of axis values (deficits negative).
-      weights: ``[K]`` non-negative axis weights, default all ones.
-      epsilon: width of the target zone below zero.
+      state: array ``[..., K]`` of axis values (deficits negative), finite and at most
+        ``1e100`` in size (``mica_core.validate.MAX_MAGNITUDE``, the limit of every value).
+      weights: ``[K]`` finite non-negative axis weights, default all ones.
+      epsilon: width of the target zone below zero (finite, >= 0).
       kind: ``"hinge"`` or ``"norm"``.
 
     Returns:
       float64 array of shape ``state.shape[:-1]``.
+
+    Raises:
+      MicaInputError: a bad option, or a state value (or the distance it gives) that is not
+        finite or too large, naming the row (the state vector's index, flattened).
     """
+    p = potential_options(weights, epsilon, kind)
     s = np.asarray(state, dtype=np.float64)
     if s.ndim == 0:
         raise ValueError("state must have at least one axis (shape [..., K])")
-    if weights is None:
-        w = np.ones(s.shape[-1])
-    else:
-        w = np.asarray(weights, dtype=np.float64)
-        if w.shape != (s.shape[-1],):
-            raise ValueError(f"weights must have shape ({s.shape[-1]},), got {w.shape}")
-        if np.any(w < 0):
-            raise ValueError("weights must be non-negative")
-    if kind == "hinge":
-        deficit = np.maximum(0.0, -float(epsilon) - s)
-    elif kind == "norm":
-        deficit = s
-    else:
-        raise ValueError(f"kind must be 'hinge' or 'norm', got {kind!r}")
+    if p.weights is not None and p.weights.shape != (s.shape[-1],):
+        raise ValueError(f"weights must have shape ({s.shape[-1]},), got {p.weights.shape}")
+    check_states(s.reshape(-1), "state", max(s.shape[-1], 1))
+    d = potential(s, p)
+    check_potentials(d.reshape(-1), "state")
+    return d
+
+
+def potential(s, p):
+    """:func:`distance_from_state` of float64 states ``s`` ``[..., K]`` and checked options
+    ``p`` (:class:`mica_core.validate.Potential`), without checks."""
+    w = np.ones(s.shape[-1]) if p.weights is None else p.weights
+    deficit = np.maximum(0.0, -p.epsilon - s) if p.kind == "hinge" else s
     return np.sqrt(np.sum(w * deficit * deficit, axis=-1))
 
 

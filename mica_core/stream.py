@@ -178,17 +178,7 @@ def _shift_rows(err: MicaInputError, base: int) -> MicaInputError:
     """The same error with its row counted from the start of the dataset."""
     if err.row is None or base == 0:
         return err
-    parts = []
-    if err.column is not None:
-        parts.append(f"column {err.column!r}")
-    parts.append(f"row {err.row}")
-    prefix = ", ".join(parts) + ": "
-    suffix = f" (rule: {err.rule})" if err.rule else ""
-    message = str(err)
-    message = message.removeprefix(prefix)
-    if suffix and message.endswith(suffix):
-        message = message[:-len(suffix)]
-    return MicaInputError(message, column=err.column, row=err.row + base, rule=err.rule)
+    return err.with_row(err.row + base)
 
 
 def _ids(table: pa.Table, name: str) -> pa.Array:
@@ -251,6 +241,9 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
     gtype = dataset.schema.field(gname).type
     check_label_type(gtype.value_type if pa.types.is_dictionary(gtype) else gtype, gname)
     est = get_estimator(estimator)
+    # The options and the columns, checked once before any row is read: the same call on
+    # no rows (an empty dataset then fails as a full one would).
+    compute_advantages(dataset.schema.empty_table(), estimator, columns, **options)
     batch_scope = any(c.scope == "batch" for c in est.components)
 
     seen = _SeenIds()

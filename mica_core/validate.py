@@ -30,17 +30,22 @@ from .layout import ON_MISSING, Ragged, fill_missing
 __all__ = [
     "MAX_MAGNITUDE",
     "NumpyInputs",
+    "Potential",
     "TorchInputs",
     "check_key",
+    "check_num_threads",
     "check_offsets",
     "check_out",
+    "check_potentials",
     "check_range",
+    "check_states",
     "check_values",
     "factorize",
     "key_buckets",
     "label_array",
     "make_ragged",
     "numpy_inputs",
+    "potential_options",
     "torch_inputs",
 ]
 
@@ -171,6 +176,20 @@ def key_required(plan) -> MicaInputError:
                           column="key", rule="required")
 
 
+#: The most threads one call runs on; a larger ``num_threads`` is capped (results are the
+#: same bits on any number of threads).
+MAX_THREADS = 1024
+
+
+def check_num_threads(num_threads) -> int:
+    """``num_threads`` as an int in ``1 .. MAX_THREADS``; not an integer >= 1 is an error."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral) \
+            or num_threads < 1:
+        raise MicaInputError(f"must be an integer >= 1; got {num_threads!r}",
+                             column="num_threads", rule="integer >= 1")
+    return min(int(num_threads), MAX_THREADS)
+
+
 def check_on_missing(on_missing) -> bool:
     """``True`` for ``"carry"``; a ``ValueError`` for anything but ``"raise"``/``"carry"``."""
     if on_missing not in ON_MISSING:
@@ -185,12 +204,23 @@ def check_on_missing(on_missing) -> bool:
 _SCALAR_TYPES = (int, float, str, bytes, np.generic)
 
 
-def label_array(labels) -> np.ndarray:
+def _masked_row(a) -> int:
+    """The first masked position of a ``numpy.ma`` array, or -1 (no mask, or nothing masked)."""
+    mask = np.ma.getmaskarray(a).reshape(len(a), -1).any(axis=1) if np.ma.isMaskedArray(a) \
+        else None
+    if mask is None or not mask.any():
+        return -1
+    return int(np.flatnonzero(mask)[0])
+
+
+def label_array(labels, name="group") -> np.ndarray:
     """``labels`` as a 1-D array that keeps what each label is.
 
     numpy coerces a list of mixed kinds to one type (``[1, "1"]`` to two strings ``"1"``,
     ``[2**53 + 1, 2.0**53]`` to two equal floats); a list or tuple whose items are not all
-    of one type becomes an object array instead, compared by Python equality.
+    of one type becomes an object array instead, compared by Python equality. A masked
+    entry of a ``numpy.ma`` array is a null label: an error naming ``name`` and its row, as
+    a null in a table column is.
     """
     if isinstance(labels, (list, tuple)):
         types = set(map(type, labels))
@@ -199,16 +229,33 @@ def label_array(labels) -> np.ndarray:
             for i, value in enumerate(labels):
                 a[i] = value
             return a
+    if np.ma.isMaskedArray(labels) and np.ndim(labels) >= 1:
+        row = _masked_row(labels)
+        if row >= 0:
+            raise label_null(name, row)
+        labels = np.ma.getdata(labels)
     return np.asarray(labels)
+
+
+def _is_missing(value) -> bool:
+    """Whether a label is a missing value of some library: ``None``, ``pandas.NA``,
+    ``pandas.NaT``, ``numpy.datetime64('NaT')`` (floating NaN is the finite rule's)."""
+    if value is None:
+        return True
+    if isinstance(value, (np.datetime64, np.timedelta64)):
+        return bool(np.isnat(value))
+    kind = type(value).__name__
+    return kind in ("NAType", "NaTType") and type(value).__module__.startswith("pandas")
 
 
 def _factorize_objects(a: np.ndarray, name):
     """Codes of an object array by Python equality and hashing (``1 == 1.0 == True``,
-    ``0.0 == -0.0``, ``1 != "1"``), rejecting None, NaN, infinities and unhashable values."""
+    ``0.0 == -0.0``, ``1 != "1"``), rejecting missing values (None, pandas.NA, NaT), NaN,
+    infinities and unhashable values."""
     index: dict = {}
     codes = np.empty(len(a), dtype=np.int64)
     for i, value in enumerate(a):
-        if value is None:
+        if _is_missing(value):
             raise label_null(name, i)
         try:
             code = index.setdefault(value, len(index))
@@ -235,7 +282,7 @@ def factorize(labels, name="group"):
 
     Returns ``(codes int64, uniques)``.
     """
-    a = label_array(labels)
+    a = label_array(labels, name)
     if a.ndim != 1:
         raise MicaInputError(f"must be one-dimensional, got shape {a.shape}", column=name,
                              rule="shape")
@@ -247,6 +294,10 @@ def factorize(labels, name="group"):
         bad = np.flatnonzero(~np.isfinite(a))
         if bad.size:
             raise label_not_finite(name, int(bad[0]))
+    if a.dtype.kind in "mM":  # NaT is a missing date or duration: a null label
+        bad = np.flatnonzero(np.isnat(a))
+        if bad.size:
+            raise label_null(name, int(bad[0]))
     if a.dtype.kind not in "biufcUSmM":
         raise label_not_scalar(name, 0, f"dtype {a.dtype}")
     # np.unique compares with ==: 0.0 and -0.0 are one value.
@@ -289,7 +340,7 @@ def check_offsets(offsets) -> np.ndarray:
 
 def group_codes(group, n_traj) -> tuple[np.ndarray, int]:
     """``(codes int64 [n_traj], ngroups)`` for any host labels, one per trajectory."""
-    g = label_array(group)
+    g = label_array(group, "group")
     if g.ndim != 1 or len(g) != n_traj:
         raise group_length(n_traj, g.shape)
     limit = max(n_traj, 1) * 4 + 16
@@ -339,7 +390,7 @@ def key_buckets(key_codes, nkey_labels, offsets, group) -> tuple[np.ndarray, int
 
 def check_key(key, n_rows, ragged) -> Ragged:
     """``ragged`` with the key buckets of per-row labels ``key`` (any labels, as ``group``)."""
-    k = np.asarray(key)
+    k = label_array(key, "key")
     if k.ndim != 1 or len(k) != n_rows:
         raise wrong_length("key", n_rows, k.shape)
     codes, labels = factorize(k, "key")
@@ -354,18 +405,105 @@ def check_key(key, n_rows, ragged) -> Ragged:
 MAX_MAGNITUDE = 1e100
 
 
-def too_large(column, row, value) -> MicaInputError:
-    return MicaInputError(f"value {value:.6g} is too large: |values| must be at most "
-                          f"{MAX_MAGNITUDE:.0e} so that rewards, returns and squared deviations "
+def too_large(column, row, value, what="value") -> MicaInputError:
+    # repr: the shortest text that gives the value back, so 1.0000001e+100 is not shown as
+    # the limit itself.
+    return MicaInputError(f"{what} {float(value)!r} is too large: |values| must be at most "
+                          f"{MAX_MAGNITUDE!r} so that rewards, returns and squared deviations "
                           f"stay within float64 (advantages do not depend on the scale: "
                           f"rescale the values)", column=column, row=row, rule="magnitude")
+
+
+# --------------------------------------------------------------------------- states
+
+
+DISTANCE_KINDS = ("hinge", "norm")
+
+
+class Potential(NamedTuple):
+    """The checked options of :func:`mica_core.distance_from_state`: axis weights (``None``:
+    all ones), the zone width ``epsilon`` and the ``kind`` of distance."""
+
+    weights: np.ndarray | None
+    epsilon: float
+    kind: str
+
+
+def potential_options(weights=None, epsilon=1.0, kind="hinge") -> Potential:
+    """The state-to-distance options, checked once where they are given: ``weights`` a 1-D
+    array of finite non-negative numbers, ``epsilon`` a finite number >= 0, ``kind``
+    ``"hinge"`` or ``"norm"``. Errors name the option (``state_weights``, ``epsilon``,
+    ``distance_kind``) and the rule."""
+    if kind not in DISTANCE_KINDS:
+        raise MicaInputError(f"must be one of {', '.join(DISTANCE_KINDS)}; got {kind!r}",
+                             column="distance_kind", rule="choice")
+    try:
+        e = float(epsilon)
+    except (TypeError, ValueError):
+        raise MicaInputError(f"must be a number; got {epsilon!r}", column="epsilon",
+                             rule="dtype") from None
+    if not (math.isfinite(e) and e >= 0.0) or isinstance(epsilon, bool):
+        raise MicaInputError(f"must be a finite number >= 0 (the width of the zone below "
+                             f"0); got {epsilon!r}", column="epsilon", rule="range")
+    if weights is None:
+        return Potential(None, e, kind)
+    w = np.asarray(weights)
+    if w.ndim != 1 or w.size == 0:
+        raise MicaInputError(f"needs one weight per state axis (a 1-D array); got shape "
+                             f"{w.shape}", column="state_weights", rule="shape")
+    if w.dtype.kind not in "fiu":
+        raise not_numeric("state_weights", w.dtype)
+    w = w.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(w) | (w < 0) | (w > MAX_MAGNITUDE))
+    if bad.size:
+        i = int(bad[0])
+        raise MicaInputError(f"weight {w[i]!r} of axis {i} is not a finite number in "
+                             f"[0, {MAX_MAGNITUDE!r}]", column="state_weights", row=i,
+                             rule="finite, >= 0")
+    return Potential(w, e, kind)
+
+
+def check_states(states, name, n_axes) -> None:
+    """State values (flat, ``n_axes`` per row) are finite and at most :data:`MAX_MAGNITUDE`
+    in size: checked before any distance is computed, whose squares would overflow. Errors
+    name the row (``index // n_axes``)."""
+    v = np.asarray(states)
+    if not v.size:
+        return
+    lo, hi = float(v.min()), float(v.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        i = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise MicaInputError(f"state value {v[i]} (axis {i % n_axes}) is not finite (NaN and "
+                             f"infinities are rejected)", column=name, row=i // n_axes,
+                             rule="finite")
+    if max(-lo, hi) > MAX_MAGNITUDE:
+        i = int(np.flatnonzero(np.abs(v) > MAX_MAGNITUDE)[0])
+        raise too_large(name, i // n_axes, v[i], what=f"state value (axis {i % n_axes})")
+
+
+def check_potentials(d, name) -> None:
+    """Distances computed from states (large weights can make them overflow): finite and at
+    most :data:`MAX_MAGNITUDE`, the rule every distance follows; errors name the state
+    column and its row."""
+    if not len(d):
+        return
+    hi = float(d.max())
+    if not hi <= MAX_MAGNITUDE:  # NaN and inf fail too
+        i = int(np.flatnonzero(~(d <= MAX_MAGNITUDE))[0])
+        raise too_large(name, i, d[i], what="distance computed from the state")
 
 
 def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
     """Validate a flat per-row (or per-trajectory) float array; returns it as float32/float64.
 
-    ``allow_missing`` lets NaN and infinities through (to be filled by ``fill_missing``)."""
-    a = np.asarray(x)
+    ``allow_missing`` lets NaN and infinities through (to be filled by ``fill_missing``); a
+    masked entry of a ``numpy.ma`` array is a missing value (an error, or NaN to be filled)."""
+    masked = _masked_row(x) if np.ma.isMaskedArray(x) and np.ndim(x) == 1 else -1
+    if masked >= 0 and not allow_missing:
+        raise MicaInputError("masked (missing) value", column=name, row=masked, rule="no nulls")
+    if masked >= 0:
+        x = np.ma.filled(np.ma.asarray(x).astype(np.float64), np.nan)
+    a = np.asarray(np.ma.getdata(x) if np.ma.isMaskedArray(x) else x)
     if a.ndim != 1 or len(a) != n:
         raise wrong_length(name, n, a.shape)
     if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
@@ -590,7 +728,7 @@ def _group_tensor(group, n_traj, device, ngroups):
         uniq, codes = torch.unique(group, return_inverse=True)
         return codes.to(device=device, dtype=torch.int64), int(uniq.shape[0]), False
     if ngroups is not None:
-        g = np.asarray(group)
+        g = label_array(group, "group")
         if g.ndim != 1 or len(g) != n_traj:
             raise group_length(n_traj, g.shape)
         if g.dtype.kind not in "iu":
@@ -700,6 +838,11 @@ def torch_inputs(plan, offsets, group, distance, initial_distance, reward, *, ng
     they live there), the buckets sent to the values' device.
     """
     torch = _torch()
+    for name, x in (("offsets", offsets), ("group", group), ("distance", distance),
+                    ("initial_distance", initial_distance), ("reward", reward), ("key", key)):
+        if is_torch(x) and x.device.type == "meta":
+            raise MicaInputError("is a tensor on the meta device, which holds no values (move "
+                                 "it to a real device first)", column=name, rule="device")
     values_in = reward if reward is not None else distance
     if reward is not None and (distance is not None or initial_distance is not None):
         raise exclusive_inputs()

@@ -29,7 +29,8 @@ from typing import Any
 
 from .metrics import _finite
 
-__all__ = ["main", "render_report", "write_report"]
+__all__ = ["check_transcript", "load_config", "load_metrics", "load_transcripts", "main", "render_report",
+           "write_report"]
 
 CHART_W, CHART_H = 320, 170
 _MARGIN = {"left": 54, "right": 12, "top": 10, "bottom": 30}
@@ -47,25 +48,33 @@ def _fmt(x: Any, spec: str = "+.2f") -> str:
 
 def _nice_ticks(lo: float, hi: float, n: int = 4) -> tuple[list[float], int]:
     """About ``n`` round tick values covering ``[lo, hi]``, and the decimals that tell them
-    apart."""
+    apart. Any finite ``lo``, ``hi`` (their difference may be past float64: it is taken in
+    halves)."""
     if not hi > lo:
         return [lo], 2
-    raw = (hi - lo) / max(1, n - 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10)), key=lambda v: abs(math.log(v / raw)))
+    raw = (hi / 2 - lo / 2) / max(1, n - 1) * 2
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if math.isfinite(m * mag)),
+               key=lambda v: abs(math.log(v / raw)))
     decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    if abs(step * 10**decimals - round(step * 10**decimals)) > 1e-6:
+    if decimals < 300 and abs(step * 10**decimals - round(step * 10**decimals)) > 1e-6:
         decimals += 1
     k = math.ceil(lo / step - 1e-9)
     ticks = []
-    while k * step <= hi + 1e-9 * step:
-        ticks.append(round(k * step, 12))
+    while len(ticks) <= 3 * n:  # a tick past hi by a rounding error still counts
+        v = k * step
+        if not (v <= hi or (math.isfinite(v) and v - hi <= 1e-9 * step)):
+            break
+        ticks.append(round(v, 12))
         k += 1
     return ticks, decimals
 
 
 def _tick_label(v: float, decimals: int) -> str:
-    return f"{v:.{decimals}f}".replace("-", "\u2212") if v else "0"
+    if not v:
+        return "0"
+    text = f"{v:.3g}" if abs(v) >= 1e6 or decimals > 6 else f"{v:.{decimals}f}"
+    return text.replace("-", "\u2212")
 
 
 def advantage_color(a: Any) -> str:
@@ -84,22 +93,18 @@ def curve_svg(points: Sequence[tuple[float, float]], label: str, key: str) -> st
     ys = [p[1] for p in points]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    if y1 == y0:
-        pad = abs(y0) * 0.1 or 0.5
-        y0, y1 = y0 - pad, y1 + pad
-    else:
-        pad = (y1 - y0) * 0.08
-        y0, y1 = y0 - pad, y1 + pad
     m = _MARGIN
     pw, ph = CHART_W - m["left"] - m["right"], CHART_H - m["top"] - m["bottom"]
+    pad = 0.08 * ph  # the line keeps off the frame; in pixels, so no value overflows
+
+    def frac(v, lo, hi):  # where v lies in [lo, hi], computed in halves (any finite values)
+        return 0.5 if hi == lo else (v / 2 - lo / 2) / (hi / 2 - lo / 2)
 
     def sx(x):
-        return m["left"] + (x - x0) / (x1 - x0) * pw
+        return m["left"] + frac(x, x0, x1) * pw
 
     def sy(y):
-        return m["top"] + (1 - (y - y0) / (y1 - y0)) * ph
+        return m["top"] + pad + (1 - frac(y, y0, y1)) * (ph - 2 * pad)
 
     parts = [f'<svg class="chart" viewBox="0 0 {CHART_W} {CHART_H}" width="{CHART_W}" '
              f'height="{CHART_H}" role="img" aria-label="{_esc(label)}">',
@@ -114,8 +119,9 @@ def curve_svg(points: Sequence[tuple[float, float]], label: str, key: str) -> st
     for t in _nice_ticks(x0, x1, 5)[0]:
         if float(t).is_integer():
             x = sx(t)
+            tick = int(t) if abs(t) < 1e6 else f"{t:.3g}"
             parts.append(f'<text class="tick" x="{x:.1f}" y="{CHART_H - m["bottom"] + 14}" '
-                         f'text-anchor="middle">{int(t)}</text>')
+                         f'text-anchor="middle">{tick}</text>')
     parts.append(f'<text class="axis" x="{m["left"] + pw / 2:.1f}" y="{CHART_H - 3}" '
                  f'text-anchor="middle">step</text>')
     coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
@@ -161,7 +167,8 @@ def _rubric_text(tr: dict) -> str:
 def _state_text(state: Any) -> str:
     if not state:
         return "\u2013"
-    return " ".join(f"{axis} {_fmt(v, '+d')}" for axis, v in zip("CAP", state))
+    return " ".join(f"{axis} {_fmt(v, '+d' if isinstance(v, int) else '+.3g')}"
+                    for axis, v in zip("CAP", state))
 
 
 def _strip(turns: Sequence[dict]) -> str:
@@ -246,6 +253,7 @@ header, section { max-width:1400px; margin:0 auto; padding:14px 24px; }
 h1 { font-size:22px; margin:6px 0 2px; } h2 { font-size:17px; margin:10px 0 8px; }
 h3 { font-size:15px; margin:14px 0 4px; }
 .sub, .source-info, .group-info, .legend, .empty { color:var(--muted); margin:2px 0 8px; }
+.note { color:#9a6700; margin:2px 0 8px; }
 .cards { display:flex; flex-wrap:wrap; gap:10px; margin-top:10px; }
 .card { border:1px solid var(--line); border-radius:8px; padding:8px 14px; background:var(--bg);
         min-width:130px; }
@@ -312,21 +320,28 @@ def _card(value: str, label: str) -> str:
     return f'<div class="card"><b>{_esc(value)}</b><span>{_esc(label)}</span></div>'
 
 
+def _section(config: dict, key: str) -> dict:
+    """``config[key]`` when it is an object, else ``{}`` (the cards then show a dash)."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def render_report(records: Sequence[dict], sources: Sequence[tuple[str, Sequence[dict]]], *,
                   title: str, config: dict | None = None, groups: int = 2,
-                  initial_source: int | None = None) -> str:
+                  initial_source: int | None = None, notes: Sequence[str] = ()) -> str:
     """The report page as a string. ``sources``: ``(label, transcripts)`` pairs;
-    ``initial_source`` is the one shown first (default: the last training step, else the first)."""
+    ``initial_source`` is the one shown first (default: the last training step, else the
+    first); ``notes``: lines shown under the title (e.g. skipped metrics lines)."""
     config = config or {}
     last = records[-1] if records else {}
     evals = [r for r in records if _finite(r.get("eval_pass_rate"))]
     cards = [_card(str(last.get("step", "\u2013")), "steps"),
-             _card(str((config.get("advantage") or {}).get("estimator", "\u2013")), "estimator"),
+             _card(str(_section(config, "advantage").get("estimator", "\u2013")), "estimator"),
              _card(_fmt(last.get("pass_rate"), ".3f"), "pass rate, last training step"),
              _card(_fmt(evals[-1]["eval_pass_rate"] if evals else None, ".3f"),
                    "pass rate, last evaluation"),
              _card(_fmt(last.get("mean_final_distance"), ".2f"), "mean final distance, last step")]
-    data = config.get("data") or {}
+    data = _section(config, "data")
     if data:
         cards.append(_card(f"{data.get('scenarios_per_step', '?')} \u00d7 {data.get('group_size', '?')}",
                            "groups \u00d7 rollouts per step"))
@@ -353,6 +368,7 @@ def render_report(records: Sequence[dict], sources: Sequence[tuple[str, Sequence
                          "FILE.jsonl</code> (from <code>mica eval --transcripts</code>).</p>"
                          '<nav class="sources"><select id="source-select"></select></nav>')
     init_attr = f' data-initial-source="source-{initial_source}"' if sources else ""
+    notes_html = "".join(f'<p class="note">{_esc(n)}</p>' for n in notes)
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     return (
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -360,6 +376,7 @@ def render_report(records: Sequence[dict], sources: Sequence[tuple[str, Sequence
         f"<title>mica credit report: {_esc(title)}</title><style>{_CSS}</style></head>"
         f"<body{init_attr}><header><h1>mica credit report</h1>"
         f'<p class="sub">{_esc(title)} \u00b7 generated {stamp}</p>'
+        f"{notes_html}"
         f'<div class="cards">{"".join(cards)}</div></header>'
         f'<section id="curves"><h2>Learning curves</h2>{curves_html(records)}</section>'
         f'<section id="conversations"><h2>Conversations and credit</h2>{conversations}</section>'
@@ -376,19 +393,144 @@ def _source_label(path: Path, transcripts: Sequence[dict]) -> str:
     return path.name
 
 
+def _error(where: str, message: str, *, field: str | None = None, line: int | None = None,
+           rule: str = "run directory"):
+    """A one-line input error: ``where`` (``file:line: `` or ``file: ``), the field, the rule."""
+    from .env.rubric import input_error
+
+    return input_error(f"{where}{message}", column=field, row=line, rule=rule)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _check_state(value: Any, field: str, where: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in value):
+        raise _error(where, f"field {field!r} must be a list of numbers; got {_short(value)}",
+                     field=field, rule="transcript")
+
+
+def check_transcript(obj: Any, where: str) -> dict:
+    """``obj`` if it is an episode transcript the report can show, else a one-line error
+    naming ``where`` (file and line) and the field: ``turns`` a list of objects, each with an
+    integer ``turn`` >= 0, ``state`` a list of numbers, ``rubric`` an object; the episode's
+    ``group``, ``traj``, ``status`` and texts single values (``status`` text), its
+    ``initial_state`` a list of numbers."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("turns"), list):
+        raise _error(where, "not an episode transcript (an object with a 'turns' list)",
+                     field="turns", rule="transcript")
+    for key in ("group", "traj", "scenario_id", "topic", "status", "estimator", "split", "step"):
+        if not isinstance(obj.get(key), _SCALARS):
+            raise _error(where, f"field {key!r} must be a single value (text or a number); got "
+                         f"{_short(obj[key])}", field=key, rule="transcript")
+    if obj.get("status") is not None and not isinstance(obj["status"], str):
+        raise _error(where, f"field 'status' must be text; got {_short(obj['status'])}",
+                     field="status", rule="transcript")
+    _check_state(obj.get("initial_state"), "initial_state", where)
+    for i, tr in enumerate(obj["turns"]):
+        name = f"turns[{i}]"
+        if not isinstance(tr, dict):
+            raise _error(where, f"field {name!r} must be an object; got {_short(tr)}",
+                         field=name, rule="transcript")
+        turn = tr.get("turn")
+        if not (isinstance(turn, int) and not isinstance(turn, bool) and turn >= 0):
+            got = "it is missing" if "turn" not in tr else f"got {_short(turn)}"
+            raise _error(where, f"field '{name}.turn' must be an integer >= 0; {got}",
+                         field=f"{name}.turn", rule="transcript")
+        _check_state(tr.get("state"), f"{name}.state", where)
+        if tr.get("rubric") is not None and not isinstance(tr["rubric"], dict):
+            raise _error(where, f"field '{name}.rubric' must be an object; got "
+                         f"{_short(tr['rubric'])}", field=f"{name}.rubric", rule="transcript")
+        for key in ("user", "reply"):
+            if not isinstance(tr.get(key), _SCALARS):
+                raise _error(where, f"field '{name}.{key}' must be text; got {_short(tr[key])}",
+                             field=f"{name}.{key}", rule="transcript")
+    return obj
+
+
+def load_transcripts(path: Path) -> list[dict]:
+    """The transcripts of a JSON-lines file, each checked by :func:`check_transcript`; a line
+    that is not UTF-8, not JSON or not a transcript is a one-line error naming the line."""
+    from .env.rubric import iter_jsonl
+
+    with open(path, "rb") as fh:
+        return [check_transcript(obj, where) for _, where, obj in iter_jsonl(fh, str(path))]
+
+
+def load_metrics(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of ``metrics.jsonl`` and the numbers of the lines skipped: a line that is
+    not UTF-8, not JSON or not an object (a line cut short by a kill, a corrupt disk block)
+    costs the curves one point, not the report. A missing file has no records."""
+    records: list[dict] = []
+    skipped: list[int] = []
+    if not path.is_file():
+        return records, skipped
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                obj = json.loads(text)
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                obj = None
+            if isinstance(obj, dict):
+                records.append(obj)
+            else:
+                skipped.append(lineno)
+    return records, skipped
+
+
+def load_config(path: Path) -> dict:
+    """``config.json`` of the run (``{}`` when absent); not UTF-8, not JSON or not an object
+    is a one-line error naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise _error(f"{path}: ", f"not valid UTF-8 (byte {e.start + 1})", rule="utf-8") from None
+    except json.JSONDecodeError as e:
+        raise _error(f"{path}:{e.lineno}: ", f"not valid JSON ({e.msg})", line=e.lineno,
+                     rule="json") from None
+    except RecursionError:
+        raise _error(f"{path}: ", "nested too deeply to read as JSON", rule="json") from None
+    if not isinstance(obj, dict):
+        raise _error(f"{path}: ", f"not a JSON object (a run's config); got {_short(obj)}",
+                     rule="config")
+    return obj
+
+
+def _skipped_note(path: Path, skipped: Sequence[int]) -> str:
+    lines = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+    return (f"{path}: skipped {len(skipped)} unreadable line{'s' if len(skipped) != 1 else ''} "
+            f"(not a JSON object: line{'s' if len(skipped) != 1 else ''} {lines})")
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *,
                  transcripts: Sequence[str | Path] = (), groups: int = 2,
-                 records: Sequence[dict] | None = None, title: str | None = None) -> Path:
+                 records: Sequence[dict] | None = None, title: str | None = None,
+                 warnings: list[str] | None = None) -> Path:
     """Write the report of ``run_dir`` (default ``RUN_DIR/report.html``) atomically.
 
     ``transcripts``: further transcript files (e.g. from ``mica eval --transcripts``), after
     the run's own ``transcripts/step_*.jsonl``. ``records``: metrics to plot instead of
-    ``RUN_DIR/metrics.jsonl``."""
+    ``RUN_DIR/metrics.jsonl``. ``warnings`` collects what was skipped (unreadable metrics
+    lines), which the page shows too.
+
+    Raises ``MicaInputError`` (one line naming the file, line and field) for a malformed run
+    directory: a transcript line that is not UTF-8, JSON or a transcript, a field of the wrong
+    type, a ``config.json`` that is not a JSON object; ``out`` a directory."""
     from mica_core._errors import MicaInputError
     from mica_core.atomic import atomic_write_text
-
-    from .metrics import read_metrics
-    from .transcripts import read_transcripts
 
     run_dir = Path(run_dir)
     files = [Path(p) for p in transcripts]
@@ -402,20 +544,27 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *,
     if groups < 0:
         raise MicaInputError(f"--groups must be >= 0, got {groups}", column="--groups",
                              rule="range")
+    out = Path(out) if out is not None else run_dir / "report.html"
+    if out.is_dir():
+        raise MicaInputError(f"{str(out)!r} is a directory; name the HTML file to write",
+                             column="--out", rule="a file")
+    notes = []
     if records is None:
-        records = read_metrics(run_dir / "metrics.jsonl")
-    config = {}
-    if (run_dir / "config.json").is_file():
-        config = json.loads((run_dir / "config.json").read_text())
+        metrics = run_dir / "metrics.jsonl"
+        records, skipped = load_metrics(metrics)
+        if skipped:
+            notes.append(_skipped_note(metrics, skipped))
+    config = load_config(run_dir / "config.json")
     sources = []
     for p in sorted((run_dir / "transcripts").glob("step_*.jsonl")) + files:
-        ts = read_transcripts(p)
+        ts = load_transcripts(p)
         if ts:
             sources.append((_source_label(p, ts), ts))
     page = render_report(records, sources, title=title or str(run_dir), config=config,
-                         groups=groups)
-    out = Path(out) if out is not None else run_dir / "report.html"
+                         groups=groups, notes=notes)
     atomic_write_text(out, page)
+    if warnings is not None:
+        warnings.extend(notes)
     return out
 
 
@@ -434,16 +583,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="rollout groups shown per transcript file (0: all; default 2)")
     p.add_argument("--title", default=None, help="page title (default RUN_DIR)")
     args = p.parse_args(argv)
+    import sys
+
     from mica_core._errors import MicaInputError
 
+    warnings: list[str] = []
     try:
         out = write_report(args.run_dir, args.out, transcripts=args.transcripts,
-                           groups=args.groups, title=args.title)
+                           groups=args.groups, title=args.title, warnings=warnings)
     except MicaInputError as e:
-        import sys
-
-        print(f"mica report: error: {e}", file=sys.stderr)
+        print(f"mica report: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    except OSError as e:  # the page cannot be written (permissions, a full disk)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mica report: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    for line in warnings:
+        print(f"mica report: warning: {line}", file=sys.stderr)
     print(out)
     return 0
 

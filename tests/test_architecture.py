@@ -60,3 +60,20 @@ def test_the_checker_sees_deferred_imports():
     graph = module_imports("mica_core")
     assert "mica_core._backend_torch" in graph["mica_core.api"]  # imported inside a function
     assert "mica_core.validate" in graph["mica_core.api"]
+
+
+def test_importing_the_core_and_its_cli_loads_no_numeric_library():
+    """Public names load on first use: `import mica_core` and the `mica` command's module
+    cost next to nothing (docs/architecture.md, "Commands")."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mica_core, mica_core.cli\n"
+            "heavy = {m.split('.')[0] for m in sys.modules} & {'numpy', 'pyarrow', 'torch', "
+            "'numba', 'mica_train'}\n"
+            "assert not heavy, heavy\n"
+            "assert mica_core.list_estimators()[0] == 'mica' and callable(mica_core.estimate)\n"
+            "assert 'numpy' in sys.modules and 'pyarrow' not in sys.modules\n"
+            "assert mica_core.validate.MAX_MAGNITUDE == 1e100\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr

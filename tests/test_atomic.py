@@ -115,3 +115,74 @@ def test_keyboard_interrupt_removes_the_temporary_file(tmp_path):
             tmp.write_bytes(b"partial")
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+_KILLED_WRITER = """
+import os, sys, time
+from mica_core.atomic import atomic_dir, atomic_path
+target = sys.argv[1]
+with (atomic_dir if sys.argv[2] == "dir" else atomic_path)(target) as tmp:
+    if sys.argv[2] == "dir":
+        (tmp / "part").write_bytes(b"half")
+    else:
+        tmp.write_bytes(b"half")
+    print(tmp.name, flush=True)
+    time.sleep(600)
+"""
+
+
+def _killed_writer(target, kind):
+    """A process killed by SIGKILL while writing ``target``: returns its leftover's name."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target), kind],
+                            stdout=subprocess.PIPE, text=True)
+    name = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert name and (target.parent / name).exists()
+    return name
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_the_next_write_removes_what_a_killed_writer_left(tmp_path, kind):
+    import subprocess
+    import sys
+
+    target = tmp_path / ("learning_curves.png" if kind == "file" else "step_1")
+    left = _killed_writer(target, kind)
+    assert left.startswith(".") and left.endswith(".tmp")
+    # Files a cleanup must never touch: a live writer's (this process's parent), one of
+    # another host, another target's, and names of other patterns.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        host, pid = left.split(".")[-3].split("-")
+        keep = [f".{target.name}.{host}-{sleeper.pid}.abcd1234.tmp",
+                f".{target.name}.{'0' * 8 if host != '0' * 8 else '1' * 8}-{pid}.abcd1234.tmp",
+                f".other.png.{host}-{pid}.abcd1234.tmp", f".{target.name}.{host}-{pid}.tmp",
+                f"{target.name}.{host}-{pid}.abcd1234.tmp", f".{target.name}.x.tmp"]
+        for name in keep:
+            (tmp_path / name).write_bytes(b"someone else's")
+        if kind == "file":
+            atomic_write_text(target, "new")
+            assert target.read_text() == "new"
+        else:
+            with atomic_dir(target) as tmp:
+                (tmp / "f").write_text("new")
+            assert (target / "f").read_text() == "new"
+        assert not (tmp_path / left).exists()
+        assert sorted(os.listdir(tmp_path)) == sorted(keep + [target.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_folder_that_takes_no_file_says_so(tmp_path):
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(OSError) as info:
+        atomic_write_text("/proc/x.parquet", "x")
+    assert info.value.filename == "/proc" and "cannot create a file" in str(info.value)

@@ -254,3 +254,109 @@ def test_large_values_in_tables_name_the_input_row():
     with pytest.raises(MicaInputError, match="too large") as info:
         mc.compute_advantages(pa.Table.from_pylist(rows))
     assert (info.value.column, info.value.row) == ("distance", 2)
+
+
+def state_rows(state_value=None, initial_value=None, row=3, axis=1):
+    """``long_rows`` with three-axis states; one state (or the initial state of the row's
+    trajectory) changed."""
+    rows = long_rows()
+    for r in rows:
+        del r["distance"], r["initial_distance"]
+        r["state"] = [-2.0, -1.0, 0.5]
+        r["initial_state"] = [-3.0, -3.0, -3.0]
+    if state_value is not None:
+        rows[row]["state"] = [state_value if k == axis else v
+                              for k, v in enumerate(rows[row]["state"])]
+    if initial_value is not None:
+        for r in rows:
+            if r["traj_id"] == rows[row]["traj_id"]:
+                r["initial_state"] = [initial_value] * 3
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.parametrize("value", [1e101, -1e155, 1e300, -1.7e308])
+def test_state_values_past_the_limit_are_refused_before_squaring(value):
+    # 1e155 squared is past float64: these used to give NaN advantages and no error.
+    expect(lambda: mc.compute_advantages(state_rows(value)), "state", 3, "magnitude")
+    with pytest.raises(MicaInputError, match=r"axis 1\) " + repr(value).replace("+", r"\+")):
+        mc.compute_advantages(state_rows(value))
+    expect(lambda: mc.compute_advantages(state_rows(initial_value=value, row=2)),
+           "initial_state", 2, "magnitude")
+    with pytest.raises(MicaInputError) as info:
+        mc.distance_from_state(np.array([[-1.0, 0.0], [value, 1.0]]))
+    assert (info.value.column, info.value.row, info.value.rule) == ("state", 1, "magnitude")
+
+
+def test_states_at_the_limit_are_computed():
+    out = mc.compute_advantages(state_rows(-1e100))
+    assert np.isfinite(out["advantage"].to_numpy()).all()
+
+
+def test_distances_computed_from_states_follow_the_magnitude_rule():
+    # Finite states whose weighted distance passes the limit: the state row is named.
+    expect(lambda: mc.compute_advantages(state_rows(-1e99), state_weights=[1.0, 1e10, 1.0]),
+           "state", 3, "magnitude")
+
+
+@pytest.mark.parametrize("options, column", [
+    ({"state_weights": [1.0, float("nan"), 1.0]}, "state_weights"),
+    ({"state_weights": [1.0, -1.0, 1.0]}, "state_weights"),
+    ({"state_weights": [1.0, float("inf"), 1.0]}, "state_weights"),
+    ({"state_weights": [1.0, 1.0]}, "state_weights"),
+    ({"epsilon": float("nan")}, "epsilon"),
+    ({"epsilon": -5}, "epsilon"),
+    ({"epsilon": float("inf")}, "epsilon"),
+    ({"distance_kind": "cube"}, "distance_kind"),
+])
+def test_state_options_are_checked_where_they_are_given(options, column):
+    with pytest.raises(MicaInputError) as info:
+        mc.compute_advantages(state_rows(), **options)
+    assert info.value.column == column, str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+    if "state_weights" in options and len(options["state_weights"]) == 3:
+        with pytest.raises(MicaInputError) as info:
+            mc.distance_from_state(np.zeros((2, 3)), weights=options["state_weights"])
+        assert info.value.column == "state_weights"
+    if "epsilon" in options:
+        with pytest.raises(MicaInputError, match="epsilon"):
+            mc.distance_from_state(np.zeros((2, 3)), epsilon=options["epsilon"])
+
+
+def test_state_options_are_checked_on_an_empty_stream(tmp_path):
+    # No row ever reaches compute_advantages: the options are still checked, once, up front.
+    import pyarrow.parquet as pq
+
+    from mica_core.stream import write_advantages
+
+    pq.write_table(state_rows().slice(0, 0), tmp_path / "in.parquet")
+    with pytest.raises(MicaInputError, match="epsilon"):
+        write_advantages(tmp_path / "in.parquet", tmp_path / "out.parquet", epsilon=float("nan"))
+    assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("eps", [float("nan"), -5.0, float("inf")])
+def test_normalization_eps_must_be_finite_and_non_negative(eps):
+    with pytest.raises(ValueError, match="eps"):
+        mc.estimate(np.array([0, 2]), [0], distance=np.ones(2), initial_distance=[2.0], eps=eps)
+    with pytest.raises(ValueError, match="eps"):
+        mc.compute_advantages(pa.Table.from_pylist(long_rows()), eps=eps)
+
+
+def test_a_value_just_past_the_limit_is_shown_with_its_digits():
+    with pytest.raises(MicaInputError) as info:
+        mc.estimate(np.array([0, 2]), [0], distance=np.array([1.0, 1.0000001e100]),
+                    initial_distance=[2.0])
+    assert "1.0000001e+100 is too large" in str(info.value)
+    assert "at most 1e+100" in str(info.value)
+
+
+def test_masked_values_are_missing_values():
+    d = np.ma.masked_array([5.0, 4.0, 3.0], mask=[False, True, False])
+    with pytest.raises(MicaInputError) as info:
+        mc.estimate(np.array([0, 3]), [0], distance=d, initial_distance=[6.0])
+    assert (info.value.column, info.value.row, info.value.rule) == ("distance", 1, "no nulls")
+    carried = mc.estimate(np.array([0, 3]), [0], distance=d, initial_distance=[6.0],
+                          on_missing="carry")
+    want = mc.estimate(np.array([0, 3]), [0], distance=np.array([5.0, 5.0, 3.0]),
+                       initial_distance=[6.0])
+    np.testing.assert_array_equal(carried.advantage, want.advantage)

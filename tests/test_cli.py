@@ -13,6 +13,7 @@ import pytest
 
 import mica_core as mc
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def mica_cmd():
     exe = shutil.which("mica", path=os.path.dirname(sys.executable))
@@ -165,16 +166,175 @@ def test_core_commands_work_without_mica_train(tmp_path):
     assert pq.read_table(tmp_path / "out.parquet").num_rows == sample().num_rows
     res = run_core("train", "--help")
     assert res.returncode == 2 and "not installed" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_trainer_commands_come_from_entry_points():
     from mica_core.cli import plugin_commands
 
     found = plugin_commands()
-    assert {"env", "train", "eval", "tiny-model", "warm-start", "study"} <= set(found)
-    assert all(ep.value.startswith("mica_train") for ep in found.values())
+    assert {"env", "train", "eval", "tiny-model", "warm-start", "study", "report"} <= set(found)
+    assert all(p.value.startswith("mica_train") for p in found.values())
     res = run("--help")
     assert res.returncode == 0 and "warm-start" in res.stdout
+
+
+def test_backend_choices_are_the_api_backends():
+    from mica_core.api import BACKENDS
+    from mica_core.cli import BACKEND_CHOICES
+
+    assert BACKEND_CHOICES == BACKENDS
+
+
+# ----------------------------------------------------------------- commands of other packages
+
+# A throwaway distribution "brokenplug": its metadata (a .dist-info folder with
+# entry_points.txt, all importlib.metadata needs) and modules, on PYTHONPATH of the child.
+PLUGIN_ENTRY_POINTS = {
+    "syntax": "brokenplug_syntax:main",          # a syntax error in the module
+    "boom": "brokenplug_boom:main",              # raises while imported
+    "exit-at-import": "brokenplug_exit:main",    # SystemExit(7) while imported
+    "noattr": "brokenplug_ok:missing",           # no such attribute
+    "badspec": "not a valid spec!!",             # not module:attribute
+    "notcallable": "brokenplug_ok:VALUE",        # not a function
+    "runfail": "brokenplug_ok:fail",             # raises while it runs
+    "badexit": "brokenplug_ok:bad_exit",         # SystemExit with a message while it runs
+    "ok": "brokenplug_ok:main",                  # works
+    "train": "brokenplug_ok:main",               # contends with mica_train's train
+    "advantages": "brokenplug_ok:main",          # contends with a built-in
+}
+PLUGIN_MODULES = {
+    "brokenplug_syntax": "def main(argv:\n",
+    "brokenplug_boom": "raise RuntimeError('boom at import')\n",
+    "brokenplug_exit": "raise SystemExit(7)\n",
+    "brokenplug_ok": ("import sys\nVALUE = 3\n"
+                      "def main(argv):\n    print('brokenplug ran', argv)\n    return 0\n"
+                      "def fail(argv):\n    raise ValueError('bad things')\n"
+                      "def bad_exit(argv):\n    sys.exit('a message, not a status')\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory):
+    site = tmp_path_factory.mktemp("site")
+    info = site / "brokenplug-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[mica.commands]\n" + "".join(f"{k} = {v}\n" for k, v in PLUGIN_ENTRY_POINTS.items()))
+    for name, code in PLUGIN_MODULES.items():
+        (site / f"{name}.py").write_text(code)
+    return site
+
+
+def run_with(site, *args, **kw):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(site), os.environ.get("PYTHONPATH", "")]))
+    env.pop("MICA_TRACEBACK", None)
+    return subprocess.run(mica_cmd() + list(args), capture_output=True, text=True, env=env,
+                          **kw)
+
+
+def warnings_and_errors(stderr):
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    return ([ln for ln in lines if ln.startswith("mica: warning: ")],
+            [ln for ln in lines if not ln.startswith("mica: warning: ")])
+
+
+def test_broken_plugins_do_not_break_the_core_commands(tmp_path, plugin_site):
+    res = run_with(plugin_site, "--help")
+    assert res.returncode == 0, res.stderr
+    warns, errors = warnings_and_errors(res.stderr)
+    assert errors == []
+    assert any("'advantages'" in w and "built-in" in w and "brokenplug" in w for w in warns)
+    assert any("'train'" in w and "'brokenplug'" in w for w in warns), warns
+    listed = res.stdout.split("options:")[0]
+    for name in ("advantages", "estimators", "train", "syntax", "boom", "ok"):
+        assert name in listed
+    assert "see `mica boom --help` (from brokenplug)" in " ".join(res.stdout.split())
+
+    res = run_with(plugin_site, "advantages", "--help")
+    assert res.returncode == 0 and res.stderr == "" and "--estimator" in res.stdout
+    pq.write_table(sample(), tmp_path / "in.parquet")
+    res = run_with(plugin_site, "advantages", str(tmp_path / "in.parquet"),
+                   str(tmp_path / "out.parquet"))
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == sample().num_rows
+    res = run_with(plugin_site, "estimators")
+    assert res.returncode == 0 and res.stderr == "" and res.stdout.split()[0] == "mica"
+
+
+@pytest.mark.parametrize("name, word", [
+    ("syntax", "SyntaxError"), ("boom", "RuntimeError: boom at import"),
+    ("exit-at-import", "exited with status 7"), ("noattr", "AttributeError"),
+    ("badspec", "while loading"), ("notcallable", "not callable"),
+    ("runfail", "ValueError: bad things"), ("badexit", "a message, not a status"),
+])
+def test_a_broken_plugin_is_one_line_naming_it(plugin_site, name, word):
+    res = run_with(plugin_site, name, "x")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    warns, errors = warnings_and_errors(res.stderr)
+    assert warns == [] and len(errors) == 1, res.stderr
+    assert errors[0].startswith(f"mica: error: the {name!r} command ")
+    assert "'brokenplug'" in errors[0] and word in errors[0], errors[0]
+
+
+def test_a_working_plugin_runs_and_traceback_on_request(plugin_site):
+    res = run_with(plugin_site, "ok", "a", "b")
+    assert res.returncode == 0 and "brokenplug ran ['a', 'b']" in res.stdout
+    env = dict(os.environ, PYTHONPATH=str(plugin_site), MICA_TRACEBACK="1")
+    res = subprocess.run(mica_cmd() + ["boom"], capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and "Traceback" in res.stderr and "boom at import" in res.stderr
+
+
+def test_a_plugin_cannot_shadow_the_trainer_or_a_builtin(plugin_site):
+    res = run_with(plugin_site, "train", "--help")
+    assert res.returncode == 0, res.stderr
+    assert "--print-config" in res.stdout and "brokenplug ran" not in res.stdout
+    warns, errors = warnings_and_errors(res.stderr)
+    assert errors == [] and len(warns) == 1 and "brokenplug_ok:main" in warns[0]
+
+
+_IMPORTS = """
+import sys
+from mica_core.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "mica_train", "numba"})
+print("HEAVY", ",".join(heavy), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args", [["advantages", "--help"], ["--help"], ["estimators"],
+                                  ["advantages", "IN", "OUT"]])
+def test_core_commands_import_neither_torch_nor_the_trainer(tmp_path, args):
+    pq.write_table(sample(), tmp_path / "in.parquet")
+    args = [str(tmp_path / "in.parquet") if a == "IN" else str(tmp_path / "out.parquet")
+            if a == "OUT" else a for a in args]
+    res = subprocess.run([sys.executable, "-c", _IMPORTS, *args], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "HEAVY", res.stderr
+
+
+def test_startup_bench_section_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--sections", "startup",
+                           "--repeats", "1", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    cases = json.loads(out.read_text())["cases"]
+    names = [c["name"] for c in cases if c["section"] == "startup"]
+    assert names == ["mica --help", "mica advantages --help", "mica advantages (12k turns)"]
+    assert all(c["median_s"] > 0 and c["launches"] >= 5 for c in cases)
+    assert cases[-1]["heavy_imports"] == []
 
 
 def test_streamed_parquet_equals_in_memory(tmp_path):

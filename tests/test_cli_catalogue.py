@@ -88,6 +88,27 @@ def state_columns(initial_axes):
         "state", state).append_column("initial_state", initial)
 
 
+def state_table(state=None, initial=None):
+    """Three-axis states (and initial states) on every row, one value changed: ``state`` /
+    ``initial`` are ``(row, axis, value)``."""
+    t = table_of(base_rows())
+    n = t.num_rows
+    states = [[-2.0, -1.5, 0.5] for _ in range(n)]
+    initials = [[-3.0, -3.0, -3.0] for _ in range(n)]
+    for rows, change in ((states, state), (initials, initial)):
+        if change is not None:
+            row, axis, value = change
+            traj = base_rows()[row]["traj_id"]
+            # an initial state is one per trajectory: change it on all of its rows
+            targets = [r for r in range(n) if base_rows()[r]["traj_id"] == traj] \
+                if rows is initials else [row]
+            for r in targets:
+                rows[r][axis] = value
+    return t.drop_columns(["distance", "initial_distance"]).append_column(
+        "state", pa.array(states, pa.list_(pa.float64(), 3))).append_column(
+        "initial_state", pa.array(initials, pa.list_(pa.float64(), 3)))
+
+
 @dataclass
 class Case:
     name: str
@@ -128,6 +149,20 @@ CASES = [
         formats=("parquet", "ipc")),
     Case("state axes differ from initial_state", lambda: state_columns(2), 2, "axes",
          formats=("parquet", "ipc")),
+    # Squares of 1e155 are past float64: refused (by row and axis) before any is taken.
+    Case("state 1e155", lambda: state_table(state=(4, 1, -1e155)), 2,
+         "column 'state', row 4: state value (axis 1) -1e+155 is too large",
+         formats=("parquet", "ipc")),
+    Case("state 1e300", lambda: state_table(state=(6, 0, 1e300)), 2, "row 6: state value",
+         formats=("parquet", "ipc")),
+    Case("state 1e101", lambda: state_table(state=(2, 2, -1e101)), 2, "(rule: magnitude)",
+         formats=("parquet", "ipc")),
+    Case("initial state 1e200", lambda: state_table(initial=(5, 0, -1e200)), 2,
+         "column 'initial_state', row 5", formats=("parquet", "ipc")),
+    Case("distance just past the limit", lambda: with_rows(distance={3: 1.0000001e100}), 2,
+         "1.0000001e+100 is too large: |values| must be at most 1e+100"),
+    Case("--eps nan", lambda: table_of(base_rows()), 2, "eps", args=("--eps", "nan")),
+    Case("--eps negative", lambda: table_of(base_rows()), 2, "eps", args=("--eps", "-5")),
     Case("--batch-rows 0", lambda: table_of(base_rows()), 2, "batch-rows",
          args=("--batch-rows", "0")),
     Case("--batch-rows negative", lambda: table_of(base_rows()), 2, "batch-rows",
@@ -204,6 +239,19 @@ def test_streamed_progress_without_a_known_total(tmp_path, capsys, fmt):
 
 
 # --------------------------------------------------------------------------- OUT itself
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_out_where_no_file_can_be_created_names_the_reason(tmp_path, capsys, path):
+    """/proc exists and root may write to it, but no file can be created there: the message
+    says that, not that /proc does not exist."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc")
+    src = write_input(table_of(base_rows()), str(tmp_path), "parquet")
+    code, err = run_main(capsys, src, "/proc/x.parquet", *PATHS[path])
+    assert code == 2
+    assert_one_line(err, "/proc")
+    assert "cannot create" in err and "/proc: No such file or directory" not in err, err
 
 
 @pytest.mark.parametrize("path", PATHS)

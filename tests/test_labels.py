@@ -190,3 +190,136 @@ def test_trajectory_ids_follow_the_same_rule():
     with pytest.raises(mc.MicaInputError) as info:
         mc.compute_advantages(bad)
     assert info.value.column == "traj_id" and info.value.row == 1
+
+
+# --------------------------------------------------------------------------- missing values
+
+
+def _missing_values():
+    pd = pytest.importorskip("pandas")
+    return [("pandas.NA", pd.NA), ("pandas.NaT", pd.NaT),
+            ("numpy.datetime64('NaT')", np.datetime64("NaT")),
+            ("numpy.timedelta64('NaT')", np.timedelta64("NaT"))]
+
+
+@pytest.mark.parametrize("which", range(4))
+def test_missing_values_of_any_library_are_null_labels(backend, which):
+    """A table holds pandas.NA or NaT as a null: estimate refuses them as tables do."""
+    what, missing = _missing_values()[which]
+    for labels, row in ((["a", missing, "b", "b"], 1), ([missing, 1, 2, 2], 0)):
+        with pytest.raises(mc.MicaInputError) as info:
+            backend.estimate(np.array(OFFSETS), labels, distance=np.array(DISTANCE),
+                             initial_distance=np.array(INITIAL))
+        assert (info.value.column, info.value.row, info.value.rule) == ("group", row, "no nulls")
+    key = ["k"] * len(DISTANCE)
+    key[5] = missing
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.estimate(np.array(OFFSETS), [0, 0, 1, 1], distance=np.array(DISTANCE),
+                    initial_distance=np.array(INITIAL), estimator="gigpo", key=key)
+    assert (info.value.column, info.value.row, info.value.rule) == ("key", 5, "no nulls")
+
+
+def test_nat_in_datetime_labels_and_pandas_tables():
+    dates = np.array(["2024-01-01", "NaT", "2024-01-02", "2024-01-02"], dtype="datetime64[D]")
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.estimate(np.array(OFFSETS), dates, distance=np.array(DISTANCE),
+                    initial_distance=np.array(INITIAL))
+    assert (info.value.column, info.value.row) == ("group", 1)
+    ok = mc.estimate(np.array(OFFSETS), dates[[0, 0, 2, 3]], distance=np.array(DISTANCE),
+                     initial_distance=np.array(INITIAL), estimator="mica_group")
+    np.testing.assert_array_equal(ok.advantage, by_codes([0, 0, 1, 1]))
+    pd = pytest.importorskip("pandas")
+    frame = long_table(pa.array(["a", "b", "c", "d"])).to_pandas()
+    frame["group_id"] = pd.array(["a", "a", pd.NA, pd.NA, "b", "b", "b", "b"], dtype="string")
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.compute_advantages(frame)
+    assert (info.value.column, info.value.row) == ("group_id", 2)
+
+
+def test_a_masked_entry_is_a_null_label():
+    labels = np.ma.masked_array([7, 7, 8, 8], mask=[False, False, True, False])
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.estimate(np.array(OFFSETS), labels, distance=np.array(DISTANCE),
+                    initial_distance=np.array(INITIAL))
+    assert (info.value.column, info.value.row, info.value.rule) == ("group", 2, "no nulls")
+    unmasked = np.ma.masked_array([7, 7, 8, 8], mask=False)
+    got = mc.estimate(np.array(OFFSETS), unmasked, distance=np.array(DISTANCE),
+                      initial_distance=np.array(INITIAL), estimator="mica_group")
+    np.testing.assert_array_equal(got.advantage, by_codes([0, 0, 1, 1]))
+    key = np.ma.masked_array(np.zeros(len(DISTANCE), dtype=np.int64), mask=False)
+    key.mask = np.arange(len(DISTANCE)) == 3
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.estimate(np.array(OFFSETS), [0, 0, 1, 1], distance=np.array(DISTANCE),
+                    initial_distance=np.array(INITIAL), estimator="gigpo", key=key)
+    assert (info.value.column, info.value.row) == ("key", 3)
+
+
+def test_a_bad_key_in_a_nested_table_names_the_table_row():
+    """keys is a list column: the error names the row (trajectory) that holds the element,
+    not the element's position among all lists."""
+    table = pa.table({"group_id": [0, 0, 1], "distances": [[2.0, 1.0], [3.0], [1.0, 0.5, 0.2]],
+                      "initial_distance": [3.0, 3.0, 2.0],
+                      "keys": [[1.0, 2.0], [1.0], [2.0, math.nan, 1.0]]})
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.compute_advantages(table, "gigpo")
+    assert (info.value.column, info.value.row) == ("keys", 2), str(info.value)
+    assert "row 2" in str(info.value) and "row 4" not in str(info.value)
+
+
+def test_a_pandas_column_mixing_numbers_and_text_is_one_line():
+    pd = pytest.importorskip("pandas")
+    frame = long_table(pa.array(["a", "b", "c", "d"])).to_pandas()
+    frame["key"] = pd.Series([1, 1, 2, "1", 1, 2, 2, 1], dtype=object)
+    with pytest.raises(mc.MicaInputError) as info:
+        mc.compute_advantages(frame, "gigpo")
+    err = info.value
+    assert (err.column, err.row, err.rule) == ("key", 3, "one type per column"), str(err)
+    assert "int and str" in str(err) and len(str(err).splitlines()) == 1
+
+
+def test_meta_device_tensors_are_refused_by_name():
+    torch = pytest.importorskip("torch")
+    offsets = torch.tensor(OFFSETS)
+    distance = torch.tensor(DISTANCE)
+    for name, kwargs in (
+            ("distance", dict(distance=distance.to("meta"), initial_distance=torch.tensor(INITIAL))),
+            ("initial_distance", dict(distance=distance,
+                                      initial_distance=torch.tensor(INITIAL, device="meta"))),
+            ("offsets", dict(distance=distance, initial_distance=torch.tensor(INITIAL),
+                             offsets=offsets.to("meta"))),
+            ("group", dict(distance=distance, initial_distance=torch.tensor(INITIAL),
+                           group=torch.zeros(4, dtype=torch.int64, device="meta")))):
+        args = dict(offsets=offsets, group=torch.tensor([0, 0, 1, 1]))
+        args.update(kwargs)
+        with pytest.raises(mc.MicaInputError) as info:
+            mc.estimate(args.pop("offsets"), args.pop("group"), **args)
+        assert (info.value.column, info.value.rule) == (name, "device"), str(info.value)
+
+
+@pytest.mark.parametrize("threads", [2**31, 2**63 + 1])
+def test_huge_thread_counts_are_capped_not_overflowed(threads):
+    from mica_core.api import run_plan
+    from mica_core.estimators import resolve
+    from mica_core.validate import make_ragged
+
+    plan = resolve("mica", reward_given=False)
+    ragged = make_ragged(np.array(OFFSETS), np.array([0, 0, 1, 1]))
+    want = mc.estimate(np.array(OFFSETS), [0, 0, 1, 1], distance=np.array(DISTANCE),
+                       initial_distance=np.array(INITIAL), backend="numpy")
+    got = run_plan(plan, ragged, np.array(DISTANCE), np.array(INITIAL), None, "cython",
+                   num_threads=threads)
+    np.testing.assert_allclose(got[2], want.advantage, rtol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.5, True, "4"])
+def test_thread_counts_must_be_integers_of_at_least_one(threads):
+    from mica_core.api import run_plan
+    from mica_core.estimators import resolve
+    from mica_core.validate import make_ragged
+
+    plan = resolve("mica", reward_given=False)
+    ragged = make_ragged(np.array(OFFSETS), np.array([0, 0, 1, 1]))
+    with pytest.raises(mc.MicaInputError) as info:
+        run_plan(plan, ragged, np.array(DISTANCE), np.array(INITIAL), None, "cython",
+                 num_threads=threads)
+    assert info.value.column == "num_threads"

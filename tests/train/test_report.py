@@ -7,6 +7,7 @@ screenshot is kept at $MICA_TEST_ARTIFACTS/report.png (default runs/test-artifac
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -178,3 +179,149 @@ def test_report_uses_config_and_every_group_with_groups_zero(transcript_run, tmp
     assert len(dom.having("details", "conv")) == 2 * n
     cards = " ".join(dom.text)
     assert "mica" in cards and json.loads((run / "config.json").read_text())["advantage"]["estimator"] == "mica"
+
+
+# ----------------------------------------------------------------- malformed run directories
+
+GOOD_TURN = {"turn": 0, "user": "hi", "reply": "hello", "rubric": {"C.Prog": 1}, "judge_failed": False,
+             "state": [-3, -1, 0], "distance": 1.0, "reward": 1.0, "return": 1.0, "advantage": 0.5}
+GOOD = {"split": "train", "step": 1, "group": 0, "traj": 0, "scenario_id": "s1", "topic": "t",
+        "initial_state": [-3, -2, -1], "initial_distance": 2.0, "final_distance": 1.0,
+        "status": "max_turns", "pass": False, "turns": [GOOD_TURN]}
+
+
+def run_dir(tmp_path, *, transcript=None, transcript_bytes=None, metrics=None, config=None):
+    """A run directory with one transcript file (``transcript`` an object, or raw bytes),
+    ``metrics.jsonl`` (raw bytes) and ``config.json`` (raw bytes)."""
+    run = tmp_path / "run"
+    (run / "transcripts").mkdir(parents=True)
+    line = transcript_bytes if transcript_bytes is not None else \
+        (json.dumps(transcript if transcript is not None else GOOD) + "\n").encode()
+    (run / "transcripts" / "step_000001.jsonl").write_bytes(
+        (json.dumps(GOOD) + "\n").encode() + line)
+    (run / "metrics.jsonl").write_bytes(metrics if metrics is not None else
+                                        b'{"step": 1, "pass_rate": 0.5}\n{"step": 2, "pass_rate": 0.75}\n')
+    if config is not None:
+        (run / "config.json").write_bytes(config)
+    return run
+
+
+def turn_with(**changes):
+    tr = dict(GOOD_TURN, **changes)
+    return dict(GOOD, turns=[tr])
+
+
+def without_turn_index():
+    tr = dict(GOOD_TURN)
+    del tr["turn"]
+    return dict(GOOD, turns=[tr])
+
+
+TRANSCRIPT = "transcripts/step_000001.jsonl"
+# (case, run dir arguments, file named, line, words of the message): a one-line error, exit 2
+ERRORS = [
+    ("turn a string", dict(transcript=turn_with(turn="0")), TRANSCRIPT, 2, "'turns[0].turn'"),
+    ("turn missing", dict(transcript=without_turn_index()), TRANSCRIPT, 2, "it is missing"),
+    ("turn negative", dict(transcript=turn_with(turn=-1)), TRANSCRIPT, 2, "'turns[0].turn'"),
+    ("status an integer", dict(transcript=dict(GOOD, status=3)), TRANSCRIPT, 2, "'status' must be text"),
+    ("group a list", dict(transcript=dict(GOOD, group=[1, 2])), TRANSCRIPT, 2, "'group'"),
+    ("rubric a list", dict(transcript=turn_with(rubric=[1])), TRANSCRIPT, 2, "'turns[0].rubric'"),
+    ("state not a list", dict(transcript=turn_with(state="CAP")), TRANSCRIPT, 2, "'turns[0].state'"),
+    ("initial state of text", dict(transcript=dict(GOOD, initial_state=["a"])), TRANSCRIPT, 2,
+     "'initial_state'"),
+    ("a turn not an object", dict(transcript=dict(GOOD, turns=[3])), TRANSCRIPT, 2, "'turns[0]'"),
+    ("user text an object", dict(transcript=turn_with(user={"a": 1})), TRANSCRIPT, 2, "'turns[0].user'"),
+    ("no turns list", dict(transcript={"group": 0}), TRANSCRIPT, 2, "not an episode transcript"),
+    ("transcript not UTF-8", dict(transcript_bytes=b'{"turns": []}\xff\n'), TRANSCRIPT, 2, "UTF-8"),
+    ("transcript not JSON", dict(transcript_bytes=b'{"turns": [\n'), TRANSCRIPT, 2, "not valid JSON"),
+    ("config not an object", dict(config=b"[1, 2]"), "config.json", None, "not a JSON object"),
+    ("config not JSON", dict(config=b'{"a": '), "config.json", 1, "not valid JSON"),
+    ("config not UTF-8", dict(config=b'{"a": "\xff"}'), "config.json", None, "UTF-8"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, file, line, word", ERRORS, ids=[c[0] for c in ERRORS])
+def test_malformed_run_dirs_are_one_line_errors(tmp_path, capsys, case, kwargs, file, line, word):
+    from mica_train.report import main
+
+    run = run_dir(tmp_path, **kwargs)
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mica report: error: "), err
+    where = f"{run / file}:{line}: " if line is not None else f"{run / file}: "
+    assert where in lines[0] and word in lines[0], lines[0]
+    assert not (run / "report.html").exists()
+
+
+# (case, run dir arguments, what the page shows): these render
+RENDERED = [
+    ("float state", dict(transcript=turn_with(state=[-2.5, 0.0, 1.25])), "C \u22122.5 A +0 P +1.25"),
+    ("integer state", dict(), "C \u22123 A \u22121 P +0"),
+    ("huge metric values", dict(metrics=b'{"step": 1, "pass_rate": 1e308}\n{"step": 2, "pass_rate": -1e308}\n'
+                                        b'{"step": 3, "pass_rate": 1.7976931348623157e308}\n'),
+     "pass rate (training rollouts)"),
+    ("huge steps", dict(metrics=b'{"step": -1e308, "kl": 1}\n{"step": 1e308, "kl": 2}\n'), "KL to base"),
+    ("config sections of the wrong type", dict(config=b'{"advantage": [1], "data": "x"}'), "estimator"),
+]
+
+
+@pytest.mark.parametrize("case, kwargs, text", RENDERED, ids=[c[0] for c in RENDERED])
+def test_odd_but_readable_run_dirs_render(tmp_path, capsys, case, kwargs, text):
+    from mica_train.report import main
+
+    run = run_dir(tmp_path, **kwargs)
+    assert main([str(run)]) == 0, capsys.readouterr().err
+    page = (run / "report.html").read_text()
+    dom = parse(page)
+    assert text in " ".join(dom.text)
+    for key, label in CURVES:  # each chart captioned by its metric
+        if f'data-key="{key}"' in page:
+            assert f"<figcaption>{label} " in page, key
+    for line in dom.having("polyline", "line"):  # every point drawn inside the chart
+        for point in line["points"].split():
+            x, y = map(float, point.split(","))
+            assert 0 <= x <= 320 and 0 <= y <= 170, line["points"]
+
+
+SKIPPED = [  # metrics lines a report skips, with a count: the curves lose a point, not the page
+    ("a corrupt line", b'{"step": 1, "pass_rate": 0.5}\n{"step": 2, "pass_\n{"step": 3, "pass_rate": 0.7}\n', [2]),
+    ("a line not UTF-8", b'{"step": 1, "pass_rate": 0.5}\n\xff\xfe\n{"step": 3, "pass_rate": 0.7}\n', [2]),
+    ("a line not an object", b'[1]\n{"step": 1, "pass_rate": 0.5}\n7\n{"step": 3, "pass_rate": 0.7}\n', [1, 3]),
+]
+
+
+@pytest.mark.parametrize("case, metrics, lines", SKIPPED, ids=[c[0] for c in SKIPPED])
+def test_unreadable_metrics_lines_are_skipped_and_counted(tmp_path, capsys, case, metrics, lines):
+    from mica_train.report import main
+
+    run = run_dir(tmp_path, metrics=metrics)
+    assert main([str(run)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mica report: warning: "), err
+    note = f"skipped {len(lines)} unreadable line"
+    assert note in err[0] and f"line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines))}" in err[0]
+    page = parse((run / "report.html").read_text())
+    assert note in " ".join(page.text)
+    (curve,) = [f for f in page.having("figure", "curve") if f["data-key"] == "pass_rate"]
+    assert curve["data-points"] == "2"
+
+
+def test_out_a_directory_is_one_line(tmp_path, capsys):
+    from mica_train.report import main
+
+    run = run_dir(tmp_path)
+    (tmp_path / "outdir").mkdir()
+    assert main([str(run), "--out", str(tmp_path / "outdir")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a directory" in err[0] and "--out" in err[0], err
+    assert os.listdir(tmp_path / "outdir") == []
+
+
+def test_ticks_cover_any_finite_range():
+    from mica_train.report import _nice_ticks
+
+    for lo, hi in ((-1e308, 1e308), (-1.7976931348623157e308, 1.7976931348623157e308), (0.0, 1e-300),
+                   (1.0, 1.0 + 2**-50), (-3.0, 7.0)):
+        ticks, _ = _nice_ticks(lo, hi)
+        assert 1 <= len(ticks) <= 8 and all(math.isfinite(t) for t in ticks), (lo, hi, ticks)
