@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import add_config_arguments, overrides_from_args
 from .plan import ESTIMATORS, FULL, QUICK, StudyPlan, WarmStartSpec
@@ -56,19 +57,31 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     ``ValueError`` (a bad estimator list, seed count, config or override) before any work."""
     import mica_core as mc
 
+    from ..config import check_config
+
     base = QUICK if args.quick else FULL
     known = mc.list_estimators()
     estimators = [e.strip() for e in (args.estimators or ",".join(ESTIMATORS)).split(",") if e.strip()]
+    if not estimators:
+        raise ValueError(f"--estimators names no estimator; known: {', '.join(known)}")
     unknown = [e for e in estimators if e not in known]
     if unknown:
         raise ValueError(f"--estimators: unknown estimator(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if len(set(estimators)) != len(estimators):
         raise ValueError("--estimators lists a name twice")
     n_seeds = args.seeds if args.seeds is not None else len(base.seeds)
-    if n_seeds < 1:
-        raise ValueError("--seeds must be >= 1")
-    if args.checkpoints is not None and args.checkpoints < 1:
-        raise ValueError("--checkpoints must be >= 1")
+    for option, value, low in (("--seeds", n_seeds, 1), ("--first-seed", args.first_seed, 0),
+                               ("--steps", args.steps, 1), ("--checkpoints", args.checkpoints, 1),
+                               ("--workers", args.workers, 1), ("--threads", args.threads, 1),
+                               ("--warm-start-steps", args.warm_start_steps, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{option} must be >= {low}, got {value}")
+    run_dir = Path(args.run_dir or base.run_dir)
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--run-dir: {parent} exists and is not a directory")
+            break
     overrides = list(base.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
@@ -82,14 +95,17 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         seeds=tuple(range(args.first_seed, args.first_seed + n_seeds)),
         config=args.config or base.config,
         overrides=tuple(overrides),
-        run_dir=args.run_dir or base.run_dir,
-        workers=max(1, args.workers),
+        run_dir=run_dir,
+        workers=args.workers,
         threads=args.threads,
         warm=warm,
         checkpoints=args.checkpoints or base.checkpoints,
         command=args.command or base.command,
     )
-    plan.load()  # a bad --config or override fails here, before any work
+    check_config(plan.load(plan.estimators[0], plan.seeds[0]))  # a bad --config or override fails here
+    steps = plan.load().steps
+    if plan.checkpoints > steps:
+        raise ValueError(f"--checkpoints ({plan.checkpoints}) must be <= the training steps ({steps})")
     return plan
 
 

@@ -144,6 +144,8 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
 
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
     out = tmp_path / "study"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
     for extra, message in (
         (["--estimators", "mica,nope"], "--estimators: unknown estimator(s) nope"),
         (["--seeds", "0"], "--seeds must be >= 1"),
@@ -151,6 +153,16 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
         (["optim.learning_rate=1"], "optim.learning_rate: unknown key"),
         (["--config", "nope"], "config 'nope': no such file"),
         (["--publish"], "--publish: docs/study.md not found"),
+        (["--estimators", ","], "--estimators names no estimator"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["steps=0"], "steps must be >= 1, got 0"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0, got -1"),
+        (["--first-seed", "-2"], "--first-seed must be >= 0, got -2"),
+        (["--checkpoints", "3"], "--checkpoints (3) must be <= the training steps (2)"),
+        (["--run-dir", str(blocker)], f"--run-dir: {blocker} exists and is not a directory"),
+        (["--run-dir", str(blocker / "sub")], f"--run-dir: {blocker} exists and is not a directory"),
     ):
         monkeypatch.chdir(tmp_path)
         assert study.main(_args(out, *extra)) == 2, extra
