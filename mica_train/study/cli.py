@@ -5,6 +5,8 @@
     mica study --seeds 3 --estimators mica,grpo --steps 8 --checkpoints 2 optim.lr=1e-3
     mica study --publish                       # also write bench/results/study.json,
                                                # docs/study_curves.png and docs/study.md's tables
+    mica study --policy tabular                # the fast policy class (study/tabular.py), 30 seeds
+    mica study --policy tabular --plugin my_estimators --estimators mine,mica,grpo
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import sys
 from pathlib import Path
 
 from ..config import add_config_arguments, overrides_from_args
-from .plan import ESTIMATORS, FULL, QUICK, StudyPlan, WarmStartSpec
+from .plan import ESTIMATORS, FULL, POLICIES, PRESETS, QUICK, TABULAR, StudyPlan, WarmStartSpec
 
-__all__ = ["build_parser", "main", "plan_from_args"]
+__all__ = ["build_parser", "load_plugins", "main", "plan_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         "run directory; an interrupted study resumes where it stopped.",
     )
     p.add_argument("--quick", action="store_true",
-                   help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; not a result)")
+                   help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; with --policy "
+                   f"tabular {PRESETS['tabular', True].run_dir}; not a result)")
+    p.add_argument("--policy", choices=POLICIES, default="lm",
+                   help="what trains: lm, the warm-started tiny language model (default), or tabular, a softmax "
+                   f"policy over the features the language model sees ({len(TABULAR.seeds)} seeds by default, "
+                   f"run directory {TABULAR.run_dir})")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): a user's mica_core.register_estimator calls, so that "
+                   "--estimators can name them; the current directory is searched too")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"number of seeds (default {len(FULL.seeds)}; --quick: {len(QUICK.seeds)})")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST .. FIRST+N-1")
@@ -52,6 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_plugins(modules) -> None:
+    """Import ``--plugin`` modules (the current directory first on the path, as ``python -m``
+    has it); raises ``ValueError`` naming the module when one fails to import."""
+    import os
+
+    from .run import import_plugins
+
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            import_plugins([name])
+        except (Exception, SystemExit) as exc:
+            what = str(exc).splitlines()[0] if str(exc) else ""
+            raise ValueError(f"--plugin {name}: cannot import it ({type(exc).__name__}"
+                             f"{': ' + what if what else ''})") from None
+
+
 def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     """The plan of a command line: the full or quick preset with the options applied. Raises
     ``ValueError`` (a bad estimator list, seed count, config or override) before any work."""
@@ -59,7 +87,8 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
 
     from ..config import check_config
 
-    base = QUICK if args.quick else FULL
+    base = PRESETS[args.policy, bool(args.quick)]
+    load_plugins(args.plugin)
     known = mc.list_estimators()
     estimators = [e.strip() for e in (args.estimators or ",".join(ESTIMATORS)).split(",") if e.strip()]
     if not estimators:
@@ -101,6 +130,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         warm=warm,
         checkpoints=args.checkpoints or base.checkpoints,
         command=args.command or base.command,
+        plugins=tuple(args.plugin),
     )
     check_config(plan.load(plan.estimators[0], plan.seeds[0]))  # a bad --config or override fails here
     steps = plan.load().steps
@@ -121,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = plan_from_args(args)
         if args.publish:
-            check_publish_target(".")
+            check_publish_target(".", plan.policy)
     except ValueError as exc:
         print(f"mica study: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
