@@ -207,17 +207,11 @@ def evaluate_tabular(policy: TabularPolicy, cfg, eval_seed: int | None = None, *
     evaluation cards x ``eval.episodes_per_scenario`` at ``eval.max_turns`` and
     ``eval.temperature``, the same episode seeds and metrics, and (``behaviour``) the behaviour
     summary, which replays every episode."""
-    from ..config import make_env_config
-    from ..env import aggregate_metrics, eval_scenarios, make_env
+    from ..env import aggregate_metrics
     from ..rollout import derive_seed
-    from .evaluation import behaviour_summary
+    from .evaluation import behaviour_summary, evaluation_episodes
 
-    base = cfg.eval.seed if eval_seed is None else int(eval_seed)
-    scenarios = list(eval_scenarios())
-    env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
-    jobs = [(i, k) for i in range(len(scenarios)) for k in range(cfg.eval.episodes_per_scenario)]
-    cards = [scenarios[i] for i, _ in jobs]
-    seeds = [derive_seed(base, i, k) for i, k in jobs]
+    base, env, jobs, cards, seeds = evaluation_episodes(cfg, eval_seed)
     batch = play(policy, env, cards, seeds, [i for i, _ in jobs], np.random.default_rng(derive_seed(base, 0)),
                  temperature=cfg.eval.temperature, keep_replies=behaviour)
     out = dict(aggregate_metrics(batch.metrics))
