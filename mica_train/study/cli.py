@@ -24,11 +24,12 @@ __all__ = ["build_parser", "load_plugins", "main", "plan_from_args"]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mica study",
-        description="Credit-assignment study: every estimator trains the same warm-started tiny policy "
-        "at equal rollout budget over several seeds and is evaluated at several checkpoints on the "
-        "evaluation scenario set; the pre-registered contrasts (docs/study.md) are tested on the pass "
-        "rate averaged over the checkpoints. Writes study.json, study_curves.png and study.md into the "
-        "run directory; an interrupted study resumes where it stopped.",
+        description="Credit-assignment study: every estimator trains the same policy (the warm-started tiny "
+        "language model, or with --policy tabular a softmax policy over the features it sees) at equal rollout "
+        "budget over several seeds and is evaluated at several checkpoints on the evaluation scenario set; the "
+        "pre-registered contrasts (docs/study.md) are tested on the pass rate averaged over the checkpoints "
+        "(one-sided paired t-tests in the paper's direction, Holm). Writes study.json, study_curves.png and "
+        "study.md into the run directory; an interrupted study resumes where it stopped.",
     )
     p.add_argument("--quick", action="store_true",
                    help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; with --policy "

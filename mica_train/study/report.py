@@ -95,7 +95,9 @@ def _float(x) -> float:
 def _p(p) -> str:
     if p is None or (isinstance(p, float) and not math.isfinite(p)):
         return "n/a"
-    return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+    if p == 0 or p >= 0.01:
+        return f"{p:.3f}"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _verdict(row: dict) -> str:

@@ -211,7 +211,9 @@ def t_test_greater(d) -> tuple[float, float]:
     if st["std"] == 0:
         return (math.inf, 0.0) if st["mean"] > 0 else (-math.inf if st["mean"] < 0 else 0.0, 1.0)
     t = st["mean"] / st["sem"]
-    return t, 1.0 - t_cdf(t, n - 1)
+    df = n - 1
+    upper = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T >= |t|), without 1 - cdf's rounding
+    return t, upper if t >= 0 else 1.0 - upper
 
 
 def noncentral_t_sf(c: float, df: float, ncp: float, *, points: int = 801) -> float:
