@@ -15,8 +15,10 @@ The parts, each replaceable on its own:
 - ``evaluation``: the trainer's evaluation plus what the policy does in it (behaviour);
 - ``credit``: the credit diagnostic (AUC of each estimator's advantages for good turns, and
   their correlation with the true advantage from forked episodes);
-- ``stats``: statistics over seeds, bootstrap CIs, sign-flip tests, Holm, minimum detectable
-  differences (pure functions);
+- ``stats``: statistics over seeds, t intervals, one-sided paired t-tests, Holm, the power and
+  minimum detectable effect of that procedure (pure functions);
+- ``tabular``: the fast policy class (``--policy tabular``): a softmax policy over the features
+  the language model sees, trained by the same PPO-clip loss and estimators;
 - ``report``: Markdown tables, the figure, ``study.json`` / ``study.md``, and ``--publish``;
 - ``cli``: the ``mica study`` command line.
 
@@ -31,7 +33,19 @@ checkpoints and its learning curve; (4) ``RUN_DIR/study.json``, ``study_curves.p
 from __future__ import annotations
 
 from .cli import build_parser, main, plan_from_args
-from .plan import CONTRASTS, ESTIMATORS, FULL, QUICK, CreditSpec, Job, StudyPlan, WarmStartSpec
+from .plan import (
+    CONTRASTS,
+    ESTIMATORS,
+    FULL,
+    QUICK,
+    TABULAR,
+    TABULAR_QUICK,
+    TURN_ADR,
+    CreditSpec,
+    Job,
+    StudyPlan,
+    WarmStartSpec,
+)
 from .report import (
                      format_behaviour_table,
                      format_contrast_table,
@@ -45,10 +59,14 @@ from .stats import (
                      bootstrap_mean_ci,
                      holm,
                      minimum_detectable_difference,
+                     minimum_detectable_effect,
+                     power_t_greater,
                      seed_stats,
                      sign_flip_pvalue,
                      summarize,
+                     t_interval,
                      t_quantile,
+                     t_test_greater,
 )
 
 __all__ = [
@@ -56,6 +74,9 @@ __all__ = [
     "ESTIMATORS",
     "FULL",
     "QUICK",
+    "TABULAR",
+    "TABULAR_QUICK",
+    "TURN_ADR",
     "CreditSpec",
     "Job",
     "StudyPlan",
@@ -70,11 +91,15 @@ __all__ = [
     "holm",
     "main",
     "minimum_detectable_difference",
+    "minimum_detectable_effect",
     "plan_from_args",
     "plot_study_curves",
+    "power_t_greater",
     "run_study",
     "seed_stats",
     "sign_flip_pvalue",
     "summarize",
+    "t_interval",
     "t_quantile",
+    "t_test_greater",
 ]

@@ -5,30 +5,42 @@
     mica study --seeds 3 --estimators mica,grpo --steps 8 --checkpoints 2 optim.lr=1e-3
     mica study --publish                       # also write bench/results/study.json,
                                                # docs/study_curves.png and docs/study.md's tables
+    mica study --policy tabular                # the fast policy class (study/tabular.py), 30 seeds
+    mica study --policy tabular --plugin my_estimators --estimators mine,mica,grpo
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import add_config_arguments, overrides_from_args
-from .plan import ESTIMATORS, FULL, QUICK, StudyPlan, WarmStartSpec
+from .plan import ESTIMATORS, FULL, POLICIES, PRESETS, QUICK, TABULAR, StudyPlan, WarmStartSpec
 
-__all__ = ["build_parser", "main", "plan_from_args"]
+__all__ = ["build_parser", "load_plugins", "main", "plan_from_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mica study",
-        description="Credit-assignment study: every estimator trains the same warm-started tiny policy "
-        "at equal rollout budget over several seeds and is evaluated at several checkpoints on the "
-        "evaluation scenario set; the pre-registered contrasts (docs/study.md) are tested on the pass "
-        "rate averaged over the checkpoints. Writes study.json, study_curves.png and study.md into the "
-        "run directory; an interrupted study resumes where it stopped.",
+        description="Credit-assignment study: every estimator trains the same policy (the warm-started tiny "
+        "language model, or with --policy tabular a softmax policy over the features it sees) at equal rollout "
+        "budget over several seeds and is evaluated at several checkpoints on the evaluation scenario set; the "
+        "pre-registered contrasts (docs/study.md) are tested on the pass rate averaged over the checkpoints "
+        "(one-sided paired t-tests in the paper's direction, Holm). Writes study.json, study_curves.png and "
+        "study.md into the run directory; an interrupted study resumes where it stopped.",
     )
     p.add_argument("--quick", action="store_true",
-                   help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; not a result)")
+                   help=f"seconds-long smoke run of every stage (run directory {QUICK.run_dir}; with --policy "
+                   f"tabular {PRESETS['tabular', True].run_dir}; not a result)")
+    p.add_argument("--policy", choices=POLICIES, default="lm",
+                   help="what trains: lm, the warm-started tiny language model (default), or tabular, a softmax "
+                   f"policy over the features the language model sees ({len(TABULAR.seeds)} seeds by default, "
+                   f"run directory {TABULAR.run_dir})")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): a user's mica_core.register_estimator calls, so that "
+                   "--estimators can name them; the current directory is searched too")
     p.add_argument("--seeds", type=int, default=None,
                    help=f"number of seeds (default {len(FULL.seeds)}; --quick: {len(QUICK.seeds)})")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are FIRST .. FIRST+N-1")
@@ -51,24 +63,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_plugins(modules) -> None:
+    """Import ``--plugin`` modules (the current directory first on the path, as ``python -m``
+    has it); raises ``ValueError`` naming the module when one fails to import."""
+    import os
+
+    from .run import import_plugins
+
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            import_plugins([name])
+        except (Exception, SystemExit) as exc:
+            what = str(exc).splitlines()[0] if str(exc) else ""
+            raise ValueError(f"--plugin {name}: cannot import it ({type(exc).__name__}"
+                             f"{': ' + what if what else ''})") from None
+
+
 def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     """The plan of a command line: the full or quick preset with the options applied. Raises
     ``ValueError`` (a bad estimator list, seed count, config or override) before any work."""
     import mica_core as mc
 
-    base = QUICK if args.quick else FULL
+    from ..config import check_config
+
+    base = PRESETS[args.policy, bool(args.quick)]
+    load_plugins(args.plugin)
     known = mc.list_estimators()
     estimators = [e.strip() for e in (args.estimators or ",".join(ESTIMATORS)).split(",") if e.strip()]
+    if not estimators:
+        raise ValueError(f"--estimators names no estimator; known: {', '.join(known)}")
     unknown = [e for e in estimators if e not in known]
     if unknown:
         raise ValueError(f"--estimators: unknown estimator(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if len(set(estimators)) != len(estimators):
         raise ValueError("--estimators lists a name twice")
     n_seeds = args.seeds if args.seeds is not None else len(base.seeds)
-    if n_seeds < 1:
-        raise ValueError("--seeds must be >= 1")
-    if args.checkpoints is not None and args.checkpoints < 1:
-        raise ValueError("--checkpoints must be >= 1")
+    for option, value, low in (("--seeds", n_seeds, 1), ("--first-seed", args.first_seed, 0),
+                               ("--steps", args.steps, 1), ("--checkpoints", args.checkpoints, 1),
+                               ("--workers", args.workers, 1), ("--threads", args.threads, 1),
+                               ("--warm-start-steps", args.warm_start_steps, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{option} must be >= {low}, got {value}")
+    run_dir = Path(args.run_dir or base.run_dir)
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--run-dir: {parent} exists and is not a directory")
+            break
     overrides = list(base.overrides)
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
@@ -82,14 +125,18 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         seeds=tuple(range(args.first_seed, args.first_seed + n_seeds)),
         config=args.config or base.config,
         overrides=tuple(overrides),
-        run_dir=args.run_dir or base.run_dir,
-        workers=max(1, args.workers),
+        run_dir=run_dir,
+        workers=args.workers,
         threads=args.threads,
         warm=warm,
         checkpoints=args.checkpoints or base.checkpoints,
         command=args.command or base.command,
+        plugins=tuple(args.plugin),
     )
-    plan.load()  # a bad --config or override fails here, before any work
+    check_config(plan.load(plan.estimators[0], plan.seeds[0]))  # a bad --config or override fails here
+    steps = plan.load().steps
+    if plan.checkpoints > steps:
+        raise ValueError(f"--checkpoints ({plan.checkpoints}) must be <= the training steps ({steps})")
     return plan
 
 
@@ -105,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = plan_from_args(args)
         if args.publish:
-            check_publish_target(".")
+            check_publish_target(".", plan.policy)
     except ValueError as exc:
         print(f"mica study: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from typing import Any
 
 from .plan import ACT_KEYS
 
-__all__ = ["behaviour_summary", "evaluate_with_behaviour"]
+__all__ = ["behaviour_summary", "evaluate_with_behaviour", "evaluation_episodes"]
 
 
 def behaviour_summary(records, scenarios, seeds, env) -> dict[str, Any]:
@@ -54,22 +54,31 @@ def behaviour_summary(records, scenarios, seeds, env) -> dict[str, Any]:
     }
 
 
-def evaluate_with_behaviour(policy, cfg, eval_seed: int | None = None) -> dict[str, Any]:
-    """``evaluate(policy, cfg)`` on the evaluation set (one process) plus ``behaviour``;
-    ``eval_seed`` replaces ``cfg.eval.seed`` (other episodes of the same cards)."""
-    import torch
-
+def evaluation_episodes(cfg, eval_seed: int | None = None):
+    """What the trainer's evaluation plays: ``(base_seed, env, jobs, cards, seeds)``, ``jobs``
+    the ``(card index, episode)`` pairs, ``cards`` and ``seeds`` the episodes' cards and seeds;
+    ``eval_seed`` replaces ``cfg.eval.seed``."""
     from ..config import make_env_config
-    from ..env import aggregate_metrics, eval_scenarios, make_env
-    from ..rollout import derive_seed, run_episodes
-    from ..trainer import generation_context
+    from ..env import eval_scenarios, make_env
+    from ..rollout import derive_seed
 
     base = cfg.eval.seed if eval_seed is None else int(eval_seed)
     scenarios = list(eval_scenarios())
     env = make_env(make_env_config(cfg.env, cfg.eval.max_turns or None))
     jobs = [(i, k) for i in range(len(scenarios)) for k in range(cfg.eval.episodes_per_scenario)]
-    cards = [scenarios[i] for i, _ in jobs]
-    seeds = [derive_seed(base, i, k) for i, k in jobs]
+    return base, env, jobs, [scenarios[i] for i, _ in jobs], [derive_seed(base, i, k) for i, k in jobs]
+
+
+def evaluate_with_behaviour(policy, cfg, eval_seed: int | None = None) -> dict[str, Any]:
+    """``evaluate(policy, cfg)`` on the evaluation set (one process) plus ``behaviour``;
+    ``eval_seed`` replaces ``cfg.eval.seed`` (other episodes of the same cards)."""
+    import torch
+
+    from ..env import aggregate_metrics
+    from ..rollout import derive_seed, run_episodes
+    from ..trainer import generation_context
+
+    base, env, jobs, cards, seeds = evaluation_episodes(cfg, eval_seed)
     with torch.random.fork_rng(devices=[policy.device] if policy.device.type == "cuda" else []), \
             generation_context(policy, cfg.rollout):
         torch.manual_seed(derive_seed(base, 0))

@@ -27,14 +27,39 @@ __all__ = [
     "EVAL_METRICS",
     "EVAL_SCENARIOS",
     "FULL",
+    "POLICIES",
+    "PRESETS",
     "QUICK",
+    "TABULAR",
+    "TABULAR_QUICK",
+    "TURN_ADR",
     "RESULT_VERSION",
     "CreditSpec",
     "Job",
     "StudyPlan",
     "WarmStartSpec",
     "checkpoint_steps",
+    "register_study_estimators",
 ]
+
+# The study's own estimator: the paper's turn-level reward ablation, mica_turn with ADR rewards
+# r_t = -D_t (mica_core's presets have the group-level one, mica_group_adr). Registered on import
+# of this module (so in every worker) unless a user registered the name first.
+TURN_ADR = "mica_turn_adr"
+
+
+def register_study_estimators() -> None:
+    import mica_core as mc
+
+    if TURN_ADR not in mc.list_estimators():
+        mc.register_estimator(TURN_ADR, [(1.0, "return", "turn")], reward="adr", gamma=0.85,
+                              description="z_turn(G), ADR r_t = -D_t (the paper's reward ablation of "
+                              "mica_turn; registered by mica study)")
+
+
+register_study_estimators()
+
+POLICIES = ("lm", "tabular")
 
 # The pre-registered contrasts (docs/study.md): (a, b) reads "a against b"; a positive paired
 # difference a - b is the direction the MICA paper reports.
@@ -42,12 +67,13 @@ CONTRASTS = (
     ("mica", "mica_turn"),        # the mixed advantage against its turn-level part alone
     ("mica", "mica_group"),       # ... against its group-level part alone
     ("mica_group", "mica_group_adr"),  # the reward ablation: IDR against ADR at group level
+    ("mica_turn", TURN_ADR),      # ... and at turn level (the paper: 5.3 / 34.0 against 3.3 / 31.5)
     ("mica", "grpo"),             # against trajectory-level GRPO
     ("mica", "reinforce_pp"),     # against trajectory-level REINFORCE++
 )
 
 # The estimators the contrasts need, in the order of the tables.
-ESTIMATORS = ("mica", "mica_turn", "mica_group", "mica_group_adr", "grpo", "reinforce_pp")
+ESTIMATORS = ("mica", "mica_turn", "mica_group", "mica_group_adr", TURN_ADR, "grpo", "reinforce_pp")
 
 # The shares of the reply acts in the behaviour summary (study/evaluation.py).
 ACT_KEYS = ("validate", "reframe", "plan", "multiple", "none")
@@ -78,7 +104,7 @@ CURVE_KEYS = (
 EVAL_SCENARIOS = 30  # the fixed evaluation set (mica_train.env.eval_scenarios)
 
 # Bumped when a result file changes shape: older results are then run again.
-RESULT_VERSION = 3
+RESULT_VERSION = 4
 
 
 def fingerprint(obj: Any) -> str:
@@ -132,11 +158,13 @@ class Job:
     fingerprint: str
     checkpoints: tuple[int, ...] = ()
     credit: tuple = ()  # (estimators, CreditSpec, max_turns, min_turns) of a credit job
+    policy: str = "lm"  # "lm": the warm-started language model; "tabular": study/tabular.py
+    plugins: tuple[str, ...] = ()  # modules a worker imports first (users' estimators)
 
     @property
     def label(self) -> str:
         if self.kind == "before":
-            return "warm start"
+            return "warm start" if self.policy == "lm" else "uniform policy"
         if self.kind == "credit":
             return f"credit diagnostic seed {self.seed}"
         return f"{self.estimator} seed {self.seed}"
@@ -162,13 +190,15 @@ class StudyPlan:
     workers: int = 2
     threads: int = 1
     warm: WarmStartSpec = WarmStartSpec()
-    credit: CreditSpec = CreditSpec()
+    credit: CreditSpec | None = CreditSpec()
     checkpoints: int = 4
     contrasts: tuple[tuple[str, str], ...] = CONTRASTS
     alpha: float = 0.05
     power: float = 0.8
     quick: bool = False
     command: str = "mica study"
+    policy: str = "lm"
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "estimators", tuple(self.estimators))
@@ -176,6 +206,9 @@ class StudyPlan:
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         object.__setattr__(self, "contrasts", tuple(tuple(c) for c in self.contrasts))
+        object.__setattr__(self, "plugins", tuple(self.plugins))
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
 
     def replace(self, **changes) -> StudyPlan:
         return dataclasses.replace(self, **changes)
@@ -215,7 +248,10 @@ class StudyPlan:
 
     def warm_spec(self) -> dict:
         """What determines the warm start: the model, its corpus and the context it is shown
-        (the same ``context_messages`` and ``context_replies`` as the rollouts)."""
+        (the same ``context_messages`` and ``context_replies`` as the rollouts). A tabular
+        policy has no warm start: it starts uniform."""
+        if self.policy == "tabular":
+            return {"policy": "tabular"}
         cfg = self.load()
         return {
             "warm_start_steps": self.warm.steps,
@@ -252,18 +288,21 @@ class StudyPlan:
     def jobs(self) -> list[Job]:
         """The credit diagnostics, the warm-start evaluation, then the runs seed by seed (so a
         partial study is balanced)."""
-        credit = self.credit_args()
-        out = [Job(kind="credit", estimator=None, seed=seed, result=self.run_dir / "credit" / f"seed{seed}.json",
-                   config=self.config, overrides=(), threads=self.threads, credit=credit,
-                   fingerprint=fingerprint({"credit": [list(credit[0]), dataclasses.asdict(credit[1]), *credit[2:]],
-                                            "seed": seed, "version": RESULT_VERSION}))
-               for seed in self.seeds]
+        common = {"config": self.config, "threads": self.threads, "policy": self.policy, "plugins": self.plugins}
+        out = []
+        if self.credit is not None:
+            credit = self.credit_args()
+            out = [Job(kind="credit", estimator=None, seed=seed, result=self.run_dir / "credit" / f"seed{seed}.json",
+                       overrides=(), credit=credit, **common,
+                       fingerprint=fingerprint({"credit": [list(credit[0]), dataclasses.asdict(credit[1]),
+                                                           *credit[2:]], "seed": seed, "version": RESULT_VERSION}))
+                   for seed in self.seeds]
         warm, steps = self.warm_spec(), self.checkpoint_steps()
         out.append(Job(kind="before", estimator=None, seed=self.seeds[0], result=self.run_dir / "before.json",
-                       config=self.config, overrides=tuple(self.run_overrides(None, self.seeds[0])),
-                       threads=self.threads, fingerprint=self.run_fingerprint(None, self.seeds[0], warm=warm)))
+                       overrides=tuple(self.run_overrides(None, self.seeds[0])), **common,
+                       fingerprint=self.run_fingerprint(None, self.seeds[0], warm=warm)))
         out += [Job(kind="train", estimator=est, seed=seed, result=self.train_dir(est, seed) / "result.json",
-                    config=self.config, overrides=tuple(self.run_overrides(est, seed)), threads=self.threads,
+                    overrides=tuple(self.run_overrides(est, seed)), **common,
                     fingerprint=self.run_fingerprint(est, seed, warm=warm, steps=steps), checkpoints=steps)
                 for seed in self.seeds for est in self.estimators]
         return out
@@ -278,7 +317,10 @@ class StudyPlan:
             d.pop(k, None)
         d["advantage"].pop("estimator", None)
         episodes = cfg.data.scenarios_per_step * cfg.data.group_size
+        lm = self.policy == "lm"
         return {
+            "policy": self.policy,
+            "plugins": list(self.plugins),
             "estimators": list(self.estimators),
             "seeds": list(self.seeds),
             "contrasts": [list(c) for c in self.active_contrasts],
@@ -295,6 +337,8 @@ class StudyPlan:
             "train_min_turns": cfg.env.min_turns,
             "context_messages": cfg.rollout.context_messages,
             "context_replies": cfg.rollout.context_replies,
+            "epochs": cfg.optim.epochs,
+            "minibatches": cfg.optim.minibatches,
             "eval_scenarios": EVAL_SCENARIOS,
             "eval_episodes_per_scenario": cfg.eval.episodes_per_scenario,
             "eval_episodes": EVAL_SCENARIOS * cfg.eval.episodes_per_scenario,
@@ -302,9 +346,9 @@ class StudyPlan:
             "eval_temperature": cfg.eval.temperature,
             "eval_seed": cfg.eval.seed,
             "lr": cfg.optim.lr,
-            "warm_start_steps": self.warm.steps,
-            "tiny_model": self.warm.tiny or "defaults",
-            "credit": dataclasses.asdict(self.credit),
+            "warm_start_steps": self.warm.steps if lm else None,
+            "tiny_model": (self.warm.tiny or "defaults") if lm else None,
+            "credit": dataclasses.asdict(self.credit) if self.credit is not None else None,
             "workers": self.workers,
             "threads_per_worker": self.threads,
             "config_file": self.config,
@@ -342,3 +386,34 @@ QUICK = StudyPlan(
     quick=True,
     command="mica study --quick",
 )
+
+# The tabular study (docs/study.md, "Tabular study"): every estimator trains the softmax policy
+# of study/tabular.py from uniform, over 30 seeds; no warm start and no credit diagnostic (it
+# does not depend on the policy: the language-model study runs it). The learning rate and the
+# batch shape are the pilot's (docs/study.md, "Pilot").
+TABULAR = StudyPlan(
+    seeds=tuple(range(30)),
+    overrides=(
+        "optim.lr=0.01",
+        "data.scenarios_per_step=2",
+        "data.group_size=6",
+        "steps=36",
+    ),
+    run_dir=Path("runs/study-tabular"),
+    credit=None,
+    policy="tabular",
+    command="mica study --policy tabular",
+)
+
+# --policy tabular --quick: a smoke run of every stage in seconds (sizes only; not a result).
+TABULAR_QUICK = TABULAR.replace(
+    seeds=(0, 1),
+    overrides=(*TABULAR.overrides, "steps=4", "data.scenarios_per_step=2", "data.group_size=4",
+               "eval.episodes_per_scenario=1"),
+    run_dir=Path("runs/study-tabular-quick"),
+    checkpoints=2,
+    quick=True,
+    command="mica study --policy tabular --quick",
+)
+
+PRESETS = {("lm", False): FULL, ("lm", True): QUICK, ("tabular", False): TABULAR, ("tabular", True): TABULAR_QUICK}

@@ -2,9 +2,15 @@
 
 Every study writes ``RUN_DIR/study.json``, ``RUN_DIR/study_curves.png`` and ``RUN_DIR/study.md``
 (the tables). ``mica study --publish`` also writes the committed results of a mica checkout:
-``bench/results/study.json``, ``docs/study_curves.png`` and the tables of ``docs/study.md``,
-which sit between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` markers (NAME is a key
-of :data:`TABLES`) so that the prose around them stays as written.
+``bench/results/study.json`` (``{"format": 2, "studies": {POLICY: study}}``, one study per
+policy class; a file holding one study at its top level, the earlier layout, reads as the
+language-model study), the figure (``docs/study_curves.png``; ``docs/study_curves_tabular.png``
+for the tabular policy) and the tables of ``docs/study.md``, which sit between
+``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` markers (NAME is a key of :data:`TABLES`,
+prefixed ``tabular-`` for the tabular study) so that the prose around them stays as written.
+
+Contrast rows of the earlier procedure (two-sided sign-flip p-values, bootstrap intervals: no
+``p_reverse`` key) are shown with that procedure's columns.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "json_safe",
     "plot_study_curves",
     "publish",
+    "published_studies",
     "replace_tables",
     "write_outputs",
 ]
@@ -40,6 +47,33 @@ PUBLISHED = {
     "markdown": Path("docs/study.md"),
 }
 FIGURE_NAME = "study_curves.png"
+PUBLISHED_FORMAT = 2
+
+
+def _policy(study: dict) -> str:
+    return study.get("settings", {}).get("policy", "lm")
+
+
+def _prefix(policy: str) -> str:
+    return "" if policy == "lm" else f"{policy}-"
+
+
+def _figure(policy: str) -> Path:
+    f = PUBLISHED["figure"]
+    return f if policy == "lm" else f.with_name(f"{f.stem}_{policy}{f.suffix}")
+
+
+def _start(study: dict) -> str:
+    """What step 0 is: the warm start (language model) or the uniform policy (tabular)."""
+    return "warm start" if _policy(study) == "lm" else "uniform policy"
+
+
+def published_studies(obj: dict) -> dict[str, dict]:
+    """The studies of a published ``study.json`` by policy class (``lm``, ``tabular``); a file
+    of the earlier layout (one study at the top level) is the language-model study."""
+    if "studies" in obj:
+        return dict(obj["studies"])
+    return {"lm": obj}
 
 
 def _ordered(study: dict) -> list[str]:
@@ -54,20 +88,43 @@ def _num(x, fmt: str = ".3f", signed: bool = False) -> str:
     return format(x, ("+" if signed else "") + fmt)
 
 
+def _float(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
 def _p(p) -> str:
     if p is None or (isinstance(p, float) and not math.isfinite(p)):
         return "n/a"
-    return f"{p:.4f}" if p < 0.01 else f"{p:.3f}"
+    if p == 0 or p >= 0.01:
+        return f"{p:.3f}"
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _verdict(row: dict) -> str:
     if row["verdict"] == "undecided":
         return "undecided"
-    return f"**`{row['a'] if row['verdict'] == 'a' else row['b']}` better**"
+    better = f"`{row['a'] if row['verdict'] == 'a' else row['b']}` better"
+    if "p_reverse" not in row:  # the earlier procedure
+        return f"**{better}**"
+    return f"**held** ({better})" if row["verdict"] == "a" else f"**reversed** ({better})"
+
+
+def _legacy(rows: list[dict]) -> bool:
+    return bool(rows) and "p_reverse" not in rows[0]
 
 
 def _contrast_rows(rows: list[dict], metric_title: str | None = None) -> list[str]:
     out = []
+    if not _legacy(rows):
+        for r in rows:
+            lead = f"| {metric_title} " if metric_title else ""
+            out.append(
+                f"{lead}| `{r['a']}` − `{r['b']}` | {_num(r['mean'], signed=True)} | "
+                f"[{_num(r['ci'][0], signed=True)}, {_num(r['ci'][1], signed=True)}] | "
+                f"{r['wins']}/{r['ties']}/{r['losses']} | {_p(r['p'])} | {_p(r['p_holm'])} | "
+                f"{_num(r['sd'])} | {_num(r['mde'])} | {_num(r['mde_alpha'])} | {_verdict(r)} |"
+            )
+        return out
     for r in rows:
         lead = f"| {metric_title} " if metric_title else ""
         out.append(
@@ -80,10 +137,21 @@ def _contrast_rows(rows: list[dict], metric_title: str | None = None) -> list[st
     return out
 
 
+def _t_header(first: str, m: int, alpha: float) -> list[str]:
+    cols = first.count("|") - 1
+    return [
+        f"{first} mean difference | 95 % CI (t) | a wins/ties/losses | p (one-sided t) | p (Holm, {m}) | "
+        f"sd of differences | MDE (α {alpha / max(m, 1):.3g}, Holm's first step) | MDE (α {alpha:g}) | verdict |",
+        "|" + "---|" * (cols + 9),
+    ]
+
+
 def format_contrast_table(study: dict) -> str:
     """The pre-registered contrasts on the primary metric as Markdown."""
     alpha = study.get("design", {}).get("alpha", 0.05)
     m = len(study["contrasts"])
+    if not _legacy(study["contrasts"]):
+        return "\n".join(_t_header("| contrast (a − b) |", m, alpha) + _contrast_rows(study["contrasts"]))
     lines = [
         f"| contrast (a − b) | mean difference | 95 % CI (bootstrap) | a wins/ties/losses | p (sign-flip) | "
         f"p (Holm, {m}) | sd of differences | MDE (α {alpha:g}) | MDE (α {alpha / max(m, 1):g}) | verdict |",
@@ -95,6 +163,14 @@ def format_contrast_table(study: dict) -> str:
 def format_secondary_table(study: dict) -> str:
     """The same contrasts on the secondary metrics (each family Holm-corrected on its own)."""
     titles = {"distance_auc_reduction": "distance reduction (AUC)", "final_pass_rate": "pass rate, last checkpoint"}
+    secondary = study.get("secondary_contrasts", {})
+    first = next(iter(secondary.values()), [])
+    if not _legacy(first):
+        alpha = study.get("design", {}).get("alpha", 0.05)
+        lines = _t_header("| metric | contrast (a − b) |", len(first), alpha)
+        for key, rows in secondary.items():
+            lines += _contrast_rows(rows, titles.get(key, key))
+        return "\n".join(lines)
     lines = [
         "| metric | contrast (a − b) | mean difference | 95 % CI | a wins/ties/losses | p (sign-flip) | p (Holm) | "
         "sd | MDE (α 0.05) | MDE (α 0.01) | verdict |",
@@ -126,7 +202,7 @@ def format_table(study: dict) -> str:
         )
     b = study.get("before")
     if b:
-        lines.append(f"| warm start (no RL) | {_num(b['pass_rate'])} | | | " + " | ".join([""] * len(steps))
+        lines.append(f"| {_start(study)} (no RL) | {_num(b['pass_rate'])} | | | " + " | ".join([""] * len(steps))
                      + f" | {_num(b['mean_final_distance'], '.2f')} | {_num(b['mean_final_distance'], '.2f')} |")
     return "\n".join(lines)
 
@@ -153,7 +229,7 @@ def format_movement_table(study: dict) -> str:
     if rep:
         b = study["before"]
         lines.append(
-            f"| warm start on other episodes (noise floor) | {_num(rep['act_tv'])} | "
+            f"| {_start(study)} on other episodes (noise floor) | {_num(rep['act_tv'])} | "
             f"{_num(rep['pass_rate'] - b['pass_rate'], signed=True)} | "
             f"{_num(rep['mean_final_distance'] - b['mean_final_distance'], '.2f', signed=True)} | | |"
         )
@@ -177,7 +253,7 @@ def format_behaviour_table(study: dict) -> str:
     before = (study.get("before") or {}).get("behaviour")
     if before:
         lines.append(
-            f"| warm start (no RL) | {_num(before['pacing_agreement'])} | {_num(before['opening_validation'])} | "
+            f"| {_start(study)} (no RL) | {_num(before['pacing_agreement'])} | {_num(before['opening_validation'])} | "
             + " | ".join(_num(before["act_shares"][k]) for k in ACT_KEYS) + " |"
         )
     return "\n".join(lines)
@@ -267,29 +343,43 @@ def _marker_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- study:{name} -->\n)(.*?)(<!-- /study:{name} -->)", re.S)
 
 
-def _check_markers(text: str, source: str) -> None:
-    for name in TABLES:
+def _tables_of(policy: str) -> list[str]:
+    """The tables a policy's study publishes (the tabular study has no credit diagnostic)."""
+    return [n for n in TABLES if policy == "lm" or n != "credit"]
+
+
+def _check_markers(text: str, source: str, policy: str = "lm") -> None:
+    for name in _tables_of(policy):
+        name = _prefix(policy) + name
         if not _marker_pattern(name).search(text):
             raise ValueError(f"{source}: no <!-- study:{name} --> ... <!-- /study:{name} --> block")
 
 
 def replace_tables(text: str, study: dict, source: str = "docs/study.md") -> str:
-    """``text`` with the body of each ``<!-- study:NAME -->`` block replaced by that table."""
-    _check_markers(text, source)
-    for name, fmt in TABLES.items():
+    """``text`` with the body of each ``<!-- study:NAME -->`` block of the study's policy class
+    (NAME prefixed ``tabular-`` for the tabular study) replaced by that table. ``study`` may also
+    be a published ``study.json`` holding several studies: each replaces its own blocks."""
+    if "studies" in study:
+        for one in study["studies"].values():
+            text = replace_tables(text, one, source)
+        return text
+    policy = _policy(study)
+    _check_markers(text, source, policy)
+    for name in _tables_of(policy):
         if name == "credit" and not _has_credit(study):
             continue
-        body = fmt(study) + "\n"
-        text = _marker_pattern(name).sub(lambda m, body=body: m.group(1) + body + m.group(3), text, count=1)
+        body = TABLES[name](study) + "\n"
+        text = _marker_pattern(_prefix(policy) + name).sub(lambda m, body=body: m.group(1) + body + m.group(3),
+                                                           text, count=1)
     return text
 
 
-def check_publish_target(root: str | Path = ".") -> None:
+def check_publish_target(root: str | Path = ".", policy: str = "lm") -> None:
     """``--publish`` writes into a mica checkout: fail before the study runs, not after it."""
     md = Path(root) / PUBLISHED["markdown"]
     if not md.is_file():
         raise ValueError(f"--publish: {md} not found (run it from the root of a mica checkout)")
-    _check_markers(md.read_text(encoding="utf-8"), str(md))
+    _check_markers(md.read_text(encoding="utf-8"), str(md), policy)
 
 
 def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
@@ -311,23 +401,26 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
     fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.8))
     cmap = plt.get_cmap("tab10")
     before = study.get("before")
+    ci_name = study.get("design", {}).get("ci", "bootstrap")
     for k, (metric, title) in enumerate((("pass_rate", "evaluation pass rate"),
                                          ("mean_final_distance", "evaluation mean final distance"))):
         ax = axes[k]
         for i, est in enumerate(ests):
             ck = study["estimators"][est]["checkpoints"]
             steps = list(ck["step"])
-            mean = [c["mean"] for c in ck[metric]]
-            low = [c["ci"][0] for c in ck[metric]]
-            high = [c["ci"][1] for c in ck[metric]]
+            # A published study holds null for what it could not compute (a t interval of one seed).
+            mean = [_float(c["mean"]) for c in ck[metric]]
+            low = [_float(c["ci"][0]) for c in ck[metric]]
+            high = [_float(c["ci"][1]) for c in ck[metric]]
             if before:
                 start = before[metric]
                 steps, mean, low, high = [0] + steps, [start] + mean, [start] + low, [start] + high
             color = cmap(i % 10)
             ax.plot(steps, mean, color=color, lw=2.2 if est == "mica" else 1.3, marker="o", ms=3, label=est)
             ax.fill_between(steps, low, high, color=color, alpha=0.12, lw=0)
-        ax.set_title(f"{title}\n(mean over seeds, 95 % bootstrap CI)", fontsize=9)
-        ax.set_xlabel("training step (0: warm start)", fontsize=8)
+        ax.set_title(f"{title}\n(mean over seeds, 95 % {ci_name} CI)", fontsize=9)
+        ax.set_xlabel("training step (0: " + ("warm start)" if _policy(study) == "lm" else "uniform policy)"),
+                      fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, ncol=2)
@@ -343,7 +436,7 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{r['a']} − {r['b']}" for r in reversed(rows)], fontsize=7)
-    ax.set_title("pre-registered contrasts: pass rate AUC\n(paired mean difference, 95 % bootstrap CI)", fontsize=9)
+    ax.set_title(f"pre-registered contrasts: pass rate AUC\n(paired mean difference, 95 % {ci_name} CI)", fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     ax.tick_params(labelsize=7)
     if credit:
@@ -394,15 +487,23 @@ def write_outputs(study: dict, run_dir: str | Path) -> dict[str, Path]:
 def publish(study: dict, root: str | Path = ".") -> dict[str, Path]:
     """Write the committed results into the mica checkout at ``root``: the JSON, the figure
     and the tables of docs/study.md (its prose is kept)."""
+    import json
+
     from mica_core.atomic import atomic_write_json, atomic_write_text
 
     root = Path(root)
     md = root / PUBLISHED["markdown"]
+    policy = _policy(study)
     published = json_safe(dict(study))
     text = replace_tables(md.read_text(encoding="utf-8"), published, str(md))
-    png = plot_study_curves(published, root / PUBLISHED["figure"])
-    published["plot"] = str(PUBLISHED["figure"]) if png else None
-    atomic_write_json(root / PUBLISHED["json"], published)
+    figure = _figure(policy)
+    png = plot_study_curves(published, root / figure)
+    published["plot"] = str(figure) if png else None
+    studies = {}
+    if (root / PUBLISHED["json"]).is_file():
+        studies = published_studies(json.loads((root / PUBLISHED["json"]).read_text(encoding="utf-8")))
+    studies[policy] = published
+    atomic_write_json(root / PUBLISHED["json"], {"format": PUBLISHED_FORMAT, "studies": studies})
     atomic_write_text(md, text)
     out = {"json": root / PUBLISHED["json"], "markdown": md}
     if png:

@@ -45,6 +45,8 @@ def _offline_env() -> None:
 
 
 def warm_start_is_current(plan: StudyPlan) -> bool:
+    if plan.policy == "tabular":
+        return True  # no warm start: the tabular policy starts uniform
     return _read_json(plan.run_dir / "warm_spec.json") == plan.warm_spec() and \
         (plan.warm_dir / "warm_start.json").is_file()
 
@@ -60,6 +62,8 @@ def prepare_warm_start(plan: StudyPlan, threads: int | None = None) -> dict:
 
     spec = plan.warm_spec()
     summary_path = plan.warm_dir / "warm_start.json"
+    if plan.policy == "tabular":
+        return {}
     if warm_start_is_current(plan):
         return json.loads(summary_path.read_text())
     context = {"context_messages": spec["context_messages"], "context_replies": spec["context_replies"],
@@ -136,6 +140,51 @@ def _run_training(job: Job, cfg) -> dict[str, Any]:
     }
 
 
+def _run_before_tabular(job: Job, cfg) -> dict[str, Any]:
+    from .tabular import TabularPolicy, evaluate_tabular
+
+    policy = TabularPolicy()
+    replicate_seed = cfg.eval.seed + 1
+    return {"eval": evaluate_tabular(policy, cfg),
+            "replicate": {"eval_seed": replicate_seed, "eval": evaluate_tabular(policy, cfg, eval_seed=replicate_seed)}}
+
+
+def _run_training_tabular(job: Job, cfg) -> dict[str, Any]:
+    from .tabular import evaluate_tabular, train_tabular
+
+    t_start = time.perf_counter()
+    checkpoints: list[dict] = []
+    eval_seconds = 0.0
+
+    def at_checkpoint(step: int, rec: dict, policy) -> None:
+        nonlocal eval_seconds
+        if step in job.checkpoints:
+            t = time.perf_counter()
+            ev = evaluate_tabular(policy, cfg, behaviour=step == job.checkpoints[-1])  # the summary reads the last
+            eval_seconds += time.perf_counter() - t
+            checkpoints.append({"step": step, "eval": ev, "weights": policy.state()})
+        rec["time_step"] = time.perf_counter() - t_start
+
+    out = train_tabular(cfg, on_step=at_checkpoint)
+    return {
+        "checkpoints": checkpoints,
+        "eval": checkpoints[-1]["eval"] if checkpoints else None,
+        "steps": len(out["records"]),
+        "curve": _curve(out["records"]),
+        "train_seconds": time.perf_counter() - t_start - eval_seconds,
+        "eval_seconds": eval_seconds,
+    }
+
+
+def import_plugins(modules) -> None:
+    """Import each module of ``modules`` (``mica study --plugin``: a user's estimators register
+    themselves on import)."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name)
+
+
 def run_job(job: Job) -> dict:
     """Run ``job`` in this process (``Job`` lists the kinds). Writes ``job.result`` atomically
     and returns it."""
@@ -146,6 +195,7 @@ def run_job(job: Job) -> dict:
     from ..policy import quiet_transformers
 
     quiet_transformers()
+    import_plugins(job.plugins)
     t_start = time.perf_counter()
     c_start = time.process_time()
     result: dict[str, Any] = {"kind": job.kind, "estimator": job.estimator, "seed": job.seed,
@@ -154,7 +204,10 @@ def run_job(job: Job) -> dict:
         result.update(_run_credit(job))
     else:
         cfg = load_config(job.config, list(job.overrides))
-        result.update(_run_before(job, cfg) if job.kind == "before" else _run_training(job, cfg))
+        if job.policy == "tabular":
+            result.update(_run_before_tabular(job, cfg) if job.kind == "before" else _run_training_tabular(job, cfg))
+        else:
+            result.update(_run_before(job, cfg) if job.kind == "before" else _run_training(job, cfg))
     result["seconds"] = time.perf_counter() - t_start
     result["cpu_seconds"] = time.process_time() - c_start
     atomic_write_json(job.result, result)
@@ -203,7 +256,7 @@ def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict
     warm_needed = not warm_start_is_current(plan)
     if warm_needed:
         _say(t0, f"building the tiny model and warm-starting it ({plan.warm.steps} supervised steps)")
-    else:
+    elif plan.policy == "lm":
         _say(t0, f"reusing the warm start in {plan.warm_dir}")
     if todo:
         _say(t0, f"running {len(todo)} jobs on {max(1, min(plan.workers, len(todo)))} worker(s)")
@@ -230,6 +283,8 @@ def execute(plan: StudyPlan, jobs: list[Job], t0: float) -> tuple[dict[Job, dict
     with ProcessPoolExecutor(max_workers=plan.workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(plan.threads,)) as pool:
         warm_future = pool.submit(prepare_warm_start, plan)
+        if plan.policy == "tabular":  # nothing waits for a warm start
+            free, model = free + model, []
         futures = {pool.submit(run_job, job): job for job in free}
         pending = set(futures) | {warm_future}
         warm: dict = {}

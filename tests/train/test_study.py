@@ -14,17 +14,22 @@ import pytest
 from train_helpers import ROOT
 
 from mica_train import study
+from mica_train.config import load_config
 from mica_train.study.credit import _auc, credit_diagnostic, fork_true_advantage, label_rollouts, pearson, spearman
-from mica_train.study.report import TABLES, replace_tables
+from mica_train.study.report import TABLES, published_studies, replace_tables
 from mica_train.study.stats import (
     act_shares_tv,
     bootstrap_mean_ci,
     contrast_family,
     holm,
     minimum_detectable_difference,
+    minimum_detectable_effect,
+    power_t_greater,
     sign_flip_pvalue,
     t_cdf,
+    t_interval,
     t_quantile,
+    t_test_greater,
 )
 
 STUDY_KEYS = {
@@ -36,8 +41,9 @@ ESTIMATOR_KEYS = {
     "seeds", "pass_rate_auc", "distance_auc", "final_pass_rate", "final_distance", "checkpoints", "final_metrics",
     "status_counts_mean", "behaviour", "movement", "curve", "train_seconds_mean", "run_seconds_mean",
 }
-CONTRAST_KEYS = {"a", "b", "metric", "seeds", "diffs", "n", "mean", "sd", "ci", "ci_level", "ci_method", "p",
-                 "p_method", "wins", "ties", "losses", "mde", "mde_family", "p_holm", "verdict"}
+CONTRAST_KEYS = {"a", "b", "metric", "seeds", "diffs", "n", "mean", "sd", "ci", "ci_level", "ci_method", "t", "p",
+                 "p_reverse", "p_method", "wins", "ties", "losses", "mde", "mde_alpha", "p_holm", "p_reverse_holm",
+                 "verdict"}
 STAT_KEYS = {"per_seed", "mean", "std", "sem", "n"}
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -68,7 +74,7 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
     assert res["before"]["n"] == s["eval_episodes"] and "replicate" in res["before"]
     (row,) = res["contrasts"]
     assert CONTRAST_KEYS <= set(row) and (row["a"], row["b"], row["n"]) == ("mica", "grpo", 1)
-    assert row["p"] == 1.0 and row["verdict"] == "undecided" and row["mde"] is None  # one seed: no power
+    assert row["p"] is None and row["verdict"] == "undecided" and row["mde"] is None  # one seed: no test
     runs = {e: json.loads((out / "runs" / e / "seed0" / "result.json").read_text()) for e in ("mica", "grpo")}
     for name, e in res["estimators"].items():
         assert ESTIMATOR_KEYS <= set(e), name
@@ -131,12 +137,14 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
     assert rerun["checkpoints"][-1]["eval"] == runs["grpo"]["checkpoints"][-1]["eval"]
     res2 = json.loads((out / "study.json").read_text())
     assert res2["contrasts"] == [] and res2["settings"]["checkpoints"] == [2]
-    published = json.loads((checkout / "bench" / "results" / "study.json").read_text())
+    file = json.loads((checkout / "bench" / "results" / "study.json").read_text())
+    assert file["format"] == 2 and set(file["studies"]) == {"lm"}  # the checkout had no results yet
+    published = file["studies"]["lm"]
     assert published["plot"] == "docs/study_curves.png"
     assert dict(published, plot=None) == dict(res2, plot=None)
     assert (checkout / "docs" / "study_curves.png").read_bytes()[:8] == PNG
     doc = (checkout / "docs" / "study.md").read_text()
-    committed = json.loads((ROOT / "bench" / "results" / "study.json").read_text())
+    committed = published_studies(json.loads((ROOT / "bench" / "results" / "study.json").read_text()))["lm"]
     assert TABLES["evaluation"](res2) in doc and TABLES["evaluation"](committed) not in doc
     assert "## What held, what did not, what is undecided" in doc  # the prose around the tables is kept
     assert replace_tables(doc, res2) == doc
@@ -144,6 +152,8 @@ def test_quick_study_writes_outputs_resumes_and_publishes(tmp_path, capsys, monk
 
 def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
     out = tmp_path / "study"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
     for extra, message in (
         (["--estimators", "mica,nope"], "--estimators: unknown estimator(s) nope"),
         (["--seeds", "0"], "--seeds must be >= 1"),
@@ -151,6 +161,16 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
         (["optim.learning_rate=1"], "optim.learning_rate: unknown key"),
         (["--config", "nope"], "config 'nope': no such file"),
         (["--publish"], "--publish: docs/study.md not found"),
+        (["--estimators", ","], "--estimators names no estimator"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["steps=0"], "steps must be >= 1, got 0"),
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--warm-start-steps", "-1"], "--warm-start-steps must be >= 0, got -1"),
+        (["--first-seed", "-2"], "--first-seed must be >= 0, got -2"),
+        (["--checkpoints", "3"], "--checkpoints (3) must be <= the training steps (2)"),
+        (["--run-dir", str(blocker)], f"--run-dir: {blocker} exists and is not a directory"),
+        (["--run-dir", str(blocker / "sub")], f"--run-dir: {blocker} exists and is not a directory"),
     ):
         monkeypatch.chdir(tmp_path)
         assert study.main(_args(out, *extra)) == 2, extra
@@ -160,7 +180,14 @@ def test_bad_arguments_fail_before_any_work(tmp_path, capsys, monkeypatch):
 
 
 def test_plan_jobs_checkpoints_and_contrasts():
-    assert study.FULL.estimators == ("mica", "mica_turn", "mica_group", "mica_group_adr", "grpo", "reinforce_pp")
+    assert study.FULL.estimators == ("mica", "mica_turn", "mica_group", "mica_group_adr", "mica_turn_adr", "grpo",
+                                     "reinforce_pp")
+    assert ("mica_turn", "mica_turn_adr") in study.CONTRASTS and len(study.CONTRASTS) == 6
+    import mica_core as mc
+
+    turn_adr = mc.get_estimator("mica_turn_adr")  # registered by the study: mica_turn with ADR rewards
+    assert (turn_adr.reward, turn_adr.components) == ("adr", mc.get_estimator("mica_turn").components)
+    assert study.TABULAR.estimators == study.FULL.estimators and len(study.TABULAR.seeds) >= 30
     assert len(study.FULL.seeds) >= 8 and study.FULL.load().steps >= 36
     assert {e for pair in study.CONTRASTS for e in pair} == set(study.FULL.estimators)
     assert study.FULL.checkpoint_steps() == (9, 18, 27, 36)
@@ -193,12 +220,21 @@ def test_fingerprints_follow_the_settings():
 
 
 def test_committed_docs_tables_are_the_committed_results():
-    """docs/study.md's tables are generated from bench/results/study.json (`--publish`)."""
+    """docs/study.md's tables are generated from bench/results/study.json (`--publish`): the
+    tabular study (30 seeds or more, the six contrasts) and the language-model study."""
     committed = json.loads((ROOT / "bench" / "results" / "study.json").read_text())
     doc = (ROOT / "docs" / "study.md").read_text()
     assert replace_tables(doc, committed) == doc
-    assert committed["complete"] and len(committed["settings"]["seeds"]) >= 8
-    assert [(r["a"], r["b"]) for r in committed["contrasts"]] == [tuple(c) for c in study.CONTRASTS]
+    studies = published_studies(committed)
+    assert studies["lm"]["complete"] and len(studies["lm"]["settings"]["seeds"]) >= 8
+    if "tabular" in studies:
+        tab = studies["tabular"]
+        assert tab["complete"] and len(tab["settings"]["seeds"]) >= 30 and len(tab["contrasts"]) == 6
+        assert tab["design"]["test"] == "one-sided paired t, Holm over the contrasts"
+        assert [(r["a"], r["b"]) for r in tab["contrasts"]] == [tuple(c) for c in study.CONTRASTS]
+    # The language-model study of the earlier procedure ran the five contrasts without turn-level ADR.
+    lm_contrasts = [(r["a"], r["b"]) for r in studies["lm"]["contrasts"]]
+    assert lm_contrasts == [tuple(c) for c in study.CONTRASTS if c != ("mica_turn", study.TURN_ADR)][:len(lm_contrasts)]
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -264,24 +300,70 @@ def test_t_quantiles_and_minimum_detectable_difference():
         t_quantile(1.0, 3)
 
 
-def test_contrast_family_holm_and_verdicts():
+def test_contrast_family_one_sided_t_holm_and_verdicts():
     seeds = range(8)
     values = {
-        "a": {s: 0.5 + 0.1 for s in seeds},               # a beats b on every seed by 0.1
+        "a": {s: 0.6 + 0.01 * (s % 3) for s in seeds},     # a beats b clearly
         "b": {s: 0.5 for s in seeds},
         "c": {s: 0.5 + (0.01 if s % 2 else -0.01) for s in seeds},  # no difference from b
-        "d": {s: 0.5 - 0.05 - 0.001 * s for s in seeds},  # d loses to b on every seed
+        "d": {s: 0.5 - 0.05 - 0.001 * s for s in seeds},  # d loses to b on every seed: reversed
     }
     rows = contrast_family(values, [("a", "b"), ("c", "b"), ("d", "b")], metric="m")
     by = {r["a"]: r for r in rows}
-    assert by["a"]["p"] == 2 / 256 and by["a"]["p_holm"] == pytest.approx(3 * 2 / 256)
+    for r in rows:  # each row is its own one-sided t-test, interval and detectable effect
+        d = [values[r["a"]][s] - values["b"][s] for s in seeds]
+        assert r["diffs"] == pytest.approx(d) and r["ci_method"] == "t"
+        t, p = t_test_greater(d)
+        assert r["p"] == pytest.approx(p) and r["p_reverse"] == pytest.approx(1 - p)
+        assert r["ci"] == pytest.approx(list(t_interval(d)))
+        assert r["mde"] == pytest.approx(minimum_detectable_effect(r["sd"], 8, 0.05 / 3))
+        assert r["mde_alpha"] == pytest.approx(minimum_detectable_effect(r["sd"], 8, 0.05))
     assert by["a"]["verdict"] == "a" and by["d"]["verdict"] == "b" and by["c"]["verdict"] == "undecided"
-    assert by["c"]["p"] == 1.0 and by["c"]["wins"] == 4 and by["c"]["losses"] == 4
-    assert by["a"]["ci"] == pytest.approx([0.1, 0.1]) and by["a"]["mean"] == pytest.approx(0.1)
-    assert by["d"]["p_holm"] == pytest.approx(3 * 2 / 256)  # second step 2 x 2/256, raised to the running max
-    sd = by["c"]["sd"]
-    assert by["c"]["mde"] == pytest.approx(minimum_detectable_difference(sd, 8))
-    assert by["c"]["mde_family"] == pytest.approx(minimum_detectable_difference(sd, 8, alpha=0.05 / 3))
+    # Holm: the smallest p times 3, the next times 2 (running maximum), the largest times 1.
+    ps = sorted(r["p"] for r in rows)
+    assert sorted(r["p_holm"] for r in rows) == pytest.approx([min(1, 3 * ps[0]), max(min(1, 3 * ps[0]),
+                                                                                       min(1, 2 * ps[1])),
+                                                               max(min(1, 2 * ps[1]), ps[2])])
+    assert by["c"]["wins"] == 4 and by["c"]["losses"] == 4 and by["c"]["p"] == pytest.approx(0.5)
+    assert by["d"]["p"] > 0.99 and by["d"]["p_reverse_holm"] < 0.05
+
+
+def test_t_interval_and_one_sided_t_test_hand_computed():
+    # d = 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), sem sqrt(5/12); t_{0.975, 3} = 3.182446 (printed tables).
+    lo, hi = t_interval([1, 2, 3, 4])
+    half = 3.182446 * math.sqrt(5 / 12)
+    assert (lo, hi) == pytest.approx((2.5 - half, 2.5 + half), abs=1e-5)
+    t, p = t_test_greater([1, 2, 3, 4])
+    assert t == pytest.approx(2.5 / math.sqrt(5 / 12), rel=1e-12)  # 3.873
+    # Student's t with 3 df: F(t) = 1/2 + (x / (1 + x^2) + atan x) / pi with x = t / sqrt(3) = sqrt(5).
+    x = math.sqrt(5)
+    assert p == pytest.approx(0.5 - (x / (1 + x * x) + math.atan(x)) / math.pi, abs=1e-10)  # 0.01524
+    assert t_test_greater([-1, -2, -3, -4])[1] == pytest.approx(1 - p, abs=1e-10)
+    assert t_test_greater([0.1, 0.1])[1] == 0.0 and t_test_greater([0.0, 0.0])[1] == 1.0
+    assert t_test_greater([-0.1, -0.1])[1] == 1.0
+    assert math.isnan(t_test_greater([1.0])[1]) and all(math.isnan(v) for v in t_interval([1.0]))
+
+
+def test_power_and_minimum_detectable_effect_of_the_one_sided_t_test():
+    # No effect: the power is the level, at every df (df 1 included).
+    for n, a in ((2, 0.05), (8, 0.05 / 6), (30, 0.05 / 7)):
+        assert power_t_greater(0.0, n, a) == pytest.approx(a, abs=1e-6)
+    # Against a simulation of the test itself: 200,000 studies of 8 paired differences N(1, 1).
+    rng = np.random.default_rng(0)
+    d = rng.normal(1.0, 1.0, size=(200_000, 8))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(8))
+    for alpha in (0.05, 0.05 / 7):
+        simulated = float((t > t_quantile(1 - alpha, 7)).mean())
+        assert power_t_greater(1.0, 8, alpha) == pytest.approx(simulated, abs=0.004)
+    # The MDE has the asked power; for large n it is the normal one, (z_{1-alpha} + z_{power}) sd / sqrt(n).
+    m = minimum_detectable_effect(0.5, 30, 0.05 / 7)
+    assert power_t_greater(m / 0.5, 30, 0.05 / 7) == pytest.approx(0.8, abs=1e-4)
+    assert minimum_detectable_effect(1.0, 2000, 0.05) * math.sqrt(2000) == pytest.approx(1.644854 + 0.841621,
+                                                                                          rel=2e-3)
+    assert math.isnan(minimum_detectable_effect(1.0, 1)) and minimum_detectable_effect(0.0, 8) == 0.0
+    # 8 seeds at Holm's first step of 6 contrasts need 1.45 sd; 30 seeds of 7 contrasts 0.63 sd.
+    assert minimum_detectable_effect(1.0, 8, 0.05 / 6) == pytest.approx(1.450, abs=2e-3)
+    assert minimum_detectable_effect(1.0, 30, 0.05 / 7) == pytest.approx(0.634, abs=2e-3)
 
 
 def test_summary_statistics():
@@ -318,6 +400,8 @@ def test_summary_statistics():
     assert (row["a"], row["b"]) == ("mica", "grpo")
     assert row["diffs"] == pytest.approx([0.1, 0.0, -0.2]) and math.isclose(row["mean"], -0.1 / 3)
     assert (row["wins"], row["ties"], row["losses"]) == (1, 1, 1) and row["p_holm"] == row["p"]
+    assert row["p"] == pytest.approx(t_test_greater([0.1, 0.0, -0.2])[1]) and row["ci_method"] == "t"
+    assert mica["pass_rate_auc"]["ci"] == pytest.approx(list(t_interval([0.5, 0.7, 0.6])))
     # Every run moved the validate share from 0.4 to 0.6 (and reframe from 0.3 to 0.1): TV 0.2.
     assert mica["movement"]["act_tv"]["mean"] == pytest.approx(0.2)
     assert mica["movement"]["clip_frac_mean"]["mean"] == pytest.approx(0.02)
@@ -336,6 +420,117 @@ def test_summary_statistics():
     assert not part["complete"] and part["runs_done"] == 5
     assert part["estimators"][jobs[-1].estimator]["pass_rate_auc"]["n"] == 2
     assert part["contrasts"][0]["n"] == 2
+
+
+# ------------------------------------------------------------------------ tabular policy
+def test_tabular_features_read_what_the_language_model_sees():
+    from mica_train.study.tabular import FEATURES, features
+
+    msg = ("I'm completely overwhelmed and I can barely hold it together. I just feel empty and unwanted. "
+           "Also, i don't understand why it ended so suddenly.")
+    on = {FEATURES[i] for i in np.flatnonzero(features(msg, 5, ["validate", "plan", "plan"]))}
+    assert on == {"need1=A", "need2=C", "distress=high", "turn=4-5", "last=plan", "before_last=plan", "twice=plan",
+                  "bias"}
+    on = {FEATURES[i] for i in np.flatnonzero(features("Thanks, I'm calmer now.", 0, []))}
+    assert on == {"need1=None", "need2=None", "distress=low", "turn=0", "last=None", "before_last=None", "bias"}
+    on = {FEATURES[i] for i in np.flatnonzero(features("I'm tired and on edge. I don't know where to start with "
+                                                       "the bills.", 30, ["reframe"]))}
+    assert on == {"need1=P", "need2=None", "distress=medium", "turn=12+", "last=reframe", "before_last=None", "bias"}
+
+
+def test_tabular_training_is_deterministic_paired_and_moves():
+    from mica_train.study.tabular import TabularPolicy, evaluate_tabular, train_tabular
+
+    overrides = ["steps=3", "data.scenarios_per_step=2", "data.group_size=4", "optim.lr=0.1",
+                 "eval.episodes_per_scenario=1"]
+    cfg = load_config("study", overrides)
+    a, b = train_tabular(cfg), train_tabular(cfg)
+    assert a["records"] == b["records"] and a["policy"].state() == b["policy"].state()
+    assert np.abs(np.asarray(a["policy"].state())).max() > 0.05  # the policy moved from uniform
+    g = train_tabular(load_config("study", [*overrides, "advantage.estimator=grpo"]))
+    # Only the estimator differs: the first step's rollouts are the same, then the policies differ.
+    for key in ("pass_rate", "mean_final_distance", "mean_turns", "reward_mean"):
+        assert g["records"][0][key] == a["records"][0][key], key
+    assert g["policy"].state() != a["policy"].state()
+    ev = evaluate_tabular(TabularPolicy(), cfg)
+    assert ev["n"] == 30 and ev["behaviour"]["replay_mismatches"] == 0
+    assert ev == evaluate_tabular(TabularPolicy(), cfg)  # the evaluation episodes are fixed
+    assert "behaviour" not in evaluate_tabular(TabularPolicy(), cfg, behaviour=False)
+
+
+def test_plugin_estimators_join_the_study(tmp_path, capsys, monkeypatch):
+    import mica_core as mc
+
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "my_study_estimators.py").write_text(
+        "import mica_core as mc\n"
+        "mc.register_estimator('turn_heavy_study_test', [(0.8, 'return', 'turn'), (0.2, 'reward', 'group')],\n"
+        "                      overwrite=True)\n")
+    (mods / "broken_study_plugin.py").write_text("raise RuntimeError('boom')\n")
+    (mods / "exiting_study_plugin.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(mods))
+    out = tmp_path / "study"
+    args = ["--policy", "tabular", "--quick", "--seeds", "1", "--run-dir", str(out), "steps=2",
+            "--estimators", "turn_heavy_study_test,mica"]
+    try:
+        for extra, message in (
+            ([], "--estimators: unknown estimator(s) turn_heavy_study_test"),
+            (["--plugin", "no_such_study_plugin"], "--plugin no_such_study_plugin: cannot import it "
+                                                   "(ModuleNotFoundError: No module named 'no_such_study_plugin')"),
+            (["--plugin", "broken_study_plugin"],
+             "--plugin broken_study_plugin: cannot import it (RuntimeError: boom)"),
+            (["--plugin", "exiting_study_plugin"], "--plugin exiting_study_plugin: cannot import it (SystemExit: 3)"),
+        ):
+            assert study.main(args + extra) == 2, extra
+            err = capsys.readouterr().err
+            assert len(err.splitlines()) == 1 and message in err, err
+        assert not out.exists()
+        # The spawned workers import the plugin too.
+        assert study.main(args + ["--plugin", "my_study_estimators", "--workers", "2"]) == 0
+        res = json.loads((out / "study.json").read_text())
+        assert res["settings"]["plugins"] == ["my_study_estimators"] and res["complete"]
+        assert set(res["estimators"]) == {"turn_heavy_study_test", "mica"}
+        run = json.loads((out / "runs" / "turn_heavy_study_test" / "seed0" / "result.json").read_text())
+        assert len(run["checkpoints"]) == 2 and run["curve"][0]["step"] == 1
+    finally:
+        if "turn_heavy_study_test" in mc.list_estimators():
+            mc.unregister_estimator("turn_heavy_study_test")
+
+
+@pytest.mark.slow
+def test_tabular_quick_study_runs_every_estimator_and_publishes(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "tabular"
+    assert study.main(["--policy", "tabular", "--quick", "--run-dir", str(out)]) == 0
+    res = json.loads((out / "study.json").read_text())
+    s = res["settings"]
+    assert res["complete"] and s["policy"] == "tabular" and s["estimators"] == list(study.ESTIMATORS)
+    assert [(r["a"], r["b"]) for r in res["contrasts"]] == list(study.CONTRASTS)
+    assert res["warm_start"] is None and "credit_diagnostic" not in res and res["before"]["n"] == 30
+    assert res["design"]["test"] == "one-sided paired t, Holm over the contrasts"
+    for seed in s["seeds"]:  # within a seed only the estimator differs
+        firsts = [json.loads((out / "runs" / e / f"seed{seed}" / "result.json").read_text())["curve"][0]
+                  for e in s["estimators"]]
+        assert len({(f["pass_rate"], f["mean_final_distance"], f["mean_turns"]) for f in firsts}) == 1
+    for fmt in TABLES.values():
+        if fmt is not TABLES["credit"]:
+            assert fmt(res) in (out / "study.md").read_text()
+    # --publish keeps the other policy class's results and fills the tabular blocks only.
+    checkout = tmp_path / "checkout"
+    (checkout / "docs").mkdir(parents=True)
+    (checkout / "bench" / "results").mkdir(parents=True)
+    shutil.copy(ROOT / "docs" / "study.md", checkout / "docs" / "study.md")
+    shutil.copy(ROOT / "bench" / "results" / "study.json", checkout / "bench" / "results" / "study.json")
+    monkeypatch.chdir(checkout)
+    assert study.main(["--policy", "tabular", "--quick", "--run-dir", str(out), "--publish"]) == 0
+    assert "15 of 15 jobs already done" in capsys.readouterr().out
+    file = json.loads((checkout / "bench" / "results" / "study.json").read_text())
+    committed = published_studies(json.loads((ROOT / "bench" / "results" / "study.json").read_text()))
+    assert file["studies"]["lm"] == committed["lm"] and file["studies"]["tabular"]["plot"] == \
+        "docs/study_curves_tabular.png"
+    assert (checkout / "docs" / "study_curves_tabular.png").read_bytes()[:8] == PNG
+    doc = (checkout / "docs" / "study.md").read_text()
+    assert TABLES["contrasts"](res) in doc and replace_tables(doc, file) == doc
 
 
 # ------------------------------------------------------------------------ true advantage
