@@ -91,7 +91,7 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
       estimator: a registered name (``mica_core.list_estimators()``) or an ``Estimator``.
       gamma: discount; ``None`` takes the preset's (0.85; ``grpo``/``reinforce_pp``: 1.0).
       weight: ``w`` of the two-component presets (``mica``, ``mica_adr``, ``mapo``).
-      eps, ddof, baseline, scale, singleton: normalization options (design §3).
+      eps, ddof, baseline, scale, singleton: normalization options (README, "Estimators").
       backend: ``auto``, ``numpy``, ``cython``, ``numba`` or ``torch``. Torch tensors are
         computed by the torch backend on their device whatever this says.
       on_missing: ``"raise"`` (NaN and infinities are errors) or ``"carry"``: a missing

@@ -340,7 +340,7 @@ def _pick_source(table, cols, source, nested):
 def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source="auto",
                       state_weights=None, epsilon=1.0, distance_kind="hinge",
                       need_initial=True, on_missing="raise", need_key=False) -> TableInput:
-    """Read a long- or nested-form table into the CSR layout, validating it (design §5, §7)."""
+    """Read a long- or nested-form table into the CSR layout, validating it (docs/architecture.md, "Conventions")."""
     table = to_arrow_table(table)
     cols = dict(DEFAULT_COLUMNS)
     if columns:

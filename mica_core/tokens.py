@@ -1,6 +1,6 @@
 """Turns in token space: find assistant turns, attribute token rewards, spread turn values.
 
-Two layouts (design §5):
+Two layouts (docs/architecture.md, "Conventions", tokens):
 
 - ``"trajectory"`` (verl's): one row per trajectory, ``response_mask [B, L]`` marks assistant
   tokens. The turns of row ``b`` are the runs of ones in ``response_mask[b]``, in order, unless

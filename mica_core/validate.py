@@ -1,6 +1,6 @@
 """Validation and conversion of every input kind, in one place, with one set of messages.
 
-Design §7: invalid input raises :class:`mica_core.MicaInputError` naming the column (or
+docs/architecture.md, "Validation": invalid input raises :class:`mica_core.MicaInputError` naming the column (or
 argument), the first offending row and the rule. Every message mica writes for a rule that
 more than one input path shares is built by one function in the first section below; the
 array paths (:func:`numpy_inputs`, :func:`torch_inputs`) and the Arrow reader

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._errors import MicaInputError
+from .. import MicaInputError
 from ..estimators import get_estimator
 
 __all__ = [

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .._errors import MicaInputError
+from .. import MicaInputError
 
 __all__ = ["CALL_FIELDS", "tool_turns", "turn_fields_from_calls"]
 

@@ -25,7 +25,7 @@ import numpy as np
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
-from .._errors import MicaInputError
+from .. import MicaInputError
 from ..turns import estimate_turns
 from ._trl_signals import (
     FIELDS,

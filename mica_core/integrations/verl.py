@@ -102,7 +102,7 @@ import warnings
 
 import numpy as np
 
-from .._errors import MicaInputError
+from .. import MicaInputError
 from ..estimators import get_estimator
 
 __all__ = [
