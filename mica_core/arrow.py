@@ -32,6 +32,7 @@ from . import validate as _validate
 from ._errors import MicaInputError
 from .api import run_plan
 from .estimators import resolve
+from .io import to_arrow_table
 from .layout import ON_MISSING, Ragged, fill_missing, ragged_from_lengths
 from .signals import potential as _potential
 from .signals import turn_index
@@ -57,15 +58,6 @@ OUTPUT_COLUMNS = ("reward", "return", "advantage")
 SOURCES = ("auto", "distance", "state", "reward")
 
 
-def parquet_write_options(schema: pa.Schema) -> dict:
-    """Keyword arguments of ``pyarrow.parquet.write_table``/``ParquetWriter`` for a table of
-    advantages: floating-point columns (the computed :data:`OUTPUT_COLUMNS`, distances) are
-    written plain, other columns (ids, turns, keys) with pyarrow's dictionary encoding. Measured
-    on 10M turns: measured values rarely repeat, so a dictionary attempt on them costs a third
-    of the write and makes the file no smaller (docs/performance.md)."""
-    return {"use_dictionary": [f.name for f in schema if not pa.types.is_floating(f.type)]}
-
-
 @dataclass
 class TableInput:
     """A table read into the CSR layout. ``order[k]`` is the input row of sorted row ``k``
@@ -80,54 +72,7 @@ class TableInput:
     n_rows: int
 
 
-# --------------------------------------------------------------------------- conversion
-
-
-def to_arrow_table(obj) -> pa.Table:
-    """An Arrow table from a Table, RecordBatch, pandas/polars DataFrame, datasets.Dataset,
-    a mapping of columns, or any object with ``__arrow_c_stream__``."""
-    if isinstance(obj, pa.Table):
-        return obj
-    if isinstance(obj, pa.RecordBatch):
-        return pa.Table.from_batches([obj])
-    mod = type(obj).__module__
-    if mod.startswith("pandas"):
-        try:
-            return pa.Table.from_pandas(obj, preserve_index=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            _raise_unconvertible_column(obj)
-            raise
-    if mod.startswith("polars"):
-        return obj.to_arrow()
-    if mod.startswith("datasets"):
-        ds = obj if obj._indices is None else obj.flatten_indices()
-        return ds.data.table
-    if isinstance(obj, Mapping):
-        return pa.table(dict(obj))
-    if hasattr(obj, "__arrow_c_stream__"):
-        return pa.table(obj)
-    raise TypeError(f"expected an Arrow table, RecordBatch, pandas/polars DataFrame or "
-                    f"datasets.Dataset; got {type(obj).__name__}")
-
-
-def _raise_unconvertible_column(frame):
-    """Name the first column of a pandas DataFrame that Arrow cannot hold, and its first row
-    whose value is of another kind than the column's first value (``1`` and ``"1"`` in one
-    object column: Arrow columns hold one type)."""
-    for name in frame.columns:
-        try:
-            pa.array(frame[name], from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            values = frame[name].tolist()
-            kinds = [type(v) for v in values if v is not None]
-            row = next((i for i, v in enumerate(values)
-                        if v is not None and type(v) is not kinds[0]), None) if kinds else None
-            found = f"{kinds[0].__name__} and {type(values[row]).__name__}" if row is not None \
-                else str(exc).splitlines()[0]
-            raise MicaInputError(f"mixes kinds of values that one Arrow column cannot hold "
-                                 f"({found}); give the column one type (e.g. all text)",
-                                 column=str(name), row=row, rule="one type per column") \
-                from None
+# --------------------------------------------------------------------------- columns
 
 
 def _column(table: pa.Table, name: str, role: str, *, allow_null=False):

@@ -50,57 +50,15 @@ from .arrow import (
     check_label_type,
     compute_advantages,
     float_labels,
-    parquet_write_options,
 )
 from .estimators import get_estimator
-from .validate import duplicate_column, trajectory_in_two_groups
+from .io import open_dataset, parquet_write_options
+from .validate import trajectory_in_two_groups
 
 __all__ = ["DEFAULT_BATCH_ROWS", "iter_advantages", "write_advantages"]
 
 DEFAULT_BATCH_ROWS = 1 << 20
 GROUPED_RULE = "rows of a group stored together"
-
-
-def _as_dataset(source, format):
-    import pyarrow.dataset as ds
-
-    if isinstance(source, ds.Dataset):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        paths = path
-    elif isinstance(source, (list, tuple)):
-        paths = [os.fspath(p) for p in source]
-    else:
-        raise TypeError(f"source must be a path, a list of paths or a pyarrow.dataset.Dataset; "
-                        f"got {type(source).__name__}")
-    try:
-        return ds.dataset(paths, format=format)
-    except pa.ArrowInvalid as exc:
-        if "duplicate field names" in str(exc):
-            _raise_duplicate_column(paths, format)
-        raise
-
-
-def _raise_duplicate_column(paths, format):
-    """Name the repeated column of the first file that has one (the dataset's own error
-    does not say which)."""
-    import pyarrow.dataset as ds
-    from pyarrow.fs import LocalFileSystem
-
-    if isinstance(paths, str) and os.path.isdir(paths):
-        paths = sorted(os.path.join(root, f) for root, _, files in os.walk(paths)
-                       for f in files if not f.startswith((".", "_")))
-    # The FileFormat object for a format name, as ds.dataset resolves it.
-    file_format = ds.dataset([], format=format).format if isinstance(format, str) else format
-    local = LocalFileSystem()
-    for path in [paths] if isinstance(paths, str) else paths:
-        names = file_format.inspect(os.path.abspath(path), filesystem=local).names
-        for name in names:
-            if names.count(name) > 1:
-                raise duplicate_column(name, names.count(name))
 
 
 class _SeenIds:
@@ -229,7 +187,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1; got {batch_rows!r}")
-    dataset = _as_dataset(source, format)
+    dataset = open_dataset(source, format)
     cols = dict(DEFAULT_COLUMNS)
     if columns:
         cols.update(columns)
@@ -382,7 +340,7 @@ def write_advantages(in_path, out_path, estimator="mica",
                     if on_chunk is not None:
                         on_chunk(rows)
                 if writer is None:  # no rows: an empty file with the output columns
-                    schema = _output_schema(_as_dataset(in_path, format).schema)
+                    schema = _output_schema(open_dataset(in_path, format).schema)
                     writer = pq.ParquetWriter(tmp, schema, compression=compression,
                                               **parquet_write_options(schema))
             finally:

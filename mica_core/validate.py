@@ -159,6 +159,13 @@ def duplicate_column(column, copies) -> MicaInputError:
                           column=column, rule="unique column names")
 
 
+def mixed_kinds(column, row, found) -> MicaInputError:
+    """A container column (pandas) whose values are of kinds one Arrow column cannot hold."""
+    return MicaInputError(f"mixes kinds of values that one Arrow column cannot hold ({found}); "
+                          f"give the column one type (e.g. all text)", column=column, row=row,
+                          rule="one type per column")
+
+
 def trajectory_in_two_groups(column, row) -> MicaInputError:
     return MicaInputError("trajectory appears in more than one group (a trajectory belongs "
                           "to one group)", column=column, row=row,

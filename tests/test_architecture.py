@@ -164,3 +164,15 @@ def test_docs_and_code_cite_only_documents_in_the_repository():
     assert sorted(set(missing)) == []
     assert ("docs/architecture.md", "Conventions") in found  # the check reads citations
     assert "Adding a framework integration" in headings["docs/architecture.md"]
+
+
+def test_formats_and_containers_are_read_in_one_module():
+    """Reading files, counting rows, converting containers and the Parquet write options
+    live in mica_core/io.py (docs/architecture.md, "Adding an input format")."""
+    import re
+
+    calls = re.compile(r"\.(read_table|read_csv|read_metadata|from_pandas|to_arrow)\(|"
+                       r"ipc\.open_(file|stream)|\bds\.dataset\(|use_dictionary")
+    found = {str(f.relative_to(ROOT)) for f in (ROOT / "mica_core").rglob("*.py")
+             if calls.search(f.read_text(encoding="utf-8"))}
+    assert found == {"mica_core/io.py"}
