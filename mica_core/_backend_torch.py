@@ -354,7 +354,7 @@ class TorchOps:
 
     ``offsets`` int64 ``[n_traj + 1]`` and ``group`` int64 codes ``[n_traj]`` in
     ``0 .. ngroups-1`` on one device; ``max_turns`` at least the longest trajectory; value
-    tensors in the work dtype (:func:`mica_core.validate.work_dtype`).
+    tensors in the work dtype (:func:`mica_core.validate_tensors.work_dtype`).
     """
 
     def __init__(self, offsets, group, ngroups, max_turns, distance=None,
@@ -454,7 +454,7 @@ def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return
 
 def run_tensors(plan, inputs, *, deterministic=None):
     """``(reward, returns, advantage)`` tensors for validated torch input
-    (:class:`mica_core.validate.TorchInputs`), cast to its output dtype."""
+    (:class:`mica_core.validate_tensors.TorchInputs`), cast to its output dtype."""
     r, ret, adv = compute(plan, inputs.offsets, inputs.group, inputs.ngroups, inputs.max_turns,
                           inputs.distance, inputs.initial_distance, inputs.reward,
                           deterministic=deterministic_default(deterministic), key=inputs.key,

@@ -81,14 +81,12 @@ def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
     if i < 0:
         names = table.column_names
         if name not in names:
-            raise MicaInputError(f"missing (needed as the {role} column; present: "
-                                 f"{', '.join(names) or 'none'})", column=name,
-                                 rule="missing column")
+            raise _validate.missing_column(name, role, names)
         raise _validate.duplicate_column(name, names.count(name))
     col = table.column(i)
     if col.null_count and not allow_null:
         first = int(pc.index(pc.is_null(col), True).as_py())
-        raise MicaInputError("null value", column=name, row=first, rule="no nulls")
+        raise _validate.null_value(name, first)
     if pa.types.is_dictionary(col.type):
         col = pc.cast(col, col.type.value_type)
     return col
@@ -101,12 +99,12 @@ def _numpy(col, name, *, kind="float"):
         return np.zeros(0, dtype=np.float64 if kind == "float" else np.int64)
     if kind == "float":
         if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
-            raise MicaInputError(f"must be numeric; got {t}", column=name, rule="dtype")
+            raise _validate.column_type(name, "numeric", t)
         if pa.types.is_float16(t) or pa.types.is_integer(t):
             col = pc.cast(col, pa.float64())
     else:
         if not pa.types.is_integer(t):
-            raise MicaInputError(f"must be integer; got {t}", column=name, rule="dtype")
+            raise _validate.column_type(name, "integer", t)
     if isinstance(col, pa.ChunkedArray):
         if col.num_chunks == 1:
             col = col.chunk(0)
@@ -205,7 +203,7 @@ def _list_parts(col, name):
     """(offsets int64 [n+1] from 0, flat values Array) of a list column; slices honoured."""
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise MicaInputError(f"must be a list column; got {t}", column=name, rule="dtype")
+        raise _validate.column_type(name, "a list column", t)
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if isinstance(arr, pa.ChunkedArray):  # no chunks at all
         arr = pa.array([], type=t)
@@ -220,8 +218,7 @@ def _list_parts(col, name):
     if values.null_count:
         pos = int(pc.index(pc.is_null(values), True).as_py())
         row = int(np.searchsorted(offsets, pos, side="right") - 1)
-        raise MicaInputError(f"null element at position {pos - offsets[row]} of the list",
-                             column=name, row=row, rule="no nulls")
+        raise _validate.null_list_element(name, row, pos - offsets[row])
     return offsets, values
 
 
@@ -234,19 +231,16 @@ def _state_distance(table, name, n, potential, *, axes=None, axes_of=None):
     lengths = np.diff(offsets)
     if n and (lengths != lengths[0]).any():
         row = int(np.flatnonzero(lengths != lengths[0])[0])
-        raise MicaInputError(f"state has {lengths[row]} axes here but {lengths[0]} on row 0",
-                             column=name, row=row, rule="same number of axes")
+        raise _validate.state_axes_differ(name, row, lengths[row], lengths[0])
     k = int(lengths[0]) if n else 0
     if n and axes is not None and k != axes:
         # Potentials of states with different axes are not comparable (IDR subtracts them).
-        raise MicaInputError(f"state has {k} axes but {axes_of} has {axes}", column=name,
-                             row=0, rule="same number of axes")
+        raise _validate.state_axes_mismatch(name, k, axes_of, axes)
     v = _numpy(values, name)
     if n and k == 0:
-        raise MicaInputError("state vectors are empty", column=name, row=0, rule="non-empty")
+        raise _validate.empty_states(name)
     if n and potential.weights is not None and len(potential.weights) != k:
-        raise MicaInputError(f"has {len(potential.weights)} weights but {name} has {k} axes",
-                             column="state_weights", rule="one weight per axis")
+        raise _validate.weights_per_axis(len(potential.weights), name, k)
     # Before any square is taken: 1e155 squared is already past float64.
     _validate.check_states(v, name, max(k, 1))
     d = _potential(v.reshape(n, k) if n else np.zeros((0, 1)), potential)
@@ -275,8 +269,7 @@ def _pick_source(table, cols, source, nested):
         if col in names:
             return kind
     wanted = " or ".join(repr(c) for _, c in options)
-    raise MicaInputError(f"no value column: need {wanted} (present: {', '.join(names)})",
-                         column=options[0][1], rule="missing column")
+    raise _validate.no_value_column(options[0][1], wanted, names)
 
 
 # --------------------------------------------------------------------------- reading
@@ -313,16 +306,13 @@ def _with_key(table, cols, ti: TableInput, nested: bool) -> Ragged:
     ragged = ti.ragged
     name = cols["keys"] if nested else cols["key"]
     if name not in table.column_names:
-        raise MicaInputError(f"missing (the estimator has a component with scope 'key'; it "
-                             f"needs a key per turn{', as a list column' if nested else ''})",
-                             column=name, rule="missing column")
+        raise _validate.key_column_missing(name, nested)
     col = _column(table, name, "key")
     if nested:
         offsets, values = _list_parts(col, name)
         if not np.array_equal(offsets, ragged.offsets):
             row = int(np.flatnonzero(np.diff(offsets) != np.diff(ragged.offsets))[0])
-            raise MicaInputError("has a different number of keys than turns", column=name,
-                                 row=row, rule="one key per turn")
+            raise _validate.keys_per_turn(name, row)
         col = values
     try:
         codes, nlabels = _codes(col, name)
@@ -374,19 +364,14 @@ def _read_long(table, cols, src, need_initial, potential, carry):
             row = int(order[k])
             same_prev = k > 0 and traj[order[k - 1]] == traj[row]
             if turn_sorted[k] < 0:
-                msg, rule = f"turn {turn_sorted[k]} is negative", "turns are 0..T-1"
-            elif same_prev and turn_sorted[k] == turn_sorted[k - 1] \
+                raise _validate.negative_turn(cols["turn"], row, turn_sorted[k])
+            if same_prev and turn_sorted[k] == turn_sorted[k - 1] \
                     and gcodes[row] != gcodes[order[k - 1]]:
                 # One id, two groups: usually rollouts numbered 0, 1, ... within each group.
                 raise _validate.trajectory_in_two_groups(cols["group"], row)
-            elif same_prev and turn_sorted[k] == turn_sorted[k - 1]:
-                msg, rule = f"turn {turn_sorted[k]} appears twice in its trajectory", \
-                    "no duplicate turns"
-            else:
-                msg, rule = (f"turn {turn_sorted[k]} found where turn {expected[k]} was "
-                             f"expected: a turn is missing (turns are 0..T-1 per trajectory)"), \
-                    "no missing turns"
-            raise MicaInputError(msg, column=cols["turn"], row=row, rule=rule)
+            if same_prev and turn_sorted[k] == turn_sorted[k - 1]:
+                raise _validate.duplicate_turn(cols["turn"], row, turn_sorted[k])
+            raise _validate.missing_turn(cols["turn"], row, turn_sorted[k], expected[k])
     g_rows = gcodes if order is None else gcodes[order]
     g_traj = g_rows[offsets[:-1]] if n else np.zeros(0, dtype=np.int64)
     if n and (ext is None or ext.ragged_first_change(offsets, g_rows) >= 0):
@@ -429,9 +414,7 @@ def _read_long(table, cols, src, need_initial, potential, carry):
         if differs.size:
             k = int(differs[0])
             row = k if order is None else int(order[k])
-            raise MicaInputError("differs from the value on the trajectory's other rows "
-                                 "(one initial value per trajectory)", column=init_name,
-                                 row=row, rule="constant within trajectory")
+            raise _validate.initial_value_changes(init_name, row)
     if src == "distance":
         d = rows(_numpy(_column(table, cols["distance"], "distance", allow_null=carry),
                         cols["distance"]))
@@ -442,9 +425,9 @@ def _read_long(table, cols, src, need_initial, potential, carry):
     if carry:
         if d0 is None and n and not np.isfinite(d[offsets[:-1]]).all():
             k = int(offsets[:-1][~np.isfinite(d[offsets[:-1]])][0])
-            raise MicaInputError("missing on a first turn and no initial value to carry",
-                                 column=cols["distance"], row=k if order is None
-                                 else int(order[k]), rule="finite")
+            raise _validate.missing_first_value(cols["distance"],
+                                                k if order is None else int(order[k]),
+                                                "initial value")
         d = fill_missing(d, offsets, d0 if d0 is not None else d)
     return TableInput(ragged, d, d0, r, order, "long", n)
 
@@ -460,16 +443,13 @@ def _read_nested(table, cols, src, need_initial):
             seen = np.zeros(n_unique, dtype=bool)
             for row, c in enumerate(tcodes):
                 if seen[c]:
-                    raise MicaInputError("trajectory id appears on two rows (nested form has "
-                                         "one row per trajectory)", column=cols["traj"],
-                                         row=row, rule="unique trajectory ids")
+                    raise _validate.nested_trajectory_twice(cols["traj"], row)
                 seen[c] = True
     name = cols["distances"] if src == "distance" else cols["rewards"]
     offsets, values = _list_parts(_column(table, name, "per-turn values"), name)
     empty = np.flatnonzero(np.diff(offsets) == 0)
     if empty.size:
-        raise MicaInputError("trajectory has no turns (empty list)", column=name,
-                             row=int(empty[0]), rule="at least one turn")
+        raise _validate.empty_list_trajectory(name, int(empty[0]))
     v = _numpy(values, name)
     # errors name the table row (the trajectory) that holds the list element
     _finite(v, name, np.repeat(np.arange(n_traj), np.diff(offsets)),

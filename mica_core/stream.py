@@ -53,12 +53,16 @@ from .arrow import (
 )
 from .estimators import get_estimator
 from .io import open_dataset, parquet_write_options
-from .validate import trajectory_in_two_groups
+from .validate import (
+    group_not_together,
+    missing_column,
+    null_value,
+    trajectory_in_two_groups,
+)
 
 __all__ = ["DEFAULT_BATCH_ROWS", "iter_advantages", "write_advantages"]
 
 DEFAULT_BATCH_ROWS = 1 << 20
-GROUPED_RULE = "rows of a group stored together"
 
 
 class _SeenIds:
@@ -193,9 +197,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
         cols.update(columns)
     gname, tname = cols["group"], cols["traj"]
     if gname not in dataset.schema.names:
-        raise MicaInputError(f"missing (needed as the group column; present: "
-                             f"{', '.join(dataset.schema.names) or 'none'})", column=gname,
-                             rule="missing column")
+        raise missing_column(gname, "group", dataset.schema.names)
     gtype = dataset.schema.field(gname).type
     check_label_type(gtype.value_type if pa.types.is_dictionary(gtype) else gtype, gname)
     est = get_estimator(estimator)
@@ -244,8 +246,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
         ids = batch.column(gname)
         if ids.null_count:
             first = int(np.flatnonzero(np.asarray(ids.is_null()))[0])
-            raise MicaInputError("null value", column=gname, row=row + first,
-                                 rule="no nulls")
+            raise null_value(gname, row + first)
         if pa.types.is_dictionary(ids.type):
             ids = ids.cast(ids.type.value_type)
         try:
@@ -274,10 +275,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
                     again = second
         if again >= 0:
             r = int(fresh[again])
-            raise MicaInputError(f"group {_label(ids, r)!r} appears again after other groups "
-                                 f"(the rows of a group must be stored together; sort the "
-                                 f"dataset by group first)", column=gname, row=row + r,
-                                 rule=GROUPED_RULE)
+            raise group_not_together(gname, row + r, _label(ids, r))
         # Every run but the batch's last one is finished now.
         done = fresh_keys[:-1] if len(fresh_keys) else fresh_keys
         if finished:

@@ -176,3 +176,50 @@ def test_formats_and_containers_are_read_in_one_module():
     found = {str(f.relative_to(ROOT)) for f in (ROOT / "mica_core").rglob("*.py")
              if calls.search(f.read_text(encoding="utf-8"))}
     assert found == {"mica_core/io.py"}
+
+
+#: The modules that build MicaInputError: the validate modules own every rule and its message
+#: (docs/architecture.md, "Validation"), and _errors defines the class (``with_row``).
+ERROR_BUILDERS = {"mica_core._errors", "mica_core.validate", "mica_core.validate_rows",
+                  "mica_core.validate_tensors", "mica_core.validate_tokens"}
+#: Modules allowed to build them besides, each with its reason. None today.
+ERROR_BUILDER_EXCEPTIONS: dict[str, str] = {}
+
+
+def error_constructions(package="mica_core"):
+    """``{module: number of MicaInputError(...) calls in its source}``."""
+    counts = {}
+    for f in (ROOT / package).rglob("*.py"):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        n = sum(1 for node in ast.walk(ast.parse(f.read_text(encoding="utf-8")))
+                if isinstance(node, ast.Call)
+                and (getattr(node.func, "id", None) == "MicaInputError"
+                     or getattr(node.func, "attr", None) == "MicaInputError"))
+        if n:
+            counts[name] = n
+    return counts
+
+
+def test_input_errors_are_built_only_by_the_validate_modules():
+    """Readers (arrow, stream, tokens, io) and adapters (turns, the integrations) raise the
+    errors the validate modules build, so that a rule has one name and one message."""
+    counts = error_constructions()
+    outside = {m: n for m, n in counts.items()
+               if m not in ERROR_BUILDERS and m not in ERROR_BUILDER_EXCEPTIONS}
+    assert outside == {}
+    assert counts.get("mica_core.validate", 0) > 20  # the counter sees constructions
+
+
+def test_each_rule_has_one_name():
+    """A rule named in two spellings is one rule stated twice (e.g. "non-negative" and
+    "distance >= 0" for negative distances)."""
+    import re
+
+    rules = set()
+    for f in (ROOT / "mica_core").rglob("validate*.py"):
+        rules |= set(re.findall(r'rule="([^"]+)"', f.read_text(encoding="utf-8")))
+    for old in ("distance >= 0", "every assistant token in a turn", "a per-turn signal"):
+        assert old not in rules
+    assert {"non-negative", "every assistant token belongs to a turn", "no nulls",
+            "per-turn signal required"} <= rules
