@@ -152,7 +152,7 @@ class Runner:
 
     def threads(self):
         """Threads a parallel case uses: every core available to the process."""
-        from mica_core._autoselect import available_threads
+        from mica_core.internal import available_threads
 
         return available_threads()
 
@@ -306,7 +306,7 @@ class Runner:
     def firstcall(self):
         """A new process's first call of every path ``backend="auto"`` can choose, on writable
         numpy arrays and on read-only Arrow-backed ones: nothing may wait for a compiler."""
-        from mica_core._autoselect import PARALLEL_MIN_ROWS
+        from mica_core.internal import PARALLEL_MIN_ROWS
 
         code = (
             "import sys, time\n"

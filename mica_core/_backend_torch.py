@@ -8,7 +8,7 @@ after :mod:`mica_core.validate` has checked the input:
 - :func:`run`, for ``backend="torch"`` on host input: computes on the CPU and fills the
   caller's float64 arrays.
 
-Layout. Rows are CSR as everywhere in mica (``offsets``, design §5). Per-trajectory scans work
+Layout. Rows are CSR as everywhere in mica (``offsets``, docs/architecture.md "The layout"). Per-trajectory scans work
 on a turn-major padded copy ``P[t, i]`` (``max_turns x n_traj``, zeros past each trajectory's
 end), so one step of the reverse recursion touches one contiguous row of ``P``. Bucket
 statistics are segment reductions keyed by ``labels, nbuckets``: ``index_add_`` by default, a
@@ -258,7 +258,7 @@ def bucket_sum_loop(values, labels, nbuckets):
 
 def bucket_zscore(values, labels, nbuckets, *, baseline="mean", scale="std", ddof=1, eps=1e-6,
                   singleton="zero", deterministic=False):
-    """z-score of every element within its bucket (design §3), on the values' device.
+    """z-score of every element within its bucket (README, "Estimators"), on the values' device.
 
     ``z = (x - baseline_b) / (std_b + eps)`` with the corrected two-pass moments of
     :mod:`mica_core.normalize` (``mean0 = sum/n``; ``d = x - mean0``; ``c = sum d``;
@@ -354,7 +354,7 @@ class TorchOps:
 
     ``offsets`` int64 ``[n_traj + 1]`` and ``group`` int64 codes ``[n_traj]`` in
     ``0 .. ngroups-1`` on one device; ``max_turns`` at least the longest trajectory; value
-    tensors in the work dtype (:func:`mica_core.validate.work_dtype`).
+    tensors in the work dtype (:func:`mica_core.validate_tensors.work_dtype`).
     """
 
     def __init__(self, offsets, group, ngroups, max_turns, distance=None,
@@ -454,7 +454,7 @@ def run(plan, ragged, distance, initial_distance, reward, out_reward, out_return
 
 def run_tensors(plan, inputs, *, deterministic=None):
     """``(reward, returns, advantage)`` tensors for validated torch input
-    (:class:`mica_core.validate.TorchInputs`), cast to its output dtype."""
+    (:class:`mica_core.validate_tensors.TorchInputs`), cast to its output dtype."""
     r, ret, adv = compute(plan, inputs.offsets, inputs.group, inputs.ngroups, inputs.max_turns,
                           inputs.distance, inputs.initial_distance, inputs.reward,
                           deterministic=deterministic_default(deterministic), key=inputs.key,

@@ -2,7 +2,7 @@
 
 A :class:`mica_core.estimators.Plan` says which reward to compute (IDR, ADR or given), what
 the ``return`` output holds, and which weighted z-scored components make the advantage
-(design §4). :func:`interpret` walks it once over an *operations namespace* bound to one
+(docs/architecture.md, "Conventions"). :func:`interpret` walks it once over an *operations namespace* bound to one
 batch's layout, so the numpy backend (:class:`mica_core._backend_numpy.NumpyOps`) and the
 torch backend (:class:`mica_core._backend_torch.TorchOps`) differ only in how each operation
 is computed, never in what is computed. The compiled backends run the same plan fused in one
@@ -19,7 +19,7 @@ arrays ``[n_traj]``):
 ``trajectory_outcome(r)``          ``R_i = sum_t r_t`` per trajectory
 ``outcome_returns(R, gamma)``      ``gamma^(T_i-1-t) R_i`` per turn
 ``per_row(x)``                     a per-trajectory value on each of its turns
-``scope_labels(scope, per_traj)``  ``(labels, nbuckets)`` of a scope (design §3, and
+``scope_labels(scope, per_traj)``  ``(labels, nbuckets)`` of a scope (README, "Estimators", and
                                    ``key``: the layout's key buckets)
 ``bucket_zscore(x, labels, nb, ...)``  z within buckets
 ``zeros_like(x)``, ``add_scaled(acc, x, w)``  the advantage accumulator

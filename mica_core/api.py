@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import validate as _validate
+from . import validate_tensors as _tensors
 from ._result import EstimateResult
 from .estimators import resolve
 
@@ -91,7 +92,7 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
       estimator: a registered name (``mica_core.list_estimators()``) or an ``Estimator``.
       gamma: discount; ``None`` takes the preset's (0.85; ``grpo``/``reinforce_pp``: 1.0).
       weight: ``w`` of the two-component presets (``mica``, ``mica_adr``, ``mapo``).
-      eps, ddof, baseline, scale, singleton: normalization options (design §3).
+      eps, ddof, baseline, scale, singleton: normalization options (README, "Estimators").
       backend: ``auto``, ``numpy``, ``cython``, ``numba`` or ``torch``. Torch tensors are
         computed by the torch backend on their device whatever this says.
       on_missing: ``"raise"`` (NaN and infinities are errors) or ``"carry"``: a missing
@@ -119,7 +120,7 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
     unknown = sorted(set(torch_options) - set(TORCH_OPTIONS))
     if unknown:
         raise TypeError(f"estimate() got unexpected keyword arguments {unknown}")
-    if any(_validate.is_torch(x) for x in (offsets, distance, initial_distance, reward)):
+    if any(_tensors.is_torch(x) for x in (offsets, distance, initial_distance, reward)):
         if on_missing != "raise":
             raise ValueError("on_missing='carry' is for numpy and Arrow input; fill missing "
                              "values of torch tensors before calling estimate")
@@ -150,8 +151,8 @@ def _estimate_tensors(plan, offsets, group, distance, initial_distance, reward, 
     from . import _backend_torch
 
     with torch.no_grad():
-        inputs = _validate.torch_inputs(plan, offsets, group, distance, initial_distance,
-                                        reward, ngroups=ngroups, max_turns=max_turns,
-                                        validate=validate, key=key)
+        inputs = _tensors.torch_inputs(plan, offsets, group, distance, initial_distance,
+                                       reward, ngroups=ngroups, max_turns=max_turns,
+                                       validate=validate, key=key)
         return EstimateResult(*_backend_torch.run_tensors(plan, inputs,
                                                           deterministic=deterministic))

@@ -32,6 +32,7 @@ from . import validate as _validate
 from ._errors import MicaInputError
 from .api import run_plan
 from .estimators import resolve
+from .io import to_arrow_table
 from .layout import ON_MISSING, Ragged, fill_missing, ragged_from_lengths
 from .signals import potential as _potential
 from .signals import turn_index
@@ -57,15 +58,6 @@ OUTPUT_COLUMNS = ("reward", "return", "advantage")
 SOURCES = ("auto", "distance", "state", "reward")
 
 
-def parquet_write_options(schema: pa.Schema) -> dict:
-    """Keyword arguments of ``pyarrow.parquet.write_table``/``ParquetWriter`` for a table of
-    advantages: floating-point columns (the computed :data:`OUTPUT_COLUMNS`, distances) are
-    written plain, other columns (ids, turns, keys) with pyarrow's dictionary encoding. Measured
-    on 10M turns: measured values rarely repeat, so a dictionary attempt on them costs a third
-    of the write and makes the file no smaller (docs/performance.md)."""
-    return {"use_dictionary": [f.name for f in schema if not pa.types.is_floating(f.type)]}
-
-
 @dataclass
 class TableInput:
     """A table read into the CSR layout. ``order[k]`` is the input row of sorted row ``k``
@@ -80,54 +72,7 @@ class TableInput:
     n_rows: int
 
 
-# --------------------------------------------------------------------------- conversion
-
-
-def to_arrow_table(obj) -> pa.Table:
-    """An Arrow table from a Table, RecordBatch, pandas/polars DataFrame, datasets.Dataset,
-    a mapping of columns, or any object with ``__arrow_c_stream__``."""
-    if isinstance(obj, pa.Table):
-        return obj
-    if isinstance(obj, pa.RecordBatch):
-        return pa.Table.from_batches([obj])
-    mod = type(obj).__module__
-    if mod.startswith("pandas"):
-        try:
-            return pa.Table.from_pandas(obj, preserve_index=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-            _raise_unconvertible_column(obj)
-            raise
-    if mod.startswith("polars"):
-        return obj.to_arrow()
-    if mod.startswith("datasets"):
-        ds = obj if obj._indices is None else obj.flatten_indices()
-        return ds.data.table
-    if isinstance(obj, Mapping):
-        return pa.table(dict(obj))
-    if hasattr(obj, "__arrow_c_stream__"):
-        return pa.table(obj)
-    raise TypeError(f"expected an Arrow table, RecordBatch, pandas/polars DataFrame or "
-                    f"datasets.Dataset; got {type(obj).__name__}")
-
-
-def _raise_unconvertible_column(frame):
-    """Name the first column of a pandas DataFrame that Arrow cannot hold, and its first row
-    whose value is of another kind than the column's first value (``1`` and ``"1"`` in one
-    object column: Arrow columns hold one type)."""
-    for name in frame.columns:
-        try:
-            pa.array(frame[name], from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            values = frame[name].tolist()
-            kinds = [type(v) for v in values if v is not None]
-            row = next((i for i, v in enumerate(values)
-                        if v is not None and type(v) is not kinds[0]), None) if kinds else None
-            found = f"{kinds[0].__name__} and {type(values[row]).__name__}" if row is not None \
-                else str(exc).splitlines()[0]
-            raise MicaInputError(f"mixes kinds of values that one Arrow column cannot hold "
-                                 f"({found}); give the column one type (e.g. all text)",
-                                 column=str(name), row=row, rule="one type per column") \
-                from None
+# --------------------------------------------------------------------------- columns
 
 
 def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
@@ -136,14 +81,12 @@ def _column(table: pa.Table, name: str, role: str, *, allow_null=False):
     if i < 0:
         names = table.column_names
         if name not in names:
-            raise MicaInputError(f"missing (needed as the {role} column; present: "
-                                 f"{', '.join(names) or 'none'})", column=name,
-                                 rule="missing column")
+            raise _validate.missing_column(name, role, names)
         raise _validate.duplicate_column(name, names.count(name))
     col = table.column(i)
     if col.null_count and not allow_null:
         first = int(pc.index(pc.is_null(col), True).as_py())
-        raise MicaInputError("null value", column=name, row=first, rule="no nulls")
+        raise _validate.null_value(name, first)
     if pa.types.is_dictionary(col.type):
         col = pc.cast(col, col.type.value_type)
     return col
@@ -156,12 +99,12 @@ def _numpy(col, name, *, kind="float"):
         return np.zeros(0, dtype=np.float64 if kind == "float" else np.int64)
     if kind == "float":
         if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
-            raise MicaInputError(f"must be numeric; got {t}", column=name, rule="dtype")
+            raise _validate.column_type(name, "numeric", t)
         if pa.types.is_float16(t) or pa.types.is_integer(t):
             col = pc.cast(col, pa.float64())
     else:
         if not pa.types.is_integer(t):
-            raise MicaInputError(f"must be integer; got {t}", column=name, rule="dtype")
+            raise _validate.column_type(name, "integer", t)
     if isinstance(col, pa.ChunkedArray):
         if col.num_chunks == 1:
             col = col.chunk(0)
@@ -260,7 +203,7 @@ def _list_parts(col, name):
     """(offsets int64 [n+1] from 0, flat values Array) of a list column; slices honoured."""
     t = col.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
-        raise MicaInputError(f"must be a list column; got {t}", column=name, rule="dtype")
+        raise _validate.column_type(name, "a list column", t)
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if isinstance(arr, pa.ChunkedArray):  # no chunks at all
         arr = pa.array([], type=t)
@@ -275,8 +218,7 @@ def _list_parts(col, name):
     if values.null_count:
         pos = int(pc.index(pc.is_null(values), True).as_py())
         row = int(np.searchsorted(offsets, pos, side="right") - 1)
-        raise MicaInputError(f"null element at position {pos - offsets[row]} of the list",
-                             column=name, row=row, rule="no nulls")
+        raise _validate.null_list_element(name, row, pos - offsets[row])
     return offsets, values
 
 
@@ -289,19 +231,16 @@ def _state_distance(table, name, n, potential, *, axes=None, axes_of=None):
     lengths = np.diff(offsets)
     if n and (lengths != lengths[0]).any():
         row = int(np.flatnonzero(lengths != lengths[0])[0])
-        raise MicaInputError(f"state has {lengths[row]} axes here but {lengths[0]} on row 0",
-                             column=name, row=row, rule="same number of axes")
+        raise _validate.state_axes_differ(name, row, lengths[row], lengths[0])
     k = int(lengths[0]) if n else 0
     if n and axes is not None and k != axes:
         # Potentials of states with different axes are not comparable (IDR subtracts them).
-        raise MicaInputError(f"state has {k} axes but {axes_of} has {axes}", column=name,
-                             row=0, rule="same number of axes")
+        raise _validate.state_axes_mismatch(name, k, axes_of, axes)
     v = _numpy(values, name)
     if n and k == 0:
-        raise MicaInputError("state vectors are empty", column=name, row=0, rule="non-empty")
+        raise _validate.empty_states(name)
     if n and potential.weights is not None and len(potential.weights) != k:
-        raise MicaInputError(f"has {len(potential.weights)} weights but {name} has {k} axes",
-                             column="state_weights", rule="one weight per axis")
+        raise _validate.weights_per_axis(len(potential.weights), name, k)
     # Before any square is taken: 1e155 squared is already past float64.
     _validate.check_states(v, name, max(k, 1))
     d = _potential(v.reshape(n, k) if n else np.zeros((0, 1)), potential)
@@ -330,8 +269,7 @@ def _pick_source(table, cols, source, nested):
         if col in names:
             return kind
     wanted = " or ".join(repr(c) for _, c in options)
-    raise MicaInputError(f"no value column: need {wanted} (present: {', '.join(names)})",
-                         column=options[0][1], rule="missing column")
+    raise _validate.no_value_column(options[0][1], wanted, names)
 
 
 # --------------------------------------------------------------------------- reading
@@ -340,7 +278,7 @@ def _pick_source(table, cols, source, nested):
 def ragged_from_table(table, columns: Mapping[str, str] | None = None, *, source="auto",
                       state_weights=None, epsilon=1.0, distance_kind="hinge",
                       need_initial=True, on_missing="raise", need_key=False) -> TableInput:
-    """Read a long- or nested-form table into the CSR layout, validating it (design §5, §7)."""
+    """Read a long- or nested-form table into the CSR layout, validating it (docs/architecture.md, "Conventions")."""
     table = to_arrow_table(table)
     cols = dict(DEFAULT_COLUMNS)
     if columns:
@@ -368,16 +306,13 @@ def _with_key(table, cols, ti: TableInput, nested: bool) -> Ragged:
     ragged = ti.ragged
     name = cols["keys"] if nested else cols["key"]
     if name not in table.column_names:
-        raise MicaInputError(f"missing (the estimator has a component with scope 'key'; it "
-                             f"needs a key per turn{', as a list column' if nested else ''})",
-                             column=name, rule="missing column")
+        raise _validate.key_column_missing(name, nested)
     col = _column(table, name, "key")
     if nested:
         offsets, values = _list_parts(col, name)
         if not np.array_equal(offsets, ragged.offsets):
             row = int(np.flatnonzero(np.diff(offsets) != np.diff(ragged.offsets))[0])
-            raise MicaInputError("has a different number of keys than turns", column=name,
-                                 row=row, rule="one key per turn")
+            raise _validate.keys_per_turn(name, row)
         col = values
     try:
         codes, nlabels = _codes(col, name)
@@ -429,19 +364,14 @@ def _read_long(table, cols, src, need_initial, potential, carry):
             row = int(order[k])
             same_prev = k > 0 and traj[order[k - 1]] == traj[row]
             if turn_sorted[k] < 0:
-                msg, rule = f"turn {turn_sorted[k]} is negative", "turns are 0..T-1"
-            elif same_prev and turn_sorted[k] == turn_sorted[k - 1] \
+                raise _validate.negative_turn(cols["turn"], row, turn_sorted[k])
+            if same_prev and turn_sorted[k] == turn_sorted[k - 1] \
                     and gcodes[row] != gcodes[order[k - 1]]:
                 # One id, two groups: usually rollouts numbered 0, 1, ... within each group.
                 raise _validate.trajectory_in_two_groups(cols["group"], row)
-            elif same_prev and turn_sorted[k] == turn_sorted[k - 1]:
-                msg, rule = f"turn {turn_sorted[k]} appears twice in its trajectory", \
-                    "no duplicate turns"
-            else:
-                msg, rule = (f"turn {turn_sorted[k]} found where turn {expected[k]} was "
-                             f"expected: a turn is missing (turns are 0..T-1 per trajectory)"), \
-                    "no missing turns"
-            raise MicaInputError(msg, column=cols["turn"], row=row, rule=rule)
+            if same_prev and turn_sorted[k] == turn_sorted[k - 1]:
+                raise _validate.duplicate_turn(cols["turn"], row, turn_sorted[k])
+            raise _validate.missing_turn(cols["turn"], row, turn_sorted[k], expected[k])
     g_rows = gcodes if order is None else gcodes[order]
     g_traj = g_rows[offsets[:-1]] if n else np.zeros(0, dtype=np.int64)
     if n and (ext is None or ext.ragged_first_change(offsets, g_rows) >= 0):
@@ -484,9 +414,7 @@ def _read_long(table, cols, src, need_initial, potential, carry):
         if differs.size:
             k = int(differs[0])
             row = k if order is None else int(order[k])
-            raise MicaInputError("differs from the value on the trajectory's other rows "
-                                 "(one initial value per trajectory)", column=init_name,
-                                 row=row, rule="constant within trajectory")
+            raise _validate.initial_value_changes(init_name, row)
     if src == "distance":
         d = rows(_numpy(_column(table, cols["distance"], "distance", allow_null=carry),
                         cols["distance"]))
@@ -497,9 +425,9 @@ def _read_long(table, cols, src, need_initial, potential, carry):
     if carry:
         if d0 is None and n and not np.isfinite(d[offsets[:-1]]).all():
             k = int(offsets[:-1][~np.isfinite(d[offsets[:-1]])][0])
-            raise MicaInputError("missing on a first turn and no initial value to carry",
-                                 column=cols["distance"], row=k if order is None
-                                 else int(order[k]), rule="finite")
+            raise _validate.missing_first_value(cols["distance"],
+                                                k if order is None else int(order[k]),
+                                                "initial value")
         d = fill_missing(d, offsets, d0 if d0 is not None else d)
     return TableInput(ragged, d, d0, r, order, "long", n)
 
@@ -515,16 +443,13 @@ def _read_nested(table, cols, src, need_initial):
             seen = np.zeros(n_unique, dtype=bool)
             for row, c in enumerate(tcodes):
                 if seen[c]:
-                    raise MicaInputError("trajectory id appears on two rows (nested form has "
-                                         "one row per trajectory)", column=cols["traj"],
-                                         row=row, rule="unique trajectory ids")
+                    raise _validate.nested_trajectory_twice(cols["traj"], row)
                 seen[c] = True
     name = cols["distances"] if src == "distance" else cols["rewards"]
     offsets, values = _list_parts(_column(table, name, "per-turn values"), name)
     empty = np.flatnonzero(np.diff(offsets) == 0)
     if empty.size:
-        raise MicaInputError("trajectory has no turns (empty list)", column=name,
-                             row=int(empty[0]), rule="at least one turn")
+        raise _validate.empty_list_trajectory(name, int(empty[0]))
     v = _numpy(values, name)
     # errors name the table row (the trajectory) that holds the list element
     _finite(v, name, np.repeat(np.arange(n_traj), np.diff(offsets)),

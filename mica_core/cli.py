@@ -52,8 +52,6 @@ BUILTIN_COMMANDS = {
     "estimators": "list the registered estimators",
 }
 CORE_COMMANDS = tuple(BUILTIN_COMMANDS)
-READ_EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "ipc", ".ipc": "ipc",
-                   ".feather": "ipc", ".arrows": "ipc", ".csv": "csv"}
 PROGRESS_MIN_ROWS = 1_000_000
 STREAM_MIN_ROWS = 16_000_000  # --stream auto: about 1 GiB of value columns and outputs
 # api.BACKENDS, restated so that `mica advantages --help` imports no numpy (a test checks
@@ -290,39 +288,21 @@ class _Progress:
 
 
 def _input_format(path: str) -> str:
-    ext = os.path.splitext(path.rstrip("/"))[1].lower()
-    fmt = READ_EXTENSIONS.get(ext)
-    if fmt is None and os.path.isdir(path):
-        fmt = "parquet"  # a folder of Parquet files (a pyarrow dataset)
-    if fmt is None:
-        raise CliError(f"{path}: unknown input extension {ext!r} (use "
-                       f"{', '.join(sorted(READ_EXTENSIONS))}, or a folder of Parquet files)")
-    if not os.path.exists(path):
-        raise CliError(f"{path}: no such file")
-    return fmt
+    from .io import UnreadableInput, input_format
+
+    try:
+        return input_format(path)
+    except UnreadableInput as exc:
+        raise CliError(str(exc)) from None
 
 
 def _read_table(path: str):
-    import pyarrow as pa
+    from .io import UnreadableInput, read_table
 
-    fmt = _input_format(path)
     try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        if fmt == "csv":
-            import pyarrow.csv as pcsv
-
-            return pcsv.read_csv(path)
-        with pa.memory_map(path) as src:
-            try:
-                return pa.ipc.open_file(src).read_all()
-            except pa.ArrowInvalid:
-                src.seek(0)
-                return pa.ipc.open_stream(src).read_all()
-    except (pa.ArrowException, OSError) as exc:
-        raise CliError(f"{path}: cannot read as {fmt}: {exc}".splitlines()[0]) from None
+        return read_table(path, _input_format(path))
+    except UnreadableInput as exc:
+        raise CliError(str(exc)) from None
 
 
 def _check_output(path: str, force: bool):
@@ -351,21 +331,12 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def write_parquet_atomic(table, path: str, *, force: bool = False):
-    """Write ``table`` to ``path`` as Parquet, atomically (:mod:`mica_core.atomic`).
+    """Write ``table`` to ``path`` as Parquet, atomically (:func:`mica_core.io.write_parquet_atomic`):
+    an existing ``path`` is kept unless ``force``; a failed write leaves nothing behind."""
+    from .io import write_parquet_atomic as write
 
-    An existing ``path`` is kept unless ``force``, also when another writer creates it while
-    this one is writing; a failed write leaves nothing behind.
-    """
-    import pyarrow.parquet as pq
-
-    from .arrow import parquet_write_options
-    from .atomic import atomic_path
-
-    if os.path.exists(path) and not force:
-        raise CliError(f"{path} exists; pass --force to overwrite it")
     try:
-        with atomic_path(path, overwrite=force, suffix=".parquet.tmp") as tmp:
-            pq.write_table(table, tmp, **parquet_write_options(table.schema))
+        write(table, path, overwrite=force)
     except FileExistsError:
         raise CliError(f"{path} exists; pass --force to overwrite it") from None
 
@@ -399,23 +370,9 @@ def _advantages(args) -> int:
     return 0
 
 
-def _count_rows(path: str, fmt: str) -> int | None:
-    if fmt != "parquet":
-        return None
-    try:
-        if os.path.isfile(path):  # the footer only, without importing pyarrow.dataset
-            import pyarrow.parquet as pq
-
-            return pq.read_metadata(path).num_rows
-        import pyarrow.dataset as ds
-
-        return ds.dataset(path, format="parquet").count_rows()  # footers only
-    except Exception:  # unreadable: let the reader report it
-        return None
-
-
 def _should_stream(args) -> bool:
     from .estimators import get_estimator
+    from .io import count_rows
 
     if args.stream == "off":
         return False
@@ -423,15 +380,16 @@ def _should_stream(args) -> bool:
     if args.stream == "on":
         return True
     has_batch_scope = any(c.scope == "batch" for c in get_estimator(args.estimator).components)
-    rows = _count_rows(args.input, fmt)
+    rows = count_rows(args.input, fmt)
     return not has_batch_scope and rows is not None and rows >= STREAM_MIN_ROWS
 
 
 def _advantages_streamed(args, columns, options) -> int:
+    from .io import count_rows
     from .stream import DEFAULT_BATCH_ROWS, write_advantages
 
     fmt = _input_format(args.input)
-    total = _count_rows(args.input, fmt)
+    total = count_rows(args.input, fmt)
     show = args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty())
     progress = _Progress(show)
 

@@ -1,6 +1,6 @@
 """Estimator registry: every preset is a weighted sum of normalized components.
 
-A component is ``(weight, signal, scope, baseline, scale)`` (design §4):
+A component is ``(weight, signal, scope, baseline, scale)`` (docs/architecture.md, "Conventions"):
 
 - ``signal``: what is normalized.
     - ``"reward"``: the per-turn reward ``r_t`` (IDR, ADR or given).

@@ -1,4 +1,4 @@
-"""Bucket statistics and z-scores (design §3).
+"""Bucket statistics and z-scores (README, "Estimators"; docs/architecture.md, "Conventions").
 
 ``z_S(x) = (x - baseline_S) / (std_S + eps)`` over the bucket ``S`` holding ``x``. Buckets are
 given as ``labels`` (int64 bucket id per element) and ``nbuckets``.

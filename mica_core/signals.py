@@ -1,9 +1,10 @@
 """Per-turn signals of a conversation: distances, rewards and discounted returns.
 
-Conventions (design §1-§2). Trajectory ``i`` owns rows ``offsets[i]:offsets[i+1]`` of every
-flat per-turn array; row ``offsets[i] + t`` is turn ``t``. ``D_{i,t}`` is the residual distance
-to the fully supported state after turn ``t`` and ``D_{i,-1}`` the distance before the first
-reply (``initial_distance``, one value per trajectory).
+Conventions (docs/architecture.md, "Conventions" and "The layout"). Trajectory ``i`` owns
+rows ``offsets[i]:offsets[i+1]`` of every flat per-turn array; row ``offsets[i] + t`` is turn
+``t``. ``D_{i,t}`` is the residual distance to the fully supported state after turn ``t`` and
+``D_{i,-1}`` the distance before the first reply (``initial_distance``, one value per
+trajectory).
 
 These are the readable numpy versions. The compiled kernels in ``mica_core._ext`` and
 ``mica_core._numba`` compute the same quantities and are tested against them.

@@ -50,57 +50,19 @@ from .arrow import (
     check_label_type,
     compute_advantages,
     float_labels,
-    parquet_write_options,
 )
 from .estimators import get_estimator
-from .validate import duplicate_column, trajectory_in_two_groups
+from .io import open_dataset, parquet_write_options
+from .validate import (
+    group_not_together,
+    missing_column,
+    null_value,
+    trajectory_in_two_groups,
+)
 
 __all__ = ["DEFAULT_BATCH_ROWS", "iter_advantages", "write_advantages"]
 
 DEFAULT_BATCH_ROWS = 1 << 20
-GROUPED_RULE = "rows of a group stored together"
-
-
-def _as_dataset(source, format):
-    import pyarrow.dataset as ds
-
-    if isinstance(source, ds.Dataset):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or directory")
-        paths = path
-    elif isinstance(source, (list, tuple)):
-        paths = [os.fspath(p) for p in source]
-    else:
-        raise TypeError(f"source must be a path, a list of paths or a pyarrow.dataset.Dataset; "
-                        f"got {type(source).__name__}")
-    try:
-        return ds.dataset(paths, format=format)
-    except pa.ArrowInvalid as exc:
-        if "duplicate field names" in str(exc):
-            _raise_duplicate_column(paths, format)
-        raise
-
-
-def _raise_duplicate_column(paths, format):
-    """Name the repeated column of the first file that has one (the dataset's own error
-    does not say which)."""
-    import pyarrow.dataset as ds
-    from pyarrow.fs import LocalFileSystem
-
-    if isinstance(paths, str) and os.path.isdir(paths):
-        paths = sorted(os.path.join(root, f) for root, _, files in os.walk(paths)
-                       for f in files if not f.startswith((".", "_")))
-    # The FileFormat object for a format name, as ds.dataset resolves it.
-    file_format = ds.dataset([], format=format).format if isinstance(format, str) else format
-    local = LocalFileSystem()
-    for path in [paths] if isinstance(paths, str) else paths:
-        names = file_format.inspect(os.path.abspath(path), filesystem=local).names
-        for name in names:
-            if names.count(name) > 1:
-                raise duplicate_column(name, names.count(name))
 
 
 class _SeenIds:
@@ -229,15 +191,13 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1; got {batch_rows!r}")
-    dataset = _as_dataset(source, format)
+    dataset = open_dataset(source, format)
     cols = dict(DEFAULT_COLUMNS)
     if columns:
         cols.update(columns)
     gname, tname = cols["group"], cols["traj"]
     if gname not in dataset.schema.names:
-        raise MicaInputError(f"missing (needed as the group column; present: "
-                             f"{', '.join(dataset.schema.names) or 'none'})", column=gname,
-                             rule="missing column")
+        raise missing_column(gname, "group", dataset.schema.names)
     gtype = dataset.schema.field(gname).type
     check_label_type(gtype.value_type if pa.types.is_dictionary(gtype) else gtype, gname)
     est = get_estimator(estimator)
@@ -286,8 +246,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
         ids = batch.column(gname)
         if ids.null_count:
             first = int(np.flatnonzero(np.asarray(ids.is_null()))[0])
-            raise MicaInputError("null value", column=gname, row=row + first,
-                                 rule="no nulls")
+            raise null_value(gname, row + first)
         if pa.types.is_dictionary(ids.type):
             ids = ids.cast(ids.type.value_type)
         try:
@@ -316,10 +275,7 @@ def iter_advantages(source, /, estimator="mica", columns: Mapping[str, str] | No
                     again = second
         if again >= 0:
             r = int(fresh[again])
-            raise MicaInputError(f"group {_label(ids, r)!r} appears again after other groups "
-                                 f"(the rows of a group must be stored together; sort the "
-                                 f"dataset by group first)", column=gname, row=row + r,
-                                 rule=GROUPED_RULE)
+            raise group_not_together(gname, row + r, _label(ids, r))
         # Every run but the batch's last one is finished now.
         done = fresh_keys[:-1] if len(fresh_keys) else fresh_keys
         if finished:
@@ -382,7 +338,7 @@ def write_advantages(in_path, out_path, estimator="mica",
                     if on_chunk is not None:
                         on_chunk(rows)
                 if writer is None:  # no rows: an empty file with the output columns
-                    schema = _output_schema(_as_dataset(in_path, format).schema)
+                    schema = _output_schema(open_dataset(in_path, format).schema)
                     writer = pq.ParquetWriter(tmp, schema, compression=compression,
                                               **parquet_write_options(schema))
             finally:

@@ -1,6 +1,6 @@
 """Turns in token space: find assistant turns, attribute token rewards, spread turn values.
 
-Two layouts (design §5):
+Two layouts (docs/architecture.md, "Conventions", tokens):
 
 - ``"trajectory"`` (verl's): one row per trajectory, ``response_mask [B, L]`` marks assistant
   tokens. The turns of row ``b`` are the runs of ones in ``response_mask[b]``, in order, unless
@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._errors import MicaInputError
+from . import validate_tokens as _rules
 
 __all__ = ["TurnSpans", "broadcast_to_tokens", "turn_of_token", "turn_rewards_from_tokens",
            "turn_spans"]
@@ -69,13 +69,11 @@ def _mask_bool(response_mask, name="response_mask"):
     if _is_torch(response_mask):
         m = response_mask
         if m.ndim != 2:
-            raise MicaInputError(f"must be 2-D [rows, tokens]; got shape {tuple(m.shape)}",
-                                 column=name, rule="shape")
+            raise _rules.not_2d(name, tuple(m.shape))
         return m if m.dtype == _torch().bool else m != 0
     m = np.asarray(response_mask)
     if m.ndim != 2:
-        raise MicaInputError(f"must be 2-D [rows, tokens]; got shape {m.shape}", column=name,
-                             rule="shape")
+        raise _rules.not_2d(name, m.shape)
     return m if m.dtype == bool else m != 0
 
 
@@ -133,42 +131,31 @@ def _starts_from_turn_start(m, turn_start):
             and turn_start.dtype.kind in "iu":
         padded = np.asarray(turn_start.cpu() if _is_torch(turn_start) else turn_start)
         if padded.ndim != 2 or padded.shape[0] != B:
-            raise MicaInputError(f"needs one row of turn starts per response row ({B}); got "
-                                 f"shape {padded.shape}", column="turn_start", rule="shape")
+            raise _rules.starts_shape(B, padded.shape)
         rows = [r[r >= 0] for r in padded]  # negative entries pad the shorter rows
     else:
         rows = list(turn_start)
         if len(rows) != B:
-            raise MicaInputError(f"needs one list of turn starts per response row ({B}); got "
-                                 f"{len(rows)}", column="turn_start", rule="length")
+            raise _rules.starts_rows(B, len(rows))
     host_mask = np.asarray(m.cpu() if _is_torch(m) else m)
     starts = np.zeros((B, L), dtype=bool)
     for b, r in enumerate(rows):
         pos = np.asarray([] if r is None else r).reshape(-1)
         if pos.size and pos.dtype.kind not in "iu":
             if not np.all(np.isfinite(pos)) or np.any(pos != np.round(pos)):
-                raise MicaInputError(f"turn starts must be token positions (integers); got "
-                                     f"{pos.tolist()}", column="turn_start", row=b,
-                                     rule="integer positions")
+                raise _rules.starts_not_integer(b, pos.tolist())
         pos = pos.astype(np.int64)
         if pos.size and (pos.min() < 0 or pos.max() >= L):
-            raise MicaInputError(f"turn start {int(pos.max() if pos.max() >= L else pos.min())} "
-                                 f"is outside the response (0..{L - 1})", column="turn_start",
-                                 row=b, rule="in range")
+            raise _rules.start_outside(b, int(pos.max() if pos.max() >= L else pos.min()), L)
         if np.any(np.diff(pos) <= 0):
-            raise MicaInputError(f"turn starts must increase; got {pos.tolist()}",
-                                 column="turn_start", row=b, rule="increasing")
+            raise _rules.starts_not_increasing(b, pos.tolist())
         off = pos[~host_mask[b, pos]]
         if off.size:
-            raise MicaInputError(f"turn start {int(off[0])} is not an assistant token "
-                                 f"(response_mask is 0 there)", column="turn_start", row=b,
-                                 rule="a turn starts on an assistant token")
+            raise _rules.start_not_assistant(b, int(off[0]))
         first = pos[0] if pos.size else L
         early = np.flatnonzero(host_mask[b, :first])
         if early.size:
-            raise MicaInputError(f"assistant token {int(early[0])} comes before the row's first "
-                                 f"turn start", column="turn_start", row=b,
-                                 rule="every assistant token belongs to a turn")
+            raise _rules.token_before_first_start(b, int(early[0]))
         starts[b, pos] = True
     if _is_torch(m):
         return _torch().as_tensor(starts, device=m.device)
@@ -185,8 +172,7 @@ def _starts_from_turn_index(m, turn_index, validate):
     else:
         ti = np.asarray(turn_index.cpu() if _is_torch(turn_index) else turn_index)
     if tuple(ti.shape) != tuple(m.shape):
-        raise MicaInputError(f"shape {tuple(ti.shape)} differs from response_mask's "
-                             f"{tuple(m.shape)}", column="turn_index", rule="shape")
+        raise _rules.shape_differs("turn_index", tuple(ti.shape), tuple(m.shape))
     B, L = m.shape
     # index of the latest assistant token at or before each token (-1: none yet)
     if _is_torch(m):
@@ -204,9 +190,7 @@ def _starts_from_turn_index(m, turn_index, validate):
     if validate:
         hit = _first_true(m & has_prev & (ti < prev_ti))
         if hit is not None:
-            raise MicaInputError(f"token {hit[1]}: turn index {int(ti[hit])} is lower than the "
-                                 f"previous assistant token's {int(prev_ti[hit])}",
-                                 column="turn_index", row=hit[0], rule="non-decreasing")
+            raise _rules.turn_index_decreases(hit[0], hit[1], int(ti[hit]), int(prev_ti[hit]))
     return m & (~has_prev | (ti != prev_ti))
 
 
@@ -346,14 +330,12 @@ def turn_rewards_from_tokens(token_level_rewards, response_mask, *, reward_mask=
         rew = np.asarray(rew)
     m = _mask_bool(response_mask)
     if tuple(rew.shape) != tuple(m.shape):
-        raise MicaInputError(f"shape {tuple(rew.shape)} differs from response_mask's "
-                             f"{tuple(m.shape)}", column="token_level_rewards", rule="shape")
+        raise _rules.shape_differs("token_level_rewards", tuple(rew.shape), tuple(m.shape))
     spans, tid = _spans(m, _turn_starts(m, turn_start, turn_index, validate))
     before = tid < 0
     rm = None if reward_mask is None else _mask_bool(reward_mask, "reward_mask")
     if rm is not None and tuple(rm.shape) != tuple(m.shape):
-        raise MicaInputError(f"shape {tuple(rm.shape)} differs from response_mask's "
-                             f"{tuple(m.shape)}", column="reward_mask", rule="shape")
+        raise _rules.shape_differs("reward_mask", tuple(rm.shape), tuple(m.shape))
     if _is_torch(rew):
         torch = _torch()
         out_dt = rew.dtype if rew.is_floating_point() else torch.float64
@@ -365,17 +347,13 @@ def turn_rewards_from_tokens(token_level_rewards, response_mask, *, reward_mask=
         finite = np.isfinite(acc) if not _is_torch(acc) else _torch().isfinite(acc)
         hit = _first_true(~finite)
         if hit is not None:
-            raise MicaInputError(f"token {hit[1]}: reward {float(rew[hit])} is not finite",
-                                 column="token_level_rewards", row=hit[0], rule="finite")
+            raise _rules.token_reward_not_finite(hit[0], hit[1], float(rew[hit]))
         placed = (acc != 0) if rm is None else (rm | (acc != 0))
         hit = _first_true(placed & before)
         if hit is not None:
             where = ("before the row's first assistant turn" if bool(m[hit[0]].any())
                      else "in a row without any assistant token")
-            raise MicaInputError(
-                f"token {hit[1]}: reward {float(rew[hit])} lies {where}; a reward belongs to the "
-                f"most recent turn that starts at or before it, and there is none",
-                column="token_level_rewards", row=hit[0], rule="reward after a turn start")
+            raise _rules.reward_before_turns(hit[0], hit[1], float(rew[hit]), where)
     # Segmented sums over the flattened tokens, each turn one contiguous segment from its
     # start to the next turn's start: sequential within a segment (exact when a turn holds
     # one reward), fixed order and no atomics on CUDA. Tokens before a row's first turn are
@@ -413,9 +391,7 @@ def turn_rewards_from_tokens(token_level_rewards, response_mask, *, reward_mask=
         hit = _first_true(missing.reshape(1, -1))
         if hit is not None:
             i = hit[1]
-            raise MicaInputError(f"the turn starting at token {int(start[i])} has no reward "
-                                 f"(reward_mask is False on all its tokens)",
-                                 column="reward_mask", row=int(row[i]), rule="a reward per turn")
+            raise _rules.turn_without_reward(int(row[i]), int(start[i]))
     return reward.to(out_dt) if _is_torch(reward) else reward.astype(out_dt), spans
 
 
@@ -477,27 +453,20 @@ def _check_counts(per_row_spans, adv_len, flat, K, offsets, B):
     if offsets is not None:
         o = np.asarray(offsets.cpu() if _is_torch(offsets) else offsets, dtype=np.int64)
         if o.shape != (B + 1,):
-            raise MicaInputError(f"needs shape ({B + 1},); got {o.shape}", column="offsets",
-                                 rule="length")
+            raise _rules.offsets_length(B, o.shape)
         bad = np.flatnonzero(np.diff(o) != per_row_spans)
         if bad.size:
             b = int(bad[0])
-            raise MicaInputError(f"offsets give {int(o[b + 1] - o[b])} turns but "
-                                 f"response_mask has {int(per_row_spans[b])} assistant spans",
-                                 column="response_mask", row=b, rule="one span per turn")
+            raise _rules.spans_differ(b, int(o[b + 1] - o[b]), int(per_row_spans[b]))
     if flat:
         total = int(per_row_spans.sum())
         if adv_len != total:
-            raise MicaInputError(f"turn_advantage has {adv_len} values but response_mask has "
-                                 f"{total} assistant spans (turns)", column="turn_advantage",
-                                 rule="one value per turn")
+            raise _rules.values_for_spans(adv_len, total)
     else:
         bad = np.flatnonzero(per_row_spans > K)
         if bad.size:
             b = int(bad[0])
-            raise MicaInputError(f"response_mask has {int(per_row_spans[b])} assistant spans "
-                                 f"but turn_advantage holds {K} per row",
-                                 column="turn_advantage", row=b, rule="one value per turn")
+            raise _rules.spans_for_values(b, int(per_row_spans[b]), K)
 
 
 def _broadcast_numpy(turn_advantage, m, starts, layout, offsets, validate):
@@ -507,8 +476,7 @@ def _broadcast_numpy(turn_advantage, m, starts, layout, offsets, validate):
     B = m.shape[0]
     if layout == "turn":
         if adv.shape not in ((B,), (B, 1)):
-            raise MicaInputError(f"layout 'turn' needs one value per row, shape ({B},); got "
-                                 f"{adv.shape}", column="turn_advantage", rule="shape")
+            raise _rules.layout_shape("turn", f"one value per row, shape ({B},)", adv.shape)
         return np.where(m, adv.reshape(B, 1), np.zeros((), adv.dtype)).astype(adv.dtype)
     if adv.ndim == 1:
         if validate:
@@ -526,8 +494,7 @@ def _broadcast_numpy(turn_advantage, m, starts, layout, offsets, validate):
         k = np.cumsum(starts, axis=1) - 1
         vals = np.take_along_axis(adv, np.clip(k, 0, K - 1), axis=1)
     else:
-        raise MicaInputError(f"layout 'trajectory' needs [n_turns] or [{B}, K]; got shape "
-                             f"{adv.shape}", column="turn_advantage", rule="shape")
+        raise _rules.layout_shape("trajectory", f"[n_turns] or [{B}, K]", adv.shape)
     return np.where(m, vals, np.zeros((), adv.dtype))
 
 
@@ -542,8 +509,8 @@ def _broadcast_torch(turn_advantage, m, starts, layout, offsets, validate):
     zero = torch.zeros((), dtype=adv.dtype, device=m.device)
     if layout == "turn":
         if tuple(adv.shape) not in ((B,), (B, 1)):
-            raise MicaInputError(f"layout 'turn' needs one value per row, shape ({B},); got "
-                                 f"{tuple(adv.shape)}", column="turn_advantage", rule="shape")
+            raise _rules.layout_shape("turn", f"one value per row, shape ({B},)",
+                                      tuple(adv.shape))
         return torch.where(m, adv.reshape(B, 1), zero)
     if adv.ndim == 1:
         if validate:
@@ -561,6 +528,5 @@ def _broadcast_torch(turn_advantage, m, starts, layout, offsets, validate):
         k = torch.cumsum(starts, dim=1) - 1
         vals = torch.gather(adv, 1, k.clamp(0, K - 1))
     else:
-        raise MicaInputError(f"layout 'trajectory' needs [n_turns] or [{B}, K]; got shape "
-                             f"{tuple(adv.shape)}", column="turn_advantage", rule="shape")
+        raise _rules.layout_shape("trajectory", f"[n_turns] or [{B}, K]", tuple(adv.shape))
     return torch.where(m, vals, zero)

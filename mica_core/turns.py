@@ -21,9 +21,9 @@ onto this module's (:data:`SIGNALS`) and calls:
 
 - ``"zero"`` (default): every group-relative component (scopes ``turn``, ``group``, ``key``)
   is 0 for that trajectory; components of scope ``batch`` keep their value. The rollout group
-  is the comparison set of GRPO-style estimators (design §1, §3): with one rollout there is no
+  is the comparison set of GRPO-style estimators (docs/architecture.md, "Conventions"): with one rollout there is no
   other rollout of the same scenario to compare with, the same reason a bucket of one element
-  gives 0 (design §3, ``singleton="zero"``). Without this rule ``mica``'s ``z_group(r)``
+  gives 0 (``singleton="zero"``, README "Estimators"). Without this rule ``mica``'s ``z_group(r)``
   would compare the trajectory's turns with each other.
 - ``"within"``: the bucket definitions applied literally: ``z_group`` and ``z_key`` over the
   lone trajectory's own turns (``z_turn`` buckets hold one value each and give 0 anyway, or
@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import validate as _v
-from ._errors import MicaInputError
+from . import validate_rows as _rows
 from .estimators import Estimator, get_estimator
 from .signals import absolute_distance_reward, distance_from_state, incremental_distance_reward
 
@@ -93,29 +93,15 @@ def _name(names, key):
     return (names or {}).get(key, key)
 
 
-def _host(value):
-    if hasattr(value, "detach"):  # a torch tensor, possibly on an accelerator
-        return value.detach().cpu().numpy()
-    return value
-
-
 def _numbers(column, row, value, ndim, noun="row"):
     """Row ``row`` of a per-row field as a float64 array of ``ndim`` dimensions."""
-    if value is None:
-        raise MicaInputError(f"no value for this {noun}", column=column, row=row,
-                             rule=f"a value per {noun}")
-    try:
-        a = np.asarray(_host(value), dtype=np.float64)
-    except (TypeError, ValueError):
-        raise MicaInputError(f"not numeric: {type(value).__name__} {str(value)[:60]!r}",
-                             column=column, row=row, rule="numbers") from None
+    a = _rows.numbers(column, row, value, noun=noun)
     if ndim == 0 and a.shape == (1,):
         a = a.reshape(())
     if a.ndim != ndim:
         what = {0: "a number", 1: "a list of numbers, one per turn",
                 2: "a list of state vectors [turns, K]"}[ndim]
-        raise MicaInputError(f"needs {what} per {noun}; got shape {a.shape}", column=column,
-                             row=row, rule="shape")
+        raise _rows.row_shape(column, row, what, a.shape, noun)
     bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0] if a.ndim else 1, -1)).all(axis=1))
     if bad.size:
         t = int(bad[0])
@@ -127,13 +113,7 @@ def _column(fields, key, n, names, noun="row"):
     col = fields.get(key)
     if col is None:
         return None
-    if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
-        raise MicaInputError(f"needs one entry per {noun}; got {type(col).__name__}",
-                             column=_name(names, key), rule=f"one entry per {noun}")
-    if len(col) != n:
-        raise MicaInputError(f"has {len(col)} entries for {n} {noun}s",
-                             column=_name(names, key), rule=f"one entry per {noun}")
-    return col
+    return _rows.entries(_name(names, key), col, n, noun=noun)
 
 
 def _trajectories(counts, group, trajectory, order, names=None):
@@ -188,11 +168,10 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
     est = get_estimator(estimator)
     present = [k for k in ("distance", "state", "reward") if fields.get(k) is not None]
     if len(present) > 1:
-        raise MicaInputError(f"give one per-turn signal; got "
-                             f"{', '.join(_name(names, k) for k in present)}",
-                             column=_name(names, present[1]), rule="one per-turn signal")
+        raise _rows.several_signals(_name(names, present[1]), f"give one per-turn signal; got "
+                                    f"{', '.join(_name(names, k) for k in present)}")
     source = present[0] if present else None
-    group = np.asarray(_host(group), dtype=object).reshape(-1)
+    group = np.asarray(_rows.host(group), dtype=object).reshape(-1)
     if counts is None:
         if source is None:
             raise _v.values_required()
@@ -202,8 +181,7 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
     counts = np.asarray(counts, dtype=np.int64).reshape(-1)
     B = counts.shape[0]
     if group.shape[0] != B:
-        raise MicaInputError(f"needs one label per row ({B}); got {group.shape[0]}",
-                             column=_name(names, "group"), rule="length")
+        raise _rows.labels_per_row(_name(names, "group"), B, group.shape[0])
     rows, traj, labels = _trajectories(counts, group, trajectory, order, names)
     per_traj = np.bincount(traj, weights=counts[rows], minlength=labels.shape[0])
     offsets = np.zeros(labels.shape[0] + 1, dtype=np.int64)
@@ -224,9 +202,7 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
         for b in rows:
             a = _numbers(_name(names, key), int(b), col[b], ndim, row_name)
             if a.shape[0] != counts[b]:
-                raise MicaInputError(f"has {a.shape[0]} values but the row has {counts[b]} "
-                                     f"turns", column=_name(names, key), row=int(b),
-                                     rule="one value per turn")
+                raise _rows.values_per_turn(_name(names, key), int(b), a.shape[0], counts[b])
             out.append(a)
         return out
 
@@ -238,8 +214,7 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
         for b in first_rows:
             a = _numbers(_name(names, key), int(b), col[b], len(shape), row_name)
             if a.shape != shape:
-                raise MicaInputError(f"needs shape {shape}; got {a.shape}",
-                                     column=_name(names, key), row=int(b), rule="shape")
+                raise _rows.initial_shape(_name(names, key), int(b), shape, a.shape)
             vals.append(a)
         return np.stack(vals) if vals else np.zeros((0, *shape))
 
@@ -265,10 +240,8 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
             width = vals[0].shape[1] if vals else 0
             for b, a in zip(rows, vals):
                 if a.shape[1] != width:
-                    raise MicaInputError(f"state vectors of {a.shape[1]} values; row "
-                                         f"{int(rows[0])} has {width}",
-                                         column=_name(names, "state"), row=int(b),
-                                         rule="one state width")
+                    raise _rows.state_width(_name(names, "state"), int(b), a.shape[1],
+                                            int(rows[0]), width)
             dist = (distance_from_state(np.concatenate(vals), **kw) if vals else np.zeros(0))
             s0 = initial("initial_state", (width,))
             d0 = None if s0 is None else (distance_from_state(s0, **kw) if len(s0)
@@ -277,23 +250,18 @@ def collect(counts, group, fields: dict, *, estimator="mica", trajectory=None, o
         if est.reward == "idr":
             if d0 is None:
                 field = "initial_distance" if source == "distance" else "initial_state"
-                raise MicaInputError(f"{_name(names, source)} needs {_name(names, field)} (the "
-                                     f"value before the first reply) for IDR",
-                                     column=_name(names, field), rule="required")
+                raise _rows.initial_required(_name(names, field), _name(names, source))
             inputs["initial_distance"] = np.asarray(d0, dtype=np.float64)
     if any(c.scope == "key" for c in est.components):
         if fields.get("key") is None:
-            raise MicaInputError(f"estimator {est.name!r} groups turns by a key: give one key "
-                                 f"per turn of each row (e.g. an anchor-state hash)",
-                                 column=_name(names, "key"), rule="required")
+            raise _rows.keys_required(_name(names, "key"), est.name)
         col = _column(fields, "key", B, names, row_name)
         keys = []
         for b in rows:
-            row = list(_host(col[b]))
+            row = list(_rows.host(col[b]))
             if len(row) != counts[b]:
-                raise MicaInputError(f"has {len(row)} keys but the row has {counts[b]} turns",
-                                     column=_name(names, "key"), row=int(b),
-                                     rule="one key per turn")
+                raise _rows.values_per_turn(_name(names, "key"), int(b), len(row), counts[b],
+                                            "keys")
             keys.extend(row)
         key = np.empty(len(keys), dtype=object)
         key[:] = keys
@@ -331,8 +299,7 @@ def estimate_turns(batch: TurnBatch, estimator="mica", *, reward=None, extra_rew
     from .api import estimate
 
     if lone_rollout not in LONE_ROLLOUT:
-        raise MicaInputError(f"must be one of {', '.join(LONE_ROLLOUT)}; got {lone_rollout!r}",
-                             column="lone_rollout", rule="choice")
+        raise _v.choice("lone_rollout", lone_rollout, LONE_ROLLOUT)
     est = get_estimator(estimator)
     inputs = dict(batch.inputs)
     key = inputs.pop("key", None)
@@ -340,7 +307,7 @@ def estimate_turns(batch: TurnBatch, estimator="mica", *, reward=None, extra_rew
 
     def csr(values):  # row-major -> CSR order
         out = np.empty(n, dtype=np.float64)
-        out[batch.to_rows] = np.asarray(_host(values), dtype=np.float64).reshape(-1)
+        out[batch.to_rows] = np.asarray(_rows.host(values), dtype=np.float64).reshape(-1)
         return out
 
     if not inputs:

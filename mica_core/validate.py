@@ -1,18 +1,18 @@
-"""Validation and conversion of every input kind, in one place, with one set of messages.
+"""Validation and conversion of host input, and the rules every input path shares.
 
-Design §7: invalid input raises :class:`mica_core.MicaInputError` naming the column (or
-argument), the first offending row and the rule. Every message mica writes for a rule that
-more than one input path shares is built by one function in the first section below; the
-array paths (:func:`numpy_inputs`, :func:`torch_inputs`) and the Arrow reader
-(:mod:`mica_core.arrow`) call them. After this module, nothing checks again: backends and
-kernels trust what they are given.
+docs/architecture.md, "Validation": invalid input raises :class:`mica_core.MicaInputError`
+naming the column (or argument), the first offending row and the rule. Each rule has one name
+and one message, built by one function of the validate modules: this one (the shared rules,
+host arrays, Arrow tables), :mod:`mica_core.validate_tensors` (torch tensors),
+:mod:`mica_core.validate_tokens` (token layouts) and :mod:`mica_core.validate_rows` (per-row
+turn signals of the integrations). Readers and adapters raise what these build. After
+validation nothing checks again: backends and kernels trust what they are given.
 
 - Host data (numpy arrays, lists, Arrow-backed views): :func:`make_ragged` checks ``offsets``
   and factorizes ``group``; :func:`numpy_inputs` checks the value arrays and returns them
   as contiguous float32/float64.
-- Torch tensors: :func:`torch_inputs` checks shapes and dtypes on the host and the values on
-  the device, with at most one device-to-host copy for all checks together (see
-  docs/torch.md for the sync-free path, ``validate=False``).
+- Torch tensors: :mod:`mica_core.validate_tensors` applies the same rules to tensors (shapes
+  and dtypes on the host, values on the device, one device-to-host copy).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "MAX_MAGNITUDE",
     "NumpyInputs",
     "Potential",
-    "TorchInputs",
     "check_key",
     "check_num_threads",
     "check_offsets",
@@ -46,21 +45,21 @@ __all__ = [
     "make_ragged",
     "numpy_inputs",
     "potential_options",
-    "torch_inputs",
 ]
 
 
 # --------------------------------------------------------------------------- the rules
 
 
-def not_finite(column, row, value) -> MicaInputError:
-    return MicaInputError(f"value {value} is not finite (NaN and infinities are rejected)",
+def not_finite(column, row, value, at="") -> MicaInputError:
+    """``at``: where in the row, e.g. ``"call 2: "`` (a per-call list)."""
+    return MicaInputError(f"{at}value {value} is not finite (NaN and infinities are rejected)",
                           column=column, row=row, rule="finite")
 
 
-def negative_distance(column, row, value) -> MicaInputError:
-    return MicaInputError(f"distance {value} is negative (distances are >= 0)", column=column,
-                          row=row, rule="non-negative")
+def negative_distance(column, row, value, at="") -> MicaInputError:
+    return MicaInputError(f"{at}distance {value} is negative (distances are >= 0)",
+                          column=column, row=row, rule="non-negative")
 
 
 def wrong_length(column, expected, shape) -> MicaInputError:
@@ -145,10 +144,6 @@ def label_not_finite(column, row) -> MicaInputError:
                           rule="finite")
 
 
-def label_null(column, row) -> MicaInputError:
-    return MicaInputError("null value", column=column, row=row, rule="no nulls")
-
-
 def label_not_scalar(column, row, kind) -> MicaInputError:
     return MicaInputError(f"labels must be numbers, strings or other scalar values; got "
                           f"{kind}", column=column, row=row, rule="dtype")
@@ -157,6 +152,13 @@ def label_not_scalar(column, row, kind) -> MicaInputError:
 def duplicate_column(column, copies) -> MicaInputError:
     return MicaInputError(f"appears {copies} times in the table (column names must be unique)",
                           column=column, rule="unique column names")
+
+
+def mixed_kinds(column, row, found) -> MicaInputError:
+    """A container column (pandas) whose values are of kinds one Arrow column cannot hold."""
+    return MicaInputError(f"mixes kinds of values that one Arrow column cannot hold ({found}); "
+                          f"give the column one type (e.g. all text)", column=column, row=row,
+                          rule="one type per column")
 
 
 def trajectory_in_two_groups(column, row) -> MicaInputError:
@@ -170,10 +172,139 @@ def offsets_too_large(row, value) -> MicaInputError:
                           f"numbers", column="offsets", row=row, rule="int64")
 
 
+def choice(column, value, choices) -> MicaInputError:
+    """An option outside its choices (``choices``: the allowed values, in order)."""
+    return MicaInputError(f"must be one of {', '.join(map(str, choices))}; got {value!r}",
+                          column=column, rule="choice")
+
+
+def not_boolean(column, value) -> MicaInputError:
+    return MicaInputError(f"must be true or false; got {value!r}", column=column,
+                          rule="boolean")
+
+
+def meta_device(column) -> MicaInputError:
+    return MicaInputError("is a tensor on the meta device, which holds no values (move it to a "
+                          "real device first)", column=column, rule="device")
+
+
+def ngroups_too_small(ngroups) -> MicaInputError:
+    return MicaInputError(f"ngroups must be >= 1; got {ngroups}", column="group",
+                          rule="codes in range")
+
+
 def key_required(plan) -> MicaInputError:
     return MicaInputError(f"estimator {plan.name!r} has a component with scope 'key': pass a "
                           f"key per turn (key=, or a key column), e.g. an anchor-state hash",
                           column="key", rule="required")
+
+
+def missing_first_value(column, row, carried="initial_distance") -> MicaInputError:
+    """``on_missing="carry"`` with a missing first-turn value and nothing to carry into it."""
+    return MicaInputError(f"missing on a first turn and no {carried} to carry", column=column,
+                          row=row, rule="finite")
+
+
+def null_value(column, row, what="null value") -> MicaInputError:
+    return MicaInputError(what, column=column, row=row, rule="no nulls")
+
+
+
+
+# --------------------------------------------------------------------------- table rules
+# Rules of Arrow tables (mica_core.arrow, mica_core.stream): columns, list columns, turns.
+
+
+def missing_column(column, role, present) -> MicaInputError:
+    return MicaInputError(f"missing (needed as the {role} column; present: "
+                          f"{', '.join(present) or 'none'})", column=column,
+                          rule="missing column")
+
+
+def no_value_column(column, wanted, present) -> MicaInputError:
+    return MicaInputError(f"no value column: need {wanted} (present: {', '.join(present)})",
+                          column=column, rule="missing column")
+
+
+def key_column_missing(column, nested) -> MicaInputError:
+    return MicaInputError(f"missing (the estimator has a component with scope 'key'; it needs "
+                          f"a key per turn{', as a list column' if nested else ''})",
+                          column=column, rule="missing column")
+
+
+def column_type(column, expected, got) -> MicaInputError:
+    """A column of the wrong Arrow type (``expected``: "numeric", "integer", "a list column")."""
+    return MicaInputError(f"must be {expected}; got {got}", column=column, rule="dtype")
+
+
+def null_list_element(column, row, position) -> MicaInputError:
+    return null_value(column, row, f"null element at position {position} of the list")
+
+
+def state_axes_differ(column, row, axes, first_axes) -> MicaInputError:
+    return MicaInputError(f"state has {axes} axes here but {first_axes} on row 0", column=column,
+                          row=row, rule="same number of axes")
+
+
+def state_axes_mismatch(column, axes, other, other_axes) -> MicaInputError:
+    return MicaInputError(f"state has {axes} axes but {other} has {other_axes}", column=column,
+                          row=0, rule="same number of axes")
+
+
+def empty_states(column) -> MicaInputError:
+    return MicaInputError("state vectors are empty", column=column, row=0, rule="non-empty")
+
+
+def weights_per_axis(n_weights, column, axes) -> MicaInputError:
+    return MicaInputError(f"has {n_weights} weights but {column} has {axes} axes",
+                          column="state_weights", rule="one weight per axis")
+
+
+def keys_per_turn(column, row, detail="has a different number of keys than turns") \
+        -> MicaInputError:
+    return MicaInputError(detail, column=column, row=row, rule="one key per turn")
+
+
+def negative_turn(column, row, turn) -> MicaInputError:
+    return MicaInputError(f"turn {turn} is negative", column=column, row=row,
+                          rule="turns are 0..T-1")
+
+
+def duplicate_turn(column, row, turn) -> MicaInputError:
+    return MicaInputError(f"turn {turn} appears twice in its trajectory", column=column, row=row,
+                          rule="no duplicate turns")
+
+
+def missing_turn(column, row, turn, expected) -> MicaInputError:
+    return MicaInputError(f"turn {turn} found where turn {expected} was expected: a turn is "
+                          f"missing (turns are 0..T-1 per trajectory)", column=column, row=row,
+                          rule="no missing turns")
+
+
+def initial_value_changes(column, row) -> MicaInputError:
+    return MicaInputError("differs from the value on the trajectory's other rows (one initial "
+                          "value per trajectory)", column=column, row=row,
+                          rule="constant within trajectory")
+
+
+def nested_trajectory_twice(column, row) -> MicaInputError:
+    return MicaInputError("trajectory id appears on two rows (nested form has one row per "
+                          "trajectory)", column=column, row=row, rule="unique trajectory ids")
+
+
+def empty_list_trajectory(column, row) -> MicaInputError:
+    return MicaInputError("trajectory has no turns (empty list)", column=column, row=row,
+                          rule="at least one turn")
+
+
+#: the rule of a streamed dataset whose group comes back after other groups
+GROUPED_RULE = "rows of a group stored together"
+
+
+def group_not_together(column, row, label) -> MicaInputError:
+    return MicaInputError(f"group {label!r} appears again after other groups (the rows of a "
+                          f"group must be stored together; sort the dataset by group first)",
+                          column=column, row=row, rule=GROUPED_RULE)
 
 
 #: The most threads one call runs on; a larger ``num_threads`` is capped (results are the
@@ -232,7 +363,7 @@ def label_array(labels, name="group") -> np.ndarray:
     if np.ma.isMaskedArray(labels) and np.ndim(labels) >= 1:
         row = _masked_row(labels)
         if row >= 0:
-            raise label_null(name, row)
+            raise null_value(name, row)
         labels = np.ma.getdata(labels)
     return np.asarray(labels)
 
@@ -256,7 +387,7 @@ def _factorize_objects(a: np.ndarray, name):
     codes = np.empty(len(a), dtype=np.int64)
     for i, value in enumerate(a):
         if _is_missing(value):
-            raise label_null(name, i)
+            raise null_value(name, i)
         try:
             code = index.setdefault(value, len(index))
         except TypeError:
@@ -297,7 +428,7 @@ def factorize(labels, name="group"):
     if a.dtype.kind in "mM":  # NaT is a missing date or duration: a null label
         bad = np.flatnonzero(np.isnat(a))
         if bad.size:
-            raise label_null(name, int(bad[0]))
+            raise null_value(name, int(bad[0]))
     if a.dtype.kind not in "biufcUSmM":
         raise label_not_scalar(name, 0, f"dtype {a.dtype}")
     # np.unique compares with ==: 0.0 and -0.0 are one value.
@@ -435,8 +566,7 @@ def potential_options(weights=None, epsilon=1.0, kind="hinge") -> Potential:
     ``"hinge"`` or ``"norm"``. Errors name the option (``state_weights``, ``epsilon``,
     ``distance_kind``) and the rule."""
     if kind not in DISTANCE_KINDS:
-        raise MicaInputError(f"must be one of {', '.join(DISTANCE_KINDS)}; got {kind!r}",
-                             column="distance_kind", rule="choice")
+        raise choice("distance_kind", kind, DISTANCE_KINDS)
     try:
         e = float(epsilon)
     except (TypeError, ValueError):
@@ -500,7 +630,7 @@ def check_values(x, name, n, *, allow_negative=True, allow_missing=False):
     masked entry of a ``numpy.ma`` array is a missing value (an error, or NaN to be filled)."""
     masked = _masked_row(x) if np.ma.isMaskedArray(x) and np.ndim(x) == 1 else -1
     if masked >= 0 and not allow_missing:
-        raise MicaInputError("masked (missing) value", column=name, row=masked, rule="no nulls")
+        raise null_value(name, masked, "masked (missing) value")
     if masked >= 0:
         x = np.ma.filled(np.ma.asarray(x).astype(np.float64), np.nan)
     a = np.asarray(np.ma.getdata(x) if np.ma.isMaskedArray(x) else x)
@@ -616,294 +746,6 @@ def numpy_inputs(plan, offsets, group, distance, initial_distance, reward,
         firsts = d[ragged.offsets[:-1]]
         if d0 is None and n and not np.isfinite(firsts).all():
             first = int(np.flatnonzero(~np.isfinite(firsts))[0])
-            raise MicaInputError("missing on a first turn and no initial_distance to carry",
-                                 column="distance", row=int(ragged.offsets[first]),
-                                 rule="finite")
+            raise missing_first_value("distance", int(ragged.offsets[first]))
         d = fill_missing(d, ragged.offsets, d0 if d0 is not None else d)
     return NumpyInputs(ragged, d, d0, None, out_dtype)
-
-
-# --------------------------------------------------------------------------- torch tensors
-
-
-def _torch():
-    import torch
-
-    return torch
-
-
-def is_torch(x) -> bool:
-    """Whether ``x`` is a torch tensor (without importing torch)."""
-    return type(x).__module__.startswith("torch") and hasattr(x, "device")
-
-
-def work_dtype(device):
-    """float64 wherever the device has it; MPS has no float64."""
-    torch = _torch()
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
-class TorchInputs(NamedTuple):
-    """Validated tensors on one device, in the work dtype (float64; float32 on MPS)."""
-
-    offsets: Any  # int64 [n_traj + 1]
-    group: Any  # int64 codes [n_traj] in 0 .. ngroups-1
-    ngroups: int
-    max_turns: int  # at least the longest trajectory, at least 1
-    distance: Any
-    initial_distance: Any
-    reward: Any
-    out_dtype: Any
-    key: Any = None  # int64 [n_rows] key bucket codes, for plans with a key component
-    nkeys: int = 0
-
-
-def _values_tensor(x, name, n, device, wdt):
-    """Shape and dtype checks on the host (no data access); returns the work-dtype tensor."""
-    torch = _torch()
-    if not is_torch(x):
-        a = np.asarray(x)
-        if a.dtype.kind not in "fiu" or a.dtype.kind == "b":
-            raise not_numeric(name, a.dtype)
-        x = torch.as_tensor(a)
-    if x.ndim != 1 or (n is not None and x.shape[0] != n):
-        raise wrong_length(name, n, x.shape)
-    if x.dtype == torch.bool or x.is_complex():
-        raise not_numeric(name, x.dtype)
-    return x.to(device=device, dtype=wdt)
-
-
-def _out_dtype(values, initial_distance):
-    """The host path's rule: float32 values give float32 unless ``initial_distance`` is
-    float64; float64 and integers give float64; float16/bfloat16 give float32."""
-    torch = _torch()
-
-    def kind(x):
-        if x is None:
-            return None
-        dt = x.dtype if is_torch(x) else np.asarray(x).dtype
-        if dt in (torch.float32, torch.float16, torch.bfloat16, np.float32, np.float16):
-            return "f32"
-        return "f64"
-
-    if kind(values) == "f32" and kind(initial_distance) != "f64":
-        return torch.float32
-    return torch.float64
-
-
-def _offsets_tensor(offsets, device):
-    """Offsets as int64 on ``device``. Tensors (any device) are checked later with the other
-    device-side checks; host data is checked here, on the host."""
-    torch = _torch()
-    if is_torch(offsets):
-        o = offsets
-        if o.ndim != 1 or o.shape[0] == 0:
-            raise offsets_shape(o.shape)
-        if o.is_floating_point() or o.dtype == torch.bool or o.is_complex():
-            raise offsets_dtype(o.dtype)
-        return o.to(device=device, dtype=torch.int64), None
-    host = check_offsets(offsets)
-    return torch.from_numpy(host).to(device), host
-
-
-def _group_tensor(group, n_traj, device, ngroups):
-    """Group codes int64 on ``device``, their count, and whether the codes still need the
-    device-side range check.
-
-    Tensors: codes as given when ``ngroups`` is passed, else ``torch.unique`` (one sync).
-    Host labels: factorized on the host (or range-checked there when ``ngroups`` is given).
-    """
-    torch = _torch()
-    if is_torch(group):
-        if group.ndim != 1 or group.shape[0] != n_traj:
-            raise group_length(n_traj, group.shape)
-        if ngroups is not None:
-            if group.is_floating_point() or group.dtype == torch.bool or group.is_complex():
-                raise codes_not_integer(group.dtype)
-            return group.to(device=device, dtype=torch.int64), int(ngroups), True
-        if group.is_floating_point():
-            bad = (~torch.isfinite(group)).nonzero()
-            if bad.numel():
-                raise label_not_finite("group", int(bad[0, 0]))
-        uniq, codes = torch.unique(group, return_inverse=True)
-        return codes.to(device=device, dtype=torch.int64), int(uniq.shape[0]), False
-    if ngroups is not None:
-        g = label_array(group, "group")
-        if g.ndim != 1 or len(g) != n_traj:
-            raise group_length(n_traj, g.shape)
-        if g.dtype.kind not in "iu":
-            raise codes_not_integer(g.dtype)
-        bad = np.flatnonzero((g < 0) | (g >= ngroups))
-        if bad.size:
-            raise code_out_of_range(int(bad[0]), g[bad[0]], int(ngroups))
-        return torch.from_numpy(g.astype(np.int64)).to(device), int(ngroups), False
-    codes, ng = group_codes(group, n_traj)
-    return torch.from_numpy(codes).to(device), ng, False
-
-
-def _first_index(bad):
-    """Index of the first True in ``bad`` as a 0-d tensor (``len(bad)`` when none); no sync."""
-    torch = _torch()
-    n = bad.shape[0]
-    if not n:
-        return torch.zeros((), dtype=torch.int64, device=bad.device)
-    idx = torch.arange(n, dtype=torch.int64, device=bad.device)
-    return torch.where(bad, idx, n).min()
-
-
-class _Check(NamedTuple):
-    """A device-side check: ``value`` (0-d tensor) equals ``ok`` unless it failed, and
-    ``fail(value)`` raises the rule's error."""
-
-    value: Any
-    ok: int
-    fail: Any
-
-
-def _value_checks(v, name, d0, distances):
-    def finite(x, col):
-        def fail(i):
-            raise not_finite(col, i, float(x[i].cpu()))
-        return _Check(_first_index(~_torch().isfinite(x)), x.shape[0], fail)
-
-    def nonneg(x, col):
-        def fail(i):
-            raise negative_distance(col, i, float(x[i].cpu()))
-        return _Check(_first_index(x < 0), x.shape[0], fail)
-
-    def bounded(x, col):
-        def fail(i):
-            raise too_large(col, i, float(x[i].cpu()))
-        return _Check(_first_index(x.abs() > MAX_MAGNITUDE), x.shape[0], fail)
-
-    checks = [finite(v, name), bounded(v, name)]
-    if distances:
-        checks.append(nonneg(v, name))
-    if d0 is not None:
-        checks += [finite(d0, "initial_distance"), nonneg(d0, "initial_distance"),
-                   bounded(d0, "initial_distance")]
-    return checks
-
-
-def _offsets_checks(o, lengths, n_rows):
-    n_traj = lengths.shape[0]
-
-    def start_fail(v):
-        raise offsets_start(v)
-
-    def step_fail(i):
-        raise empty_trajectory(i, int(lengths[i].cpu()))
-
-    def end_fail(v):
-        raise offsets_end(v, n_rows, n_traj)
-
-    return [_Check(o[0], 0, start_fail),
-            _Check(_first_index(lengths <= 0), n_traj, step_fail),
-            _Check(o[-1], n_rows, end_fail)]
-
-
-def _group_checks(g, ngroups):
-    def fail(i):
-        raise code_out_of_range(i, int(g[i].cpu()), ngroups)
-    return [_Check(_first_index((g < 0) | (g >= ngroups)), g.shape[0], fail)]
-
-
-def _run_device_checks(checks, lengths, measure_max_turns):
-    """Evaluate every device-side check with one host copy; raise on the first failure.
-    Returns the longest trajectory when ``measure_max_turns``."""
-    torch = _torch()
-    scalars = [c.value for c in checks]
-    if measure_max_turns:
-        scalars.append(lengths.max() if lengths.numel() else
-                       torch.ones((), dtype=torch.int64, device=lengths.device))
-    if not scalars:
-        return None
-    got = torch.stack([s.to(torch.int64) for s in scalars]).tolist()  # the one sync
-    for check, v in zip(checks, got):
-        if v != check.ok:
-            check.fail(v)
-    return got[-1] if measure_max_turns else None
-
-
-def torch_inputs(plan, offsets, group, distance, initial_distance, reward, *, ngroups=None,
-                 max_turns=None, validate=True, key=None) -> TorchInputs:
-    """Check and convert torch input for ``plan``; computation happens on the values' device.
-
-    ``ngroups``: with ``group`` an int64 tensor of codes ``0 .. ngroups-1``, skips
-    factorizing. ``max_turns``: an upper bound on trajectory length (skips measuring it).
-    ``validate=False`` skips the device-side checks (finite values, non-negative distances,
-    offsets, codes in range, ``max_turns`` large enough) and their sync: bad input then gives
-    wrong numbers or a device-side assertion, not an error. ``key`` (plans with a component
-    of scope ``key``): per-turn labels, factorized on the host (one copy from the device when
-    they live there), the buckets sent to the values' device.
-    """
-    torch = _torch()
-    for name, x in (("offsets", offsets), ("group", group), ("distance", distance),
-                    ("initial_distance", initial_distance), ("reward", reward), ("key", key)):
-        if is_torch(x) and x.device.type == "meta":
-            raise MicaInputError("is a tensor on the meta device, which holds no values (move "
-                                 "it to a real device first)", column=name, rule="device")
-    values_in = reward if reward is not None else distance
-    if reward is not None and (distance is not None or initial_distance is not None):
-        raise exclusive_inputs()
-    if values_in is None:
-        raise values_required()
-    if plan.reward == "idr" and reward is None and initial_distance is None:
-        raise initial_distance_required()
-    tensors = [x for x in (values_in, initial_distance, offsets) if is_torch(x)]
-    device = values_in.device if is_torch(values_in) else (
-        tensors[0].device if tensors else torch.device("cpu"))
-    wdt = work_dtype(device)
-    out_dt = _out_dtype(values_in, initial_distance if reward is None else None)
-
-    o, host_offsets = _offsets_tensor(offsets, device)
-    n_traj = o.shape[0] - 1
-    vname = "reward" if reward is not None else "distance"
-    v = _values_tensor(values_in, vname, None, device, wdt)
-    n_rows = v.shape[0]
-    if host_offsets is not None and int(host_offsets[-1]) != n_rows:
-        raise wrong_length(vname, int(host_offsets[-1]), (n_rows,))
-    d0 = None
-    if initial_distance is not None and reward is None:
-        d0 = _values_tensor(initial_distance, "initial_distance", n_traj, device, wdt)
-    g, ng, device_codes = _group_tensor(group, n_traj, device, ngroups)
-    if ngroups is not None and int(ngroups) < 1 and n_traj > 0:
-        raise MicaInputError(f"ngroups must be >= 1; got {ngroups}", column="group",
-                             rule="codes in range")
-
-    lengths = o[1:] - o[:-1]
-    if host_offsets is not None:
-        diffs = np.diff(host_offsets)
-        longest = int(diffs.max()) if diffs.size else 1
-        if max_turns is None:
-            max_turns = longest
-        elif validate and longest > int(max_turns):
-            i = int(np.flatnonzero(diffs > int(max_turns))[0])
-            raise too_many_turns(i, int(diffs[i]), int(max_turns))
-    checks = []
-    if validate:
-        checks = _value_checks(v, vname, d0, reward is None)
-        if host_offsets is None:
-            checks += _offsets_checks(o, lengths, n_rows)
-            if max_turns is not None:
-                mt = int(max_turns)
-
-                def fail(i, mt=mt):
-                    raise too_many_turns(i, None, mt)
-                checks.append(_Check(_first_index(lengths > mt), n_traj, fail))
-        if device_codes:
-            checks += _group_checks(g, ng)
-    measured = _run_device_checks(checks, lengths, max_turns is None)
-    if max_turns is None:
-        max_turns = measured
-    kb, nkeys = None, 0
-    if plan.needs_key:
-        if key is None:
-            raise key_required(plan)
-        host_key = key.cpu().numpy() if is_torch(key) else key
-        offs = host_offsets if host_offsets is not None else o.cpu().numpy()
-        ragged = check_key(host_key, n_rows, Ragged(offs, g.cpu().numpy(), ng))
-        kb, nkeys = torch.from_numpy(ragged.key).to(device), ragged.nkeys
-    if reward is not None:
-        return TorchInputs(o, g, ng, max(int(max_turns), 1), None, None, v, out_dt, kb, nkeys)
-    return TorchInputs(o, g, ng, max(int(max_turns), 1), v, d0, None, out_dt, kb, nkeys)

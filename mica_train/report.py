@@ -529,7 +529,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *,
     Raises ``MicaInputError`` (one line naming the file, line and field) for a malformed run
     directory: a transcript line that is not UTF-8, JSON or a transcript, a field of the wrong
     type, a ``config.json`` that is not a JSON object; ``out`` a directory."""
-    from mica_core._errors import MicaInputError
+    from mica_core import MicaInputError
     from mica_core.atomic import atomic_write_text
 
     run_dir = Path(run_dir)
@@ -585,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import sys
 
-    from mica_core._errors import MicaInputError
+    from mica_core import MicaInputError
 
     warnings: list[str] = []
     try:

@@ -137,8 +137,8 @@ def broadcast_to_tokens(turn_advantage, response_mask):
 
 
 def turn_of_token(response_mask, turn_start=None, turn_index=None):
-    """Per row, the turn of every token under design §5's attribution rule, by plain loops:
-    a token belongs to the latest turn that started at or before it (-1: none yet).
+    """Per row, the turn of every token under the attribution rule of docs/architecture.md
+    ("Conventions"), by plain loops: a token belongs to the latest turn that started at or before it (-1: none yet).
 
     Turn starts: the first token of each run of ones; or ``turn_start[b]`` (token positions);
     or, with ``turn_index``, every assistant token whose index differs from the previous

@@ -1,4 +1,4 @@
-"""Arrow long and nested forms, every container the design names, real Parquet files."""
+"""Arrow long and nested forms, every container the README names, real Parquet files."""
 
 import numpy as np
 import pyarrow as pa

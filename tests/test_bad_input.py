@@ -1,5 +1,5 @@
-"""The bad-input catalogue of design §7: each case raises MicaInputError naming the column,
-the first offending row and the rule."""
+"""The bad-input catalogue (docs/architecture.md, "Conventions" and "Validation"): each case
+raises MicaInputError naming the column, the first offending row and the rule."""
 
 import numpy as np
 import pyarrow as pa

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mica_core as mc
-from mica_core.stream import GROUPED_RULE, iter_advantages, write_advantages
+from mica_core.stream import iter_advantages, write_advantages
+from mica_core.validate import GROUPED_RULE
 
 OUTPUTS = ("reward", "return", "advantage")
 

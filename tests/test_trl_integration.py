@@ -396,7 +396,7 @@ def test_token_advantages_runs_of_ones_and_explicit_starts():
     ({}, [2, 1], "turn_distances", 0, "one value per turn"),
     ({"row_offset": 8}, [3, 2], "turn_distances", 9, "one value per turn"),
     ({"turn_starts": [[1, 3], [1]]}, [2, 1], "turn_starts", 0,
-     "every assistant token in a turn"),
+     "every assistant token belongs to a turn"),
     ({"turn_starts": [[0, 2, 3], [1]]}, [3, 1], "turn_starts", 0, "a token per turn"),
     ({"turn_starts": [[0], [1, 6]]}, [1, 2], "turn_starts", 1, "a token per turn"),
 ])

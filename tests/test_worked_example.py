@@ -1,4 +1,4 @@
-"""The contract's worked example (tests/data/worked_example.json, from the design) on every
+"""The contract's worked example (tests/data/worked_example.json) on every
 backend and through the Arrow path."""
 
 import json

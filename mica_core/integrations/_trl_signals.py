@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._errors import MicaInputError
+from .. import validate_rows as _rows
+from .. import validate_tokens as _tokens
 from ..estimators import get_estimator
 
 __all__ = [
@@ -124,16 +125,7 @@ NAMES = {"distance": "turn_distances", "state": "turn_states", "reward": "turn_r
 
 
 def _as_array(field, row, value, dtype=np.float64):
-    if value is None:
-        raise MicaInputError("no value for this completion", column=field, row=row,
-                             rule="a value per completion")
-    if hasattr(value, "detach"):  # a torch tensor, possibly on an accelerator
-        value = value.detach().cpu().numpy()
-    try:
-        return np.asarray(value, dtype=dtype)
-    except (TypeError, ValueError):
-        raise MicaInputError(f"not numeric: {type(value).__name__} {str(value)[:60]!r}",
-                             column=field, row=row, rule="numbers") from None
+    return _rows.numbers(field, row, value, noun="completion", dtype=dtype)
 
 
 def collect_turn_signals(fields: Mapping, n: int, *, state_weights=None, state_epsilon=1.0,
@@ -167,10 +159,10 @@ def collect_turn_signals(fields: Mapping, n: int, *, state_weights=None, state_e
     present = [f for f in SIGNAL_FIELDS if fields.get(f) is not None]
     if len(present) != 1:
         got = ", ".join(present) if present else "none"
-        raise MicaInputError(f"needs exactly one of {', '.join(SIGNAL_FIELDS)} per batch (from "
-                             f"the rollout, the dataset or turn_signals_func); got {got}",
-                             column=present[0] if present else SIGNAL_FIELDS[0],
-                             rule="one per-turn signal")
+        raise _rows.several_signals(present[0] if present else SIGNAL_FIELDS[0],
+                                    f"needs exactly one of {', '.join(SIGNAL_FIELDS)} per batch "
+                                    f"(from the rollout, the dataset or turn_signals_func); got "
+                                    f"{got}")
     source = present[0]
     by_mica = {k: fields.get(v) for k, v in NAMES.items() if k != "group"}
     batch = collect(None, np.zeros(n, dtype=np.int64) if group is None else group, by_mica,
@@ -195,12 +187,9 @@ def collect_turn_signals(fields: Mapping, n: int, *, state_weights=None, state_e
         for b in range(n):
             s = _as_array("turn_starts", b, starts_col[b])
             if s.ndim != 1 or s.shape[0] != counts[b]:
-                raise MicaInputError(f"{s.size} turn starts but {source} has {counts[b]} turns",
-                                     column="turn_starts", row=b, rule="one start per turn")
+                raise _tokens.starts_per_turn(b, s.size, source, counts[b])
             if not (np.all(s == np.round(s)) and np.all(s >= 0) and np.all(np.diff(s) > 0)):
-                raise MicaInputError(f"{s.tolist()} are not strictly increasing token "
-                                     f"positions >= 0", column="turn_starts", row=b,
-                                     rule="increasing positions")
+                raise _tokens.starts_not_positions(b, s.tolist())
             starts.append(s.astype(np.int64))
     return TurnSignals(offsets, take(inputs.get("distance")), initial, take(inputs.get("reward")),
                        starts, source, take(inputs.get("key")), batch)
@@ -210,13 +199,7 @@ def _column(fields, name, n):
     col = fields.get(name)
     if col is None:
         return None
-    if isinstance(col, (str, bytes)) or not hasattr(col, "__len__"):
-        raise MicaInputError(f"needs one entry per completion; got {type(col).__name__}",
-                             column=name, rule="one entry per completion")
-    if len(col) != n:
-        raise MicaInputError(f"has {len(col)} entries for {n} completions", column=name,
-                             rule="one entry per completion")
-    return col
+    return _rows.entries(name, col, n, noun="completion")
 
 
 def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, skip_rows=None,
@@ -282,11 +265,10 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
         bad = np.flatnonzero((found != counts) & ~skip)
         if bad.size:
             b = int(bad[0])
-            raise MicaInputError(
-                f"the completion has {found[b]} assistant turns (runs of ones in completion_mask"
-                f" * tool_mask) but {column} has {counts[b]} values; pass turn_starts if a turn "
-                f"contains tool or environment tokens", column=column, row=b + row_offset,
-                rule="one value per turn")
+            raise _tokens.turns_for_values(column, b + row_offset, found[b], counts[b],
+                                           "runs of ones in completion_mask * tool_mask",
+                                           "pass turn_starts if a turn contains tool or "
+                                           "environment tokens")
         out = broadcast_to_tokens(padded_t, mask, validate=False)
     else:
         # TRL's turn k runs from turn_starts[k] to the next start; mica's tokens functions
@@ -304,14 +286,10 @@ def token_advantages(turn_advantage, counts, loss_mask, *, turn_starts=None, ski
             ok = (at < tok.size) & (tok[np.minimum(at, tok.size - 1)] < ends)
             if not ok.all():
                 k = int(np.flatnonzero(~ok)[0])
-                raise MicaInputError(
-                    f"turn {k} (from token {int(s[k])}) has no assistant token "
-                    f"(completion_mask * tool_mask is 0 there)", column="turn_starts",
-                    row=b + row_offset, rule="a token per turn")
+                raise _tokens.turn_without_token(b + row_offset, k, int(s[k]))
             if tok.size and s.size and tok[0] < s[0]:
-                raise MicaInputError(f"token {int(tok[0])} is an assistant token before the "
-                                     f"first turn start {int(s[0])}", column="turn_starts",
-                                     row=b + row_offset, rule="every assistant token in a turn")
+                raise _tokens.token_before_first_start(b + row_offset, int(tok[0]),
+                                                       "turn_starts", int(s[0]))
             first.append(tok[at].tolist())
         out = broadcast_to_tokens(padded_t, mask, validate=False, turn_start=first)
     return out.to(torch.float32)

@@ -32,7 +32,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .._errors import MicaInputError
+from .. import validate_rows as _rows
+from ..validate import negative_distance, not_finite
 
 __all__ = ["CALL_FIELDS", "tool_turns", "turn_fields_from_calls"]
 
@@ -69,41 +70,30 @@ def tool_turns(messages: Sequence[Mapping], *, row=None) -> list[tuple[int, int]
             turns[-1][0] += not (isinstance(content, str) and content.startswith(_FAILED))
             turns[-1][2] = None  # its calls got results
         else:
-            raise MicaInputError(f"a {role!r} message where TRL's tool loop writes assistant and "
-                                 f"tool messages, starting with an assistant message",
-                                 column="completions", row=row, rule="assistant and tool messages")
+            raise _rows.tool_messages(row, f"a {role!r} message where TRL's tool loop writes "
+                                           f"assistant and tool messages, starting with an "
+                                           f"assistant message")
     if turns and turns[-1][2] is not None:
         turns[-1][1] = len(turns[-1][2].get("tool_calls") or ())
     return [(executed, dropped) for executed, dropped, _ in turns]
 
 
 def _values(field, row, value, ndim):
-    if value is None:
-        raise MicaInputError("no value for this completion (an empty list if it made no tool "
-                             "call)", column=field, row=row, rule="a value per completion")
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    try:
-        a = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise MicaInputError(f"not numeric: {type(value).__name__} {str(value)[:60]!r}",
-                             column=field, row=row, rule="numbers") from None
+    a = _rows.numbers(field, row, value, noun="completion",
+                      hint=" (an empty list if it made no tool call)")
     if a.size == 0:
         return a.reshape((0,) * ndim)
     if a.ndim != ndim:
         what = "a list of numbers" if ndim == 1 else "a list of state vectors [calls, K]"
-        raise MicaInputError(f"needs {what} per completion; got shape {a.shape}", column=field,
-                             row=row, rule="shape")
+        raise _rows.row_shape(field, row, what, a.shape, "completion")
     bad = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
     if bad.size:
         at = f"call {int(bad[0])}: " if field in CALL_FIELDS else ""
-        raise MicaInputError(f"{at}{a[bad[0]].tolist()} is not finite", column=field, row=row,
-                             rule="finite")
+        raise not_finite(field, row, a[bad[0]].tolist(), at)
     if field in ("call_distances", "initial_distance") and (a < 0).any():
         c = int(np.flatnonzero(a < 0)[0])
         at = f"call {c}: " if field in CALL_FIELDS else ""
-        raise MicaInputError(f"{at}distance {a[c]} is negative", column=field, row=row,
-                             rule="distance >= 0")
+        raise negative_distance(field, row, a[c], at)
     return a
 
 
@@ -135,14 +125,10 @@ def turn_fields_from_calls(fields: Mapping, completions: Sequence, *, row_offset
         return dict(fields)
     turn_fields = [f for f in CALL_FIELDS.values() if fields.get(f) is not None]
     if len(present) > 1 or turn_fields:
-        raise MicaInputError(f"needs exactly one per-call or per-turn signal; got "
-                             f"{', '.join(present + turn_fields)}", column=present[0],
-                             rule="one per-turn signal")
+        raise _rows.several_signals(present[0], f"needs exactly one per-call or per-turn "
+                                                f"signal; got {', '.join(present + turn_fields)}")
     field = present[0]
-    col = fields[field]
-    if len(col) != len(completions):
-        raise MicaInputError(f"has {len(col)} entries for {len(completions)} completions",
-                             column=field, rule="one entry per completion")
+    col = _rows.entries(field, fields[field], len(completions), noun="completion")
     init_col = fields.get(_INITIAL.get(field))
     out = []
     for b, (value, messages) in enumerate(zip(col, completions, strict=True)):
@@ -150,17 +136,13 @@ def turn_fields_from_calls(fields: Mapping, completions: Sequence, *, row_offset
         values = _values(field, row, value, 2 if field == "call_states" else 1)
         turns = tool_turns(messages, row=row)
         if not turns:
-            raise MicaInputError("the completion has no assistant message", column="completions",
-                                 row=row, rule="assistant and tool messages")
+            raise _rows.tool_messages(row, "the completion has no assistant message")
         executed = sum(e for e, _ in turns)
         dropped = turns[-1][1]
         if not executed <= len(values) <= executed + dropped:
             also = f" (up to {executed + dropped} with the last turn's dropped calls)" \
                 if dropped else ""
-            raise MicaInputError(f"{len(values)} values but the completion has {executed} "
-                                 f"executed tool calls{also}; record one value per call the "
-                                 f"environment executes", column=field, row=row,
-                                 rule="one value per executed tool call")
+            raise _rows.values_per_call(field, row, len(values), executed, also)
         ends = np.cumsum([e for e, _ in turns])
         ends[-1] = len(values)  # values of dropped calls belong to the last turn
         starts = np.concatenate([[0], ends[:-1]])
@@ -176,10 +158,7 @@ def turn_fields_from_calls(fields: Mapping, completions: Sequence, *, row_offset
             if e > s:
                 previous = values[e - 1]
             elif previous is None:
-                raise MicaInputError(f"turn {k} executed no tool call, so it keeps the value "
-                                     f"before it, but there is none; give {_INITIAL[field]}",
-                                     column=_INITIAL[field], row=row,
-                                     rule="a value before a turn without a call")
+                raise _rows.no_value_before(_INITIAL[field], row, k)
             per_turn.append(previous)
         out.append(per_turn)
     result = {k: v for k, v in fields.items() if k != field}

@@ -25,7 +25,7 @@ import numpy as np
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
-from .._errors import MicaInputError
+from .. import validate_rows as _rows
 from ..turns import estimate_turns
 from ._trl_signals import (
     FIELDS,
@@ -145,10 +145,7 @@ class MicaGRPOTrainer(GRPOTrainer):
                                                        completion_ids_list))
         if any(fields.get(k) is not None for k in CALL_FIELDS):
             if not self.tools:
-                raise MicaInputError("per-call signals need TRL's tool loop (tools= or "
-                                     "environment_factory=); give per-turn fields instead",
-                                     column=next(k for k in CALL_FIELDS if k in fields),
-                                     rule="tool loop")
+                raise _rows.calls_without_tool_loop(next(k for k in CALL_FIELDS if k in fields))
             fields = turn_fields_from_calls(fields, completions,
                                             row_offset=self.accelerator.process_index
                                             * len(prompts))
@@ -167,12 +164,10 @@ class MicaGRPOTrainer(GRPOTrainer):
                             f"{type(out).__name__}")
         for key, values in out.items():
             if key not in _KNOWN:
-                raise MicaInputError(f"turn_signals_func returned an unknown field; known: "
-                                     f"{', '.join(_KNOWN)}", column=key, rule="known field")
-            if values is not None and len(values) != len(prompts):
-                raise MicaInputError(f"turn_signals_func returned {len(values)} entries for "
-                                     f"{len(prompts)} completions", column=key,
-                                     rule="one entry per completion")
+                raise _rows.unknown_field(key, "turn_signals_func", _KNOWN)
+            if values is not None:
+                _rows.entries(key, values, len(prompts), noun="completion",
+                              source="turn_signals_func")
         return {k: v for k, v in out.items() if v is not None}
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

@@ -102,7 +102,9 @@ import warnings
 
 import numpy as np
 
-from .._errors import MicaInputError
+from .. import validate as _v
+from .. import validate_rows as _rows
+from .. import validate_tokens as _tokens
 from ..estimators import get_estimator
 
 __all__ = [
@@ -318,11 +320,9 @@ def _sessions(keys):
     for r, key in enumerate(keys):
         parts = key.rsplit("_", 2)
         if len(parts) != 3 or not parts[2].lstrip("-").isdigit():
-            raise MicaInputError(f"batch key {key!r} is not verl's {{uid}}_{{session}}_{{index}}",
-                                 column="batch_keys", row=r, rule="v1 key format")
+            raise _rows.batch_key_format(r, key)
         if key in seen:
-            raise MicaInputError(f"rows {seen[key]} and {r} have the same key {key!r}",
-                                 column="batch_keys", row=r, rule="unique keys")
+            raise _rows.duplicate_batch_key(r, seen[key], key)
         seen[key] = r
         session.append(parts[0] + "_" + parts[1])
         index.append(int(parts[2]))
@@ -338,8 +338,7 @@ def _rows_are_turns(session, setting):
     """
     setting = "auto" if setting is None else str(setting)
     if setting not in ("auto", "turn", "spans"):
-        raise MicaInputError(f"must be 'auto', 'turn' or 'spans'; got {setting!r}",
-                             column="algorithm.mica.v1_rows", rule="choice")
+        raise _v.choice("algorithm.mica.v1_rows", setting, ("auto", "turn", "spans"))
     if setting != "auto":
         return setting == "turn"
     return len(set(session)) < len(session)
@@ -369,8 +368,7 @@ def _flag(name, value):
         return True
     if text in ("false", "0", "no"):
         return False
-    raise MicaInputError(f"must be true or false; got {value!r}", column="algorithm.mica." + name,
-                         rule="boolean")
+    raise _v.not_boolean("algorithm.mica." + name, value)
 
 
 def _needs_per_turn(est):
@@ -394,10 +392,10 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
     from ..turns import collect, estimate_turns
 
     if index is None:
-        raise MicaInputError("verl passed no index: mica's estimators need verl's uid (keep "
-                             "data.non_tensor_batch['uid'], which verl's compute_advantage "
-                             "passes as index) to know each row's rollout group",
-                             column="index", rule="required")
+        raise _rows.required("index", "verl passed no index: mica's estimators need verl's uid "
+                             "(keep data.non_tensor_batch['uid'], which verl's "
+                             "compute_advantage passes as index) to know each row's rollout "
+                             "group")
     est = get_estimator(estimator)
     opts = options_from_config(estimator, config, kwargs)
     require = _flag("require_per_turn", _mica_option("require_per_turn", config, kwargs))
@@ -437,11 +435,9 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
     labels = np.asarray(index.cpu() if isinstance(index, torch.Tensor)
                         and index.device.type != "cpu" else index)
     if labels.ndim != 1 or labels.shape[0] != B:
-        raise MicaInputError(f"needs one label (uid) per row ({B}); got shape {labels.shape}",
-                             column="index", rule="length")
+        raise _rows.labels_per_row("index", B, f"shape {labels.shape}", "label (uid)")
     if keys is not None and len(keys) != B:
-        raise MicaInputError(f"needs one key per row ({B}); got {len(keys)}",
-                             column="batch_keys", rule="length")
+        raise _rows.labels_per_row("batch_keys", B, len(keys), "key")
     session = order = last = None
     if keys is not None:
         session, order = _sessions(keys)
@@ -456,10 +452,10 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
         bounds["turn_index"] = torch.zeros(mask.shape, dtype=torch.int64, device=mask.device)
     if any(c.scope == "key" for c in est.components) and FIELDS["key"] not in nt and \
             keys is not None:
-        raise MicaInputError(f"estimator {estimator!r} needs a key per turn ({FIELDS['key']}), "
-                             f"which verl's v1 trainer does not carry to the advantage step: run "
-                             f"it with trainer.use_v1=false and {FIELDS['key']} in the agent "
-                             f"loop's extra_fields", column=FIELDS["key"], rule="required")
+        raise _rows.required(FIELDS["key"], f"estimator {estimator!r} needs a key per turn "
+                             f"({FIELDS['key']}), which verl's v1 trainer does not carry to the "
+                             f"advantage step: run it with trainer.use_v1=false and "
+                             f"{FIELDS['key']} in the agent loop's extra_fields")
     scores = None
     if batch is not None and "token_level_scores" in batch.keys():
         scores = batch["token_level_scores"]
@@ -517,13 +513,11 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
             COUNTERS["no_per_turn_signal"] += 1
             why = "v1 sessions of several rows" if several_rows else "rows of several turns"
             if require:
-                raise MicaInputError(f"estimator {estimator!r} got a multi-turn batch ({why}) "
-                                     f"without a per-turn signal (algorithm.mica."
-                                     f"require_per_turn=true): give {FIELDS['distance']}, "
-                                     f"{FIELDS['state']} or {FIELDS['reward']}, or v1 outputs "
-                                     f"from agent_loop_output with algorithm.mica.turn_rewards"
-                                     f"=true", column="token_level_rewards",
-                                     rule="per-turn signal required")
+                raise _rows.per_turn_signal_required(
+                    "token_level_rewards", f"estimator {estimator!r} got a multi-turn batch "
+                    f"({why}) without a per-turn signal (algorithm.mica.require_per_turn=true): "
+                    f"give {FIELDS['distance']}, {FIELDS['state']} or {FIELDS['reward']}, or v1 "
+                    f"outputs from agent_loop_output with algorithm.mica.turn_rewards=true")
             if require is None:
                 warnings.warn(_no_per_turn_message(estimator, why), UserWarning, stacklevel=3)
         missing = (est.reward == "adr" and _needs_per_turn(est) and not turn_rewards and
@@ -535,7 +529,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
                    f"has none ({FIELDS['distance']} or {FIELDS['state']}): it computes what its "
                    f"IDR twin does from the rewards given")
             if require:
-                raise MicaInputError(msg, column=FIELDS["distance"], rule="required")
+                raise _rows.required(FIELDS["distance"], msg)
             if require is None:
                 warnings.warn("mica: " + msg, UserWarning, stacklevel=3)
 
@@ -728,20 +722,16 @@ def agent_loop_output(*, prompt_ids, response_ids, response_mask, estimator, tur
     from ..turns import collect
 
     if layout not in ("trajectory", "turn"):
-        raise MicaInputError(f"must be 'trajectory' or 'turn'; got {layout!r}", column="layout",
-                             rule="choice")
+        raise _v.choice("layout", layout, ("trajectory", "turn"))
     est = get_estimator(_preset_of(estimator))
     mask = np.asarray(response_mask, dtype=np.int64).reshape(1, -1)
     if mask.shape[1] != len(response_ids):
-        raise MicaInputError(f"has {mask.shape[1]} entries for {len(response_ids)} response "
-                             f"tokens", column="response_mask", rule="one per token")
+        raise _tokens.mask_length(mask.shape[1], len(response_ids))
     bounds = {} if turn_start is None else {"turn_start": [list(turn_start)]}
     spans = turn_spans(mask, **bounds)
     T = int(spans.offsets[-1])
     if rewards is not None and est.reward == "adr":
-        raise MicaInputError(f"estimator {estimator!r} computes ADR (-D_t) from distances: pass "
-                             f"distances= (or states=), not rewards=", column="rewards",
-                             rule="distances for ADR")
+        raise _rows.adr_needs_distances(estimator)
     names = {"distance": "distances", "initial_distance": "initial_distance",
              "state": "states", "initial_state": "initial_state", "reward": "rewards",
              "key": "keys"}
@@ -752,9 +742,9 @@ def agent_loop_output(*, prompt_ids, response_ids, response_mask, estimator, tur
                                     "initial_state": wrap(initial_state)},
                  estimator=est, names=names, state_options=state_options)
     if tb.source is None:
-        raise MicaInputError("give distances (+ initial_distance), states (+ initial_state) or "
-                             "rewards, one per assistant turn", column="distances",
-                             rule="a per-turn signal")
+        raise _rows.per_turn_signal_required("distances", "give distances (+ initial_distance), "
+                                             "states (+ initial_state) or rewards, one per "
+                                             "assistant turn")
     if "reward" in tb.inputs:
         reward = tb.inputs["reward"]
     elif est.reward == "adr":
@@ -785,10 +775,7 @@ def agent_loop_output(*, prompt_ids, response_ids, response_mask, estimator, tur
     if layout == "trajectory":
         runs = int(turn_spans(mask).offsets[-1])
         if runs != T:
-            raise MicaInputError(f"{T} turns hold {runs} runs of assistant tokens (a tool call "
-                                 f"inside a turn): verl's v1 advantage step would count each run "
-                                 f"as a turn; use layout='turn'", column="turn_start",
-                                 rule="one run per turn")
+            raise _tokens.runs_in_turns(T, runs)
         out = make(prompt_ids, 0, len(response_ids), range(T), float(sum(reward)))
         fields = {FIELDS["turn_start"]: start}
         if distances is not None:

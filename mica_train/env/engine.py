@@ -4,8 +4,8 @@ Pure and deterministic: increments in, states, distances, energies and a status 
 nothing about text; the simulators and judges turn replies into increments.
 
 Time index: turn ``t = 1 .. T`` is the ``t``-th assistant reply and the judge's verdict on it.
-``P_0`` is the initial state (``D_{-1}`` in design §1 is its distance), ``P_t`` the state after
-turn ``t``::
+``P_0`` is the initial state (its distance is ``D_{-1}`` of docs/architecture.md,
+"Conventions"), ``P_t`` the state after turn ``t``::
 
     P_t   = P_{t-1} + dP_t                      (dP_t from the progress rubric)
     D_t   = sqrt(sum_k w_k max(0, -eps - P_t[k])^2)   (mica_core.signals.distance_from_state)
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 from mica_core.signals import distance_from_state
 
 from .rubric import initial_state as _initial_state

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 
 from .engine import SupportTrajectory, mean_increment, validate_end_rule
 from .errors import JudgeError, public_url

@@ -49,7 +49,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import httpcore
 import httpx
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 
 from .errors import EndpointConfigError, EndpointError, JudgeError, public_url
 from .rubric import AXES, PROGRESS_KEYS, parse_progress_rubric

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 
 __all__ = [
     "AXES",

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 from mica_core.signals import distance_from_state
 from mica_train.env import (
     INITIAL_KEYS,

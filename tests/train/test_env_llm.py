@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 from mica_train.env import EnvConfig, eval_scenarios, make_env, sample_reply
 from mica_train.env.errors import EndpointConfigError, EndpointError, JudgeError
 from mica_train.env.llm import (

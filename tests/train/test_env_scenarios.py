@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 from mica_train.env import (
     Scenario,
     eval_scenarios,

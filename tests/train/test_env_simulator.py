@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from mica_core._errors import MicaInputError
+from mica_core import MicaInputError
 from mica_core.signals import distance_from_state
 from mica_train.env import (
     SUPPORT_ACTS,
