@@ -30,6 +30,7 @@ from typing import Any
 from mica_core import MicaInputError
 
 __all__ = [
+    "redact_override",
     "AdvantageConfig",
     "ConfigError",
     "DataConfig",
@@ -423,6 +424,18 @@ def redact_config(data: Any) -> Any:
         if isinstance(extra.get("base_url"), str):
             extra["base_url"] = _hide_url_password(extra["base_url"])
     return out
+
+
+def redact_override(text: str) -> str:
+    """One command-line word or ``KEY=VALUE`` override as it may be written or shown: the value
+    of anything under ``env.extra`` (where keys and URLs with passwords live) is replaced by
+    ``<not shown>``; the resolved, redacted config (:func:`config_to_dict`) says what it set."""
+    prefix = "--set=" if text.startswith("--set=") else ""
+    key, sep, _ = text[len(prefix):].partition("=")
+    name = key.strip()
+    if sep and (name in ("env", "env.extra") or name.startswith("env.extra.")):
+        return f"{prefix}{key}=<not shown>"
+    return text
 
 
 def config_to_dict(cfg) -> dict[str, Any]:

@@ -171,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     except MicaInputError as exc:
         print(f"mica demo: error: {exc}", file=sys.stderr)
         return 2
-    summary = run_demo(args.out, args.config, overrides, args.warm_start_steps, progress=not args.no_progress)
+    from .trainer import JudgeFailureStop, TrainingDiverged
+
+    try:
+        summary = run_demo(args.out, args.config, overrides, args.warm_start_steps,
+                           progress=not args.no_progress)
+    except (JudgeFailureStop, TrainingDiverged) as exc:  # a stop the trainer explains in one line
+        print(f"mica demo: error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("pass_rate_before", "pass_rate_after", "steps", "seconds")}))
     return 0
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import add_config_arguments, overrides_from_args
+from ..config import add_config_arguments, overrides_from_args, redact_override
 from .plan import ESTIMATORS, FULL, POLICIES, PRESETS, QUICK, TABULAR, StudyPlan, WarmStartSpec
 
 __all__ = ["build_parser", "load_plugins", "main", "plan_from_args"]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_intermixed_args(words)
     if args.command is None:
-        args.command = " ".join(["mica study", *words])
+        args.command = " ".join(["mica study", *map(redact_override, words)])
     from .report import check_publish_target
     from .run import run_study
 
@@ -156,5 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mica study: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    run_study(plan, publish_root="." if args.publish else None)
+    try:
+        run_study(plan, publish_root="." if args.publish else None)
+    except RuntimeError as exc:
+        from ..trainer import JudgeFailureStop, TrainingDiverged
+
+        if not isinstance(exc.__cause__, (JudgeFailureStop, TrainingDiverged)):
+            raise
+        # a run the trainer stopped on purpose: which job, and the trainer's own line
+        print(f"mica study: error: {str(exc).split(':', 1)[0]}: {exc.__cause__}", file=sys.stderr)
+        return 2
     return 0

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import redact_override
+
 __all__ = [
     "CONTRASTS",
     "CURVE_KEYS",
@@ -352,7 +354,7 @@ class StudyPlan:
             "workers": self.workers,
             "threads_per_worker": self.threads,
             "config_file": self.config,
-            "overrides": list(self.overrides),
+            "overrides": [redact_override(o) for o in self.overrides],
             "quick": self.quick,
             "config": d,
         }

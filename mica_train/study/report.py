@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+from ..metrics import json_safe
 from .plan import ACT_KEYS
 
 __all__ = [
@@ -455,17 +456,6 @@ def plot_study_curves(study: dict, out_png: str | Path) -> Path | None:
         ax.grid(alpha=0.3, axis="y")
         ax.tick_params(labelsize=7)
     return save_figure(fig, out_png, dpi=80)
-
-
-def json_safe(obj):
-    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def write_outputs(study: dict, run_dir: str | Path) -> dict[str, Path]:

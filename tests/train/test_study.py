@@ -661,3 +661,41 @@ def test_auc_and_correlations():
     assert spearman([1, 2, 3, 4], [10, 20, 15, 40]) == pytest.approx(0.8)  # ranks 1 2 3 4 vs 1 3 2 4
     assert spearman([1, 1, 2], [3, 3, 5]) == pytest.approx(1.0)  # ties share their rank
     assert math.isnan(pearson([1, 1], [1, 2]))
+
+
+def test_a_key_given_to_a_study_reaches_no_written_setting(tmp_path, monkeypatch):
+    """study.json's settings hold the overrides and the command line: values under env.extra
+    (API keys, URLs with passwords) are shown as <not shown>; the config part is redacted."""
+    from mica_train.study import run as study_run
+
+    seen = {}
+    monkeypatch.setattr(study_run, "run_study", lambda plan, publish_root=None: seen.update(plan=plan))
+    words = ["--policy", "tabular", "--quick", "--run-dir", str(tmp_path / "s"),
+             "--set", "env.extra.api_key=sk-SECRET-1", "env.extra.base_url=http://u:SECRET-2@127.0.0.1:9/v1"]
+    assert study.main(words) == 0
+    plan = seen["plan"]
+    written = json.dumps({"settings": plan.settings(), "command": plan.command})
+    assert "SECRET" not in written
+    assert "env.extra.api_key=<not shown>" in plan.command and "--policy tabular" in plan.command
+    assert "env.extra.api_key=<not shown>" in plan.settings()["overrides"]
+
+
+def test_a_run_the_trainer_stops_is_one_line(capsys, monkeypatch, tmp_path):
+    import pickle
+
+    from mica_train.study import run as study_run
+    from mica_train.trainer import JudgeFailureStop, TrainingDiverged
+
+    for stop in (TrainingDiverged("step 3: the loss is nan"), JudgeFailureStop("step 1: 12 of 12 failed")):
+        assert type(pickle.loads(pickle.dumps(stop))) is type(stop)  # crosses the process pool
+
+        def fail(plan, publish_root=None, stop=stop):
+            raise RuntimeError(f"study job mica/seed0 failed: {stop!r}") from stop
+
+        monkeypatch.setattr(study_run, "run_study", fail)
+        assert study.main(["--quick", "--run-dir", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"mica study: error: study job mica/seed0 failed: {stop}"
+    monkeypatch.setattr(study_run, "run_study", lambda plan, publish_root=None: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug, shown as such
+        study.main(["--quick", "--run-dir", str(tmp_path / "s")])
