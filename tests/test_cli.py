@@ -181,9 +181,10 @@ def test_trainer_commands_come_from_entry_points():
 
 def test_backend_choices_are_the_api_backends():
     from mica_core.api import BACKENDS
-    from mica_core.cli import BACKEND_CHOICES
+    from mica_core.cli import _advantages_parser
 
-    assert BACKEND_CHOICES == BACKENDS
+    (action,) = [a for a in _advantages_parser()._actions if a.dest == "backend"]
+    assert tuple(action.choices) == BACKENDS and action.default == "auto"
 
 
 # ----------------------------------------------------------------- commands of other packages
