@@ -269,3 +269,10 @@ def test_a_bad_option_gets_the_same_message_everywhere(tmp_path, capsys):
                       "advantage.options.gammma")):
         with pytest.raises(mc.MicaInputError, match=f"^unknown option '{name}'; known: gamma, "):
             fn()
+
+
+def test_option_choices_have_one_home():
+    from mica_core import arrow, layout, options, turns
+
+    assert layout.ON_MISSING is options.ON_MISSING and turns.LONE_ROLLOUT is options.LONE_ROLLOUT
+    assert arrow.SOURCES == options.SOURCES  # arrow.py states its own; they must agree
