@@ -40,8 +40,10 @@ SPELLING = {f.name: PREFIX + f.name for f in option_fields("turns")}
 # ``scale_rewards``.
 _TRL_DEFAULTS = {
     "scale": (None, "'std' or 'none'; None follows scale_rewards ('group' -> 'std', 'none' -> "
-                    "'none'; 'batch' is refused)."),
+                    "'none'; 'batch' is refused)"),
 }
+# ... and says how two options compare with TRL's GRPO.
+_TRL_NOTES = {"eps": " (TRL's GRPO adds 1e-4)", "ddof": " (1, as TRL's nanstd)"}
 _TRL_TYPES = {"float": float, "int": int, "str": str, "floats": list[float]}
 
 
@@ -58,7 +60,8 @@ def config_fields() -> list[tuple[str, object, object, str]]:
         tp = _TRL_TYPES[f.metadata["kind"]]
         if default is None:
             tp = Optional[tp]
-        out.append((SPELLING[f.name], tp, default, text[:1].upper() + text[1:]))
+        text += _TRL_NOTES.get(f.name, "")
+        out.append((SPELLING[f.name], tp, default, text + "."))
     return out
 
 
