@@ -43,11 +43,14 @@ import sys
 import time
 from functools import partial
 
+from mica_core import estimators as _estimators
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("kernels", "api", "baselines", "memory", "firstcall", "cli", "startup",
             "threshold")
-PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
-           "reinforce_pp_idr", "mica_group_adr")
+# mica's presets, less those that need a key per turn (the bench's batches have none)
+PRESETS = tuple(name for name in _estimators.PRESETS
+                if all(c.scope != "key" for c in _estimators.get_estimator(name).components))
 # A child's own peak resident memory: VmHWM on Linux (ru_maxrss would include the parent's
 # memory carried through vfork); ru_maxrss elsewhere (bytes on macOS).
 PEAK_RSS_CODE = ("import os, resource\n"

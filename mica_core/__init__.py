@@ -28,6 +28,7 @@ _EXPORTS = {
     "unregister_estimator": "estimators",
     "get_estimator": "estimators",
     "list_estimators": "estimators",
+    "EstimatorOptions": "options",
     "bucket_zscore": "normalize",
     "absolute_distance_reward": "signals",
     "discounted_returns": "signals",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ loads these
         unregister_estimator,
     )
     from .normalize import bucket_zscore
+    from .options import EstimatorOptions
     from .signals import (
         absolute_distance_reward,
         discounted_returns,
@@ -97,6 +99,7 @@ __all__ = [
     "unregister_estimator",
     "get_estimator",
     "list_estimators",
+    "EstimatorOptions",
     "bucket_zscore",
     "absolute_distance_reward",
     "discounted_returns",

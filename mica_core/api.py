@@ -15,16 +15,15 @@ from . import validate as _validate
 from . import validate_tensors as _tensors
 from ._result import EstimateResult
 from .estimators import resolve
+from .options import BACKENDS, check_option
 
 __all__ = ["estimate", "EstimateResult", "BACKENDS", "run_plan"]
 
-BACKENDS = ("auto", "numpy", "cython", "numba", "torch")
 TORCH_OPTIONS = ("ngroups", "max_turns", "validate", "deterministic")
 
 
 def _check_backend(name):
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    check_option("backend", name)
 
 
 def _backend_module(name):
@@ -115,6 +114,7 @@ def estimate(offsets, group, *, distance=None, initial_distance=None, reward=Non
       MicaInputError: naming the argument, the first offending row and the rule.
     """
     _check_backend(backend)
+    check_option("on_missing", on_missing)
     plan = resolve(estimator, reward_given=reward is not None, gamma=gamma, weight=weight,
                    eps=eps, ddof=ddof, baseline=baseline, scale=scale, singleton=singleton)
     unknown = sorted(set(torch_options) - set(TORCH_OPTIONS))

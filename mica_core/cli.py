@@ -54,9 +54,6 @@ BUILTIN_COMMANDS = {
 CORE_COMMANDS = tuple(BUILTIN_COMMANDS)
 PROGRESS_MIN_ROWS = 1_000_000
 STREAM_MIN_ROWS = 16_000_000  # --stream auto: about 1 GiB of value columns and outputs
-# api.BACKENDS, restated so that `mica advantages --help` imports no numpy (a test checks
-# that the two agree).
-BACKEND_CHOICES = ("auto", "numpy", "cython", "numba", "torch")
 
 
 class CliError(Exception):
@@ -235,18 +232,9 @@ def _advantages_parser() -> argparse.ArgumentParser:
     a.add_argument("output", metavar="OUT", help="output Parquet file (.parquet or .pq)")
     a.add_argument("--estimator", default="mica", help="registered estimator (default: mica; "
                    "see `mica estimators`)")
-    a.add_argument("--gamma", type=float, default=None, help="discount (default: the preset's)")
-    a.add_argument("--weight", type=float, default=0.5, help="w of mica/mica_adr/mapo (0.5)")
-    a.add_argument("--eps", type=float, default=1e-6, help="added to the std (1e-6)")
-    a.add_argument("--ddof", type=int, default=1, choices=(0, 1), help="std degrees of freedom")
-    a.add_argument("--baseline", default="mean", choices=("mean", "loo"))
-    a.add_argument("--scale", default="std", choices=("std", "none"))
-    a.add_argument("--singleton", default="zero", choices=("zero", "raw"),
-                   help="advantage of a bucket of one: 0, or the raw value (verl's GRPO)")
-    a.add_argument("--backend", default="auto",
-                   choices=BACKEND_CHOICES)
-    a.add_argument("--source", default="auto", choices=("auto", "distance", "state", "reward"),
-                   help="which value columns to read (auto: distance, else state, else reward)")
+    from .options import add_arguments
+
+    add_arguments(a, "table")  # --gamma, --weight, ..., --backend: mica_core.options
     for role, default in (("group", "group_id"), ("traj", "traj_id"), ("turn", "turn"),
                           ("distance", "distance"), ("initial-distance", "initial_distance"),
                           ("state", "state"), ("initial-state", "initial_state"),
@@ -254,9 +242,6 @@ def _advantages_parser() -> argparse.ArgumentParser:
                           ("rewards", "rewards"), ("key", "key"), ("keys", "keys")):
         a.add_argument(f"--{role}-col", default=default, metavar="NAME",
                        help=f"{role.replace('-', ' ')} column (default: {default})")
-    a.add_argument("--on-missing", default="raise", choices=("raise", "carry"),
-                   help="NaN/null values: error (raise), or carry the previous distance "
-                   "forward / use reward 0 (carry)")
     a.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
                    help="process the input chunk by chunk of whole groups, with bounded memory "
                    "(rows of a group must be stored together). auto: Parquet inputs of "
@@ -343,6 +328,7 @@ def write_parquet_atomic(table, path: str, *, force: bool = False):
 
 def _advantages(args) -> int:
     from . import compute_advantages
+    from .options import TABLE_SPELLING, options_from_args
 
     _check_output(args.output, args.force)
     if args.batch_rows is not None and args.batch_rows < 1:
@@ -352,9 +338,7 @@ def _advantages(args) -> int:
                "state": args.state_col, "initial_state": args.initial_state_col,
                "reward": args.reward_col, "distances": args.distances_col,
                "rewards": args.rewards_col, "key": args.key_col, "keys": args.keys_col}
-    options = dict(source=args.source, gamma=args.gamma, weight=args.weight, eps=args.eps,
-                   ddof=args.ddof, baseline=args.baseline, scale=args.scale,
-                   singleton=args.singleton, backend=args.backend, on_missing=args.on_missing)
+    options = options_from_args(args, "table").for_surface("table", TABLE_SPELLING)
     if _should_stream(args):
         return _advantages_streamed(args, columns, options)
     table = _read_table(args.input)

@@ -27,6 +27,9 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Union
 
+from .options import BASELINES, SCALES, check_option
+from .validate_options import eps_zero_with_std
+
 __all__ = [
     "Component",
     "Estimator",
@@ -36,15 +39,13 @@ __all__ = [
     "unregister_estimator",
     "SIGNALS",
     "SCOPES",
+    "PRESETS",
 ]
 
 SIGNALS = ("reward", "return", "outcome", "outcome_return")
 SCOPES = ("turn", "group", "batch", "key")
-BASELINES = ("mean", "loo")
-SCALES = ("std", "none")
 REWARDS = ("idr", "adr")
 RETURNS = ("discounted", "outcome", "outcome_discounted")
-SINGLETONS = ("zero", "raw")
 
 
 def _choice(name, value, allowed, *, allow_none=False):
@@ -205,10 +206,19 @@ def list_estimators() -> list[str]:
     return list(_REGISTRY)
 
 
-def resolve(estimator, *, reward_given: bool, gamma=None, weight=0.5, eps=1e-6, ddof=1,
-            baseline="mean", scale="std", singleton="zero") -> Plan:
-    """Fill an estimator's open options from the call's options."""
+def resolve(estimator, options=None, *, reward_given: bool, gamma=None, weight=0.5, eps=1e-6,
+            ddof=1, baseline="mean", scale="std", singleton="zero") -> Plan:
+    """Fill an estimator's open options: from ``options`` (an
+    :class:`mica_core.options.EstimatorOptions`, already checked) when given, else from the
+    keyword options (checked by :func:`mica_core.options.check_option`).
+
+    Raises:
+      MicaInputError: an ill-typed option, or ``eps=0`` with a ``std`` scale.
+    """
     est = get_estimator(estimator)
+    if options is not None:
+        gamma, weight, eps, ddof = options.gamma, options.weight, options.eps, options.ddof
+        baseline, scale, singleton = options.baseline, options.scale, options.singleton
     try:
         return _resolve_cached(est, reward_given, gamma, weight, eps, ddof, baseline, scale,
                                singleton)
@@ -217,20 +227,13 @@ def resolve(estimator, *, reward_given: bool, gamma=None, weight=0.5, eps=1e-6, 
 
 
 def _resolve(est, reward_given, gamma, weight, eps, ddof, baseline, scale, singleton) -> Plan:
-    g = est.gamma if gamma is None else float(gamma)
-    if not 0.0 <= g <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1]; got {gamma!r}")
-    w = float(weight)
-    if not 0.0 <= w <= 1.0:
-        raise ValueError(f"weight must be in [0, 1]; got {weight!r}")
-    e = float(eps)
-    if not e >= 0.0 or e == float("inf"):
-        raise ValueError(f"eps must be finite and >= 0; got {eps!r}")
-    if ddof not in (0, 1) or isinstance(ddof, bool):
-        raise ValueError(f"ddof must be 0 or 1; got {ddof!r}")
-    _choice("baseline", baseline, BASELINES)
-    _choice("scale", scale, SCALES)
-    _choice("singleton", singleton, SINGLETONS)
+    g = est.gamma if gamma is None else check_option("gamma", gamma)
+    w = check_option("weight", weight)
+    e = check_option("eps", eps)
+    ddof = check_option("ddof", ddof)
+    baseline = check_option("baseline", baseline)
+    scale = check_option("scale", scale)
+    singleton = check_option("singleton", singleton)
     comps = []
     for c in est.components:
         cw = w if c.weight == "w" else (1.0 - w) if c.weight == "1-w" else c.weight
@@ -240,8 +243,7 @@ def _resolve(est, reward_given, gamma, weight, eps, ddof, baseline, scale, singl
     # select one component exactly (and its statistics are not computed at all).
     kept = [c for c in comps if c.weight != 0.0] or comps[:1]
     if e == 0.0 and any(c.scale == "std" for c in kept):
-        raise ValueError("eps must be > 0 with scale='std': a bucket whose values are all "
-                         "equal has std 0 (use scale='none' to centre without scaling)")
+        raise eps_zero_with_std()
     comps = kept
     return Plan(reward="given" if reward_given else est.reward, gamma=g, returns=est.returns,
                 components=tuple(comps), eps=e, ddof=int(ddof), singleton=singleton,
@@ -280,6 +282,9 @@ def _presets():
     for name, comps, reward, gamma, desc in presets:
         register_estimator(name, comps, reward=reward, gamma=gamma, description=desc,
                            returns=returns.get(name))
+    return tuple(p[0] for p in presets)
 
 
-_presets()
+#: the built-in estimators' names in their documented order (the first entries of
+#: :func:`list_estimators`; integrations register these)
+PRESETS = _presets()

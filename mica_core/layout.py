@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .options import ON_MISSING
+
 __all__ = ["Ragged", "ragged_from_lengths", "fill_missing", "ON_MISSING"]
 
 
@@ -46,7 +48,6 @@ def ragged_from_lengths(lengths) -> np.ndarray:
     return offsets
 
 
-ON_MISSING = ("raise", "carry")
 
 
 def fill_missing(values, offsets, initial=None):

@@ -39,6 +39,7 @@ import numpy as np
 from . import validate as _v
 from . import validate_rows as _rows
 from .estimators import Estimator, get_estimator
+from .options import LONE_ROLLOUT, check_option
 from .signals import absolute_distance_reward, distance_from_state, incremental_distance_reward
 
 __all__ = ["LONE_ROLLOUT", "SIGNALS", "TurnBatch", "TurnResult", "collect", "estimate_turns",
@@ -47,7 +48,6 @@ __all__ = ["LONE_ROLLOUT", "SIGNALS", "TurnBatch", "TurnResult", "collect", "est
 #: the per-row fields this layer reads, by mica's names; integrations map theirs onto these
 SIGNALS = ("distance", "initial_distance", "state", "initial_state", "reward", "key")
 #: choices of ``lone_rollout``
-LONE_ROLLOUT = ("zero", "within")
 
 
 class TurnBatch(NamedTuple):
@@ -290,7 +290,8 @@ def estimate_turns(batch: TurnBatch, estimator="mica", *, reward=None, extra_rew
       extra_reward: float ``[n_turns]`` in row-major order added to each turn's reward (verl's
         KL penalty); with distances, the preset's IDR or ADR is computed first
         (:func:`mica_core.incremental_distance_reward`, :func:`absolute_distance_reward`).
-      lone_rollout: ``"zero"`` or ``"within"`` (module docstring).
+      lone_rollout: ``"zero"`` or ``"within"`` (module docstring); ``None`` follows
+        ``singleton``: ``"within"`` under ``singleton="raw"``, else ``"zero"``.
       **options: ``estimate``'s options (``gamma``, ``weight``, ``eps``, ...).
 
     Returns:
@@ -298,8 +299,9 @@ def estimate_turns(batch: TurnBatch, estimator="mica", *, reward=None, extra_rew
     """
     from .api import estimate
 
-    if lone_rollout not in LONE_ROLLOUT:
-        raise _v.choice("lone_rollout", lone_rollout, LONE_ROLLOUT)
+    lone_rollout = check_option("lone_rollout", lone_rollout)
+    if lone_rollout is None:  # follows the singleton rule (module docstring)
+        lone_rollout = "within" if options.get("singleton") == "raw" else "zero"
     est = get_estimator(estimator)
     inputs = dict(batch.inputs)
     key = inputs.pop("key", None)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from mica_core import MicaInputError
+from mica_core.estimators import resolve
+from mica_core.options import TABLE_SPELLING, option_fields, options_from_mapping
 
 __all__ = [
     "redact_override",
@@ -149,7 +151,10 @@ class RolloutConfig:
 class AdvantageConfig:
     estimator: str = field(default="mica", metadata={"help": "any name in mica_core.list_estimators()"})
     options: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "keyword options of mica_core.compute_advantages"}
+        default_factory=dict,
+        metadata={"help": "estimator options (mica_core.EstimatorOptions, as compute_advantages spells them): "
+                  + ", ".join(f.name if f.name not in TABLE_SPELLING else TABLE_SPELLING[f.name]
+                              for f in option_fields("table"))},
     )
 
 
@@ -624,14 +629,14 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.advantage.estimator not in known:
         raise ConfigError(f"advantage.estimator {cfg.advantage.estimator!r} is not registered; "
                           f"known: {', '.join(known)}")
-    # The options must be accepted by compute_advantages: try them on a two-trajectory table
-    # rather than fail after the first rollout batch.
-    probe = {"group_id": [0, 0], "traj_id": [0, 1], "turn": [0, 0], "distance": [1.0, 2.0],
-             "initial_distance": [2.0, 2.0]}
+    # The options are checked against mica_core.EstimatorOptions (names, types, ranges) and
+    # resolved with the estimator (e.g. eps=0 with a std scale) before the first rollout.
     try:
-        mc.compute_advantages(probe, estimator=cfg.advantage.estimator, **cfg.advantage.options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"advantage.options {cfg.advantage.options}: {str(exc).splitlines()[0]}") from None
+        options = options_from_mapping(cfg.advantage.options, "table", spelling=TABLE_SPELLING,
+                                       prefix="advantage.options.")
+        resolve(cfg.advantage.estimator, options, reward_given=False)
+    except MicaInputError as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
     from .env import EnvConfig
 
     env_fields = {f.name for f in dataclasses.fields(EnvConfig)}

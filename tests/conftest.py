@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import mica_core as mc  # noqa: E402
+from mica_core.options import BACKENDS  # noqa: E402
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -65,9 +66,12 @@ class Backend:
         return mc.EstimateResult(*(a.cpu().numpy() for a in res))
 
 
-BACKEND_NAMES = (["numpy", "cython"] + (["numba"] if HAVE_NUMBA else [])
-                 + (["torch", "torch-cpu"] if HAVE_TORCH else [])
-                 + (["torch-cuda"] if _cuda_available() else []))
+# Ways of running each backend of mica_core.options.BACKENDS ("auto" picks one of them):
+# torch runs on host arrays and on tensors (on the CPU, and on the GPU where there is one).
+_VARIANTS = {"torch": ["torch", "torch-cpu"] + (["torch-cuda"] if _cuda_available() else [])}
+_INSTALLED = {"numba": HAVE_NUMBA, "torch": HAVE_TORCH}
+BACKEND_NAMES = [variant for name in BACKENDS if name != "auto" and _INSTALLED.get(name, True)
+                 for variant in _VARIANTS.get(name, [name])]
 
 
 @pytest.fixture(scope="session", params=BACKEND_NAMES)

@@ -181,7 +181,8 @@ def test_formats_and_containers_are_read_in_one_module():
 #: The modules that build MicaInputError: the validate modules own every rule and its message
 #: (docs/architecture.md, "Validation"), and _errors defines the class (``with_row``).
 ERROR_BUILDERS = {"mica_core._errors", "mica_core.validate", "mica_core.validate_rows",
-                  "mica_core.validate_tensors", "mica_core.validate_tokens"}
+                  "mica_core.validate_tensors", "mica_core.validate_tokens",
+                  "mica_core.validate_options"}
 #: Modules allowed to build them besides, each with its reason. None today.
 ERROR_BUILDER_EXCEPTIONS: dict[str, str] = {}
 
@@ -223,3 +224,202 @@ def test_each_rule_has_one_name():
         assert old not in rules
     assert {"non-negative", "every assistant token belongs to a turn", "no nulls",
             "per-turn signal required"} <= rules
+
+
+# --------------------------------------------------------------------------- one home per rule
+# Estimator options are declared once (mica_core.options.EstimatorOptions); backend and preset
+# names are listed once (mica_core.options.BACKENDS, mica_core.estimators.PRESETS). The tests
+# below fail when a front end restates them instead of deriving them.
+
+import inspect  # noqa: E402
+
+from mica_core.estimators import PRESETS, list_estimators  # noqa: E402
+from mica_core.options import (  # noqa: E402
+    BACKENDS,
+    OPTION_NAMES,
+    TABLE_SPELLING,
+    EstimatorOptions,
+    option_fields,
+)
+
+
+def _keyword_defaults(fn, names):
+    sig = inspect.signature(fn)
+    return {n: sig.parameters[n].default for n in names if n in sig.parameters}
+
+
+def test_every_option_field_has_help_a_rule_and_a_front_end():
+    for f in option_fields():
+        assert f.metadata["help"] and f.metadata["rule"] and f.metadata["surfaces"], f.name
+    assert EstimatorOptions() == EstimatorOptions(**{f.name: f.default for f in option_fields()})
+
+
+def test_cli_estimator_flags_are_the_option_fields():
+    from mica_core.cli import _advantages_parser
+
+    actions = {a.dest: a for a in _advantages_parser()._actions}
+    table = {f.name: f for f in option_fields("table")}
+    # every table option has its flag, with the field's default and choices ...
+    for name, f in table.items():
+        a = actions[name]
+        assert a.option_strings == ["--" + name.replace("_", "-")]
+        assert a.default == f.default and a.help.startswith(f.metadata["help"])
+        assert (tuple(a.choices) if a.choices else None) == (
+            f.metadata["choices"] if f.metadata["kind"] in ("str", "int") else None)
+    # ... and every other flag is about files, columns or running (no option restated)
+    others = {d for d in actions if d not in table}
+    assert {d for d in others if not d.endswith("_col")} == {
+        "help", "input", "output", "estimator", "stream", "batch_rows", "force", "progress"}
+
+
+def test_estimate_and_compute_advantages_take_the_option_fields():
+    import mica_core as mc
+    from mica_core.estimators import resolve
+
+    for fn, surface, spelling in ((mc.estimate, "estimate", {}),
+                                  (mc.compute_advantages, "table", TABLE_SPELLING)):
+        params = inspect.signature(fn).parameters
+        for f in option_fields(surface):
+            name = spelling.get(f.name, f.name)
+            assert name in params, (fn.__name__, name)
+            assert params[name].default == f.default, (fn.__name__, name)
+        taken = {f.name for f in option_fields(surface)}
+        assert not {spelling.get(n, n) for n in OPTION_NAMES if n not in taken} & set(params)
+    norm = [f for f in option_fields("estimate") if f.name in
+            inspect.signature(resolve).parameters]
+    assert len(norm) == 7 and all(_keyword_defaults(resolve, [f.name])[f.name] == f.default
+                                  for f in norm)
+
+
+def test_backend_names_have_one_home(backend):
+    from mica_core import api
+
+    assert api.BACKENDS is BACKENDS
+    # the fixture runs over mica_core.options.BACKENDS (tests/conftest.py)
+    assert backend.option in set(BACKENDS) - {"auto"}
+
+
+def test_verl_registers_the_derived_presets():
+    from mica_core.integrations import verl as mv
+
+    assert mv.PRESETS == PRESETS == tuple(list_estimators()[:len(PRESETS)])
+    for name in PRESETS:
+        fn = getattr(mv, f"compute_{name}_advantage")
+        assert fn is mv.verl_estimator(name) and f"compute_{name}_advantage" in mv.__all__
+    assert set(mv.OPTIONS) == {f.name for f in option_fields("turns")} & {
+        f.name for f in option_fields("estimate")}
+    assert set(mv.TOP_LEVEL) <= set(mv.OPTIONS)
+    assert set(mv.SECTION_KEYS) == ({mv.SPELLING.get(f.name, f.name)
+                                     for f in option_fields("turns")} | set(mv.ADAPTER_OPTIONS))
+
+
+def test_trl_config_fields_are_the_option_fields():
+    from mica_core.integrations import _trl_signals as ts
+
+    names = [name for name, *_ in ts.config_fields()]
+    assert names == ["mica_estimator"] + ["mica_" + f.name for f in option_fields("turns")]
+    assert set(ts.MICA_DEFAULTS) == set(names)
+    text = dict((name, help) for name, _, _, help in ts.config_fields())["mica_estimator"]
+    assert all(p in text for p in PRESETS)
+
+
+def test_trainer_options_are_checked_by_the_option_fields():
+    from mica_train.config import AdvantageConfig
+
+    text = next(f for f in __import__("dataclasses").fields(AdvantageConfig)
+                if f.name == "options").metadata["help"]
+    assert all(TABLE_SPELLING.get(f.name, f.name) in text for f in option_fields("table"))
+    source = (ROOT / "mica_train" / "config.py").read_text(encoding="utf-8")
+    assert "probe" not in source  # the options are checked by their declaration, not a run
+
+
+def _string_literals(path):
+    """Every tuple, list or set literal of strings in a Python file: ``(line, {strings})``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and node.elts and all(
+                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+            yield node.lineno, {e.value for e in node.elts}
+
+
+# Files allowed to spell a list out: this one (examples), and the registry's spec test, which
+# pins the documented preset order (a derived list could not catch a reordering).
+SPEC_PINS = {pathlib.Path(__file__).resolve(), ROOT / "tests" / "test_registry.py"}
+
+
+def _restatements(names, home):
+    """Literals anywhere in the project's Python that list (nearly) all of ``names``."""
+    wanted = set(names)
+    found = []
+    for package in ("mica_core", "mica_train", "bench", "tests"):
+        for f in (ROOT / package).rglob("*.py"):
+            if f == home or f in SPEC_PINS:
+                continue
+            for line, values in _string_literals(f):
+                if len(wanted - values) <= 1:
+                    found.append(f"{f.relative_to(ROOT)}:{line}")
+    return found
+
+
+def test_backend_and_preset_lists_are_not_restated():
+    assert _restatements(set(BACKENDS) - {"auto"}, ROOT / "mica_core" / "options.py") == []
+    assert _restatements(PRESETS, ROOT / "mica_core" / "estimators.py") == []
+
+
+def test_the_restatement_finder_finds_one(tmp_path):
+    # The check above would pass vacuously if the finder missed literals.
+    f = tmp_path / "x.py"
+    f.write_text("X = ('mica', 'mica_turn')\nY = ['numpy', 'cython', 'numba', 'torch']\n")
+    assert [v for _, v in _string_literals(f)] == [{"mica", "mica_turn"},
+                                                   {"numpy", "cython", "numba", "torch"}]
+
+
+def test_a_bad_option_gets_the_same_message_everywhere(tmp_path, capsys):
+    """estimate, compute_advantages, the CLI, the trainer config, verl's algorithm.mica and
+    TRL's config: one rule text per option, under the name each front end's user types."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import mica_core as mc
+    from mica_core.cli import main
+    from mica_core.integrations import _trl_signals as ts
+    from mica_core.integrations import verl as mv
+    from mica_train.config import ConfigError, check_config, load_config
+
+    rule = "must be a number in [0, 1]; got 2"
+    got = {}
+
+    def catch(where, fn, *errors):
+        with pytest.raises(errors or (mc.MicaInputError,)) as info:
+            fn()
+        got[where] = str(info.value).splitlines()[0]
+
+    catch("estimate", lambda: mc.estimate([0, 1], [0], reward=[1.0], weight=2))
+    table = {"group_id": [0], "traj_id": [0], "turn": [0], "reward": [1.0]}
+    catch("table", lambda: mc.compute_advantages(table, weight=2))
+    catch("trainer", lambda: check_config(load_config("tiny", ["advantage.options={weight: 2}"])),
+          ConfigError)
+    catch("verl", lambda: mv.options_from_config("mica", {"mica": {"weight": 2}}))
+    catch("trl", lambda: ts.estimator_options(SimpleNamespace(mica_weight=2)))
+    assert got == {"estimate": "weight " + rule, "table": "weight " + rule,
+                   "trainer": "advantage.options.weight " + rule,
+                   "verl": "algorithm.mica.weight " + rule, "trl": "mica_weight " + rule}
+    pq.write_table(pa.table(table), tmp_path / "in.parquet")
+    args = ["advantages", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet")]
+    assert main([*args, "--weight", "2"]) == 2
+    assert capsys.readouterr().err == f"mica: error: --weight {rule}.0\n"
+    # unknown keys of a mapping: one message naming the key and listing the known ones
+    for fn, name in ((lambda: mv.options_from_config("mica", {"mica": {"gammma": 1}}),
+                      "algorithm.mica.gammma"),
+                     (lambda: check_config(load_config("tiny", ["advantage.options={gammma: 1}"])),
+                      "advantage.options.gammma")):
+        with pytest.raises(mc.MicaInputError, match=f"^unknown option '{name}'; known: gamma, "):
+            fn()
+
+
+def test_option_choices_have_one_home():
+    from mica_core import arrow, layout, options, turns
+
+    assert layout.ON_MISSING is options.ON_MISSING and turns.LONE_ROLLOUT is options.LONE_ROLLOUT
+    assert arrow.SOURCES == options.SOURCES  # arrow.py states its own; they must agree

@@ -181,9 +181,10 @@ def test_trainer_commands_come_from_entry_points():
 
 def test_backend_choices_are_the_api_backends():
     from mica_core.api import BACKENDS
-    from mica_core.cli import BACKEND_CHOICES
+    from mica_core.cli import _advantages_parser
 
-    assert BACKEND_CHOICES == BACKENDS
+    (action,) = [a for a in _advantages_parser()._actions if a.dest == "backend"]
+    assert tuple(action.choices) == BACKENDS and action.default == "auto"
 
 
 # ----------------------------------------------------------------- commands of other packages
@@ -384,3 +385,25 @@ def test_output_encodings_ids_dictionary_floats_plain(tmp_path, stream):
         assert "RLE_DICTIONARY" in encodings[name], (name, encodings[name])
     for name in ("distance", "initial_distance", "reward", "return", "advantage"):
         assert "RLE_DICTIONARY" not in encodings[name], (name, encodings[name])
+
+
+def test_state_option_flags_reach_compute_advantages(tmp_path):
+    """--state-weights/--state-epsilon/--state-kind (derived from EstimatorOptions) are
+    compute_advantages' state_weights/epsilon/distance_kind."""
+    from mica_core.cli import main
+
+    rng = np.random.default_rng(3)
+    rows = [{"group_id": i % 2, "traj_id": i, "turn": t,
+             "state": [float(x) for x in rng.integers(-9, 2, size=2)],
+             "initial_state": [-9.0, -7.0]} for i in range(4) for t in range(3)]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, tmp_path / "in.parquet")
+    flags = ["--state-weights", "1", "2.5", "--state-epsilon", "0.5", "--state-kind", "norm"]
+    assert main(["advantages", str(tmp_path / "in.parquet"), str(tmp_path / "out.parquet"),
+                 *flags]) == 0
+    want = mc.compute_advantages(table, state_weights=[1.0, 2.5], epsilon=0.5,
+                                 distance_kind="norm")
+    got = pq.read_table(tmp_path / "out.parquet")
+    np.testing.assert_array_equal(got["advantage"].to_numpy(), want["advantage"].to_numpy())
+    default = mc.compute_advantages(table)
+    assert not np.array_equal(default["advantage"].to_numpy(), want["advantage"].to_numpy())

@@ -100,6 +100,29 @@ def test_options_come_from_kwargs_then_mica_section_then_top_level():
     assert mv.options_from_config("mica", None, {"reward_baselines": 1}) == {}
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"gammma": 0.9}, "unknown option 'algorithm.mica.gammma'; known: gamma, weight, "),
+    ({"ddof": 2}, "algorithm.mica.ddof must be 0 or 1; got 2"),
+    ({"baseline": "median"}, "algorithm.mica.baseline must be one of 'mean', 'loo'; got 'median'"),
+    ({"distance_epsilon": -1}, "algorithm.mica.distance_epsilon must be a finite number >= 0"),
+    ({"distance_kind": "l1"}, "algorithm.mica.distance_kind must be one of 'hinge', 'norm'"),
+    ({"lone_rollout": "none"}, "algorithm.mica.lone_rollout must be one of 'zero', 'within' or "
+                               "None; got 'none'"),
+])
+def test_bad_algorithm_mica_options_are_one_line_errors(section, message):
+    """algorithm.mica is checked against mica_core.EstimatorOptions (verl's spelling of the
+    state options): an unknown key or a bad value stops the call with one line."""
+    scores = torch.tensor([[0.0, 1.0], [0.0, 0.5]])
+    mask = torch.ones(2, 2)
+    with pytest.raises(mc.MicaInputError) as info:
+        mv.compute_mica_advantage(scores, mask, np.array(["a", "a"], dtype=object),
+                                  config={"mica": section}, non_tensor_batch={
+                                      "mica_state": np.array([[[-3.0, -1.0]], [[-2.0, 0.0]]]),
+                                      "mica_initial_state": np.array([[-4.0, -2.0],
+                                                                      [-4.0, -2.0]])})
+    assert message in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
 def test_config_reaches_the_estimator():
     mask = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 0]])
     rew = torch.tensor([[0, 1.0, 0, 2.0], [3.0, 0, 0, -1.0], [0, 0, 0.5, 0]])

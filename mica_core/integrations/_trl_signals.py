@@ -6,17 +6,20 @@ torch at import; the trainer classes live in :mod:`mica_core.integrations._trl_t
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from .. import validate_rows as _rows
 from .. import validate_tokens as _tokens
-from ..estimators import get_estimator
+from ..estimators import PRESETS, get_estimator
+from ..options import EstimatorOptions, option_fields, options_from_mapping
 
 __all__ = [
     "FIELDS",
     "MICA_DEFAULTS",
+    "config_fields",
+    "estimator_options",
     "NAMES",
     "TurnSignals",
     "collect_turn_signals",
@@ -29,55 +32,77 @@ SIGNAL_FIELDS = ("turn_distances", "turn_states", "turn_rewards")
 #: every field read from the rollout, the dataset or ``turn_signals_func``
 FIELDS = (*SIGNAL_FIELDS, "initial_distance", "initial_state", "turn_starts", "turn_keys")
 
+#: TRL's names of mica's options: ``mica_`` + the option's name
+#: (:class:`mica_core.EstimatorOptions`, surface ``turns``)
+PREFIX = "mica_"
+SPELLING = {f.name: PREFIX + f.name for f in option_fields("turns")}
+
+# TRL's config differs from mica's defaults in one place: ``mica_scale=None`` follows TRL's
+# ``scale_rewards``.
+_TRL_DEFAULTS = {
+    "scale": (None, "'std' or 'none'; None follows scale_rewards ('group' -> 'std', 'none' -> "
+                    "'none'; 'batch' is refused)"),
+}
+# ... and says how two options compare with TRL's GRPO.
+_TRL_NOTES = {"eps": " (TRL's GRPO adds 1e-4)", "ddof": " (1, as TRL's nanstd)"}
+_TRL_TYPES = {"float": float, "int": int, "str": str, "floats": list[float]}
+
+
+def config_fields() -> list[tuple[str, object, object, str]]:
+    """``(name, type, default, help)`` of each mica field of :class:`MicaGRPOConfig`: the
+    estimator, then every option of :class:`mica_core.EstimatorOptions` that the per-turn
+    adapters take, named ``mica_<option>``."""
+    presets = ", ".join(PRESETS)
+    out = [(PREFIX + "estimator", str, "mica",
+            f"mica estimator (registry name): {presets} (gigpo needs turn_keys), or one "
+            f"registered with mica_core.register_estimator.")]
+    for f in option_fields("turns"):
+        default, text = _TRL_DEFAULTS.get(f.name, (f.default, f.metadata["help"]))
+        tp = _TRL_TYPES[f.metadata["kind"]]
+        if default is None:
+            tp = Optional[tp]
+        text += _TRL_NOTES.get(f.name, "")
+        out.append((SPELLING[f.name], tp, default, text + "."))
+    return out
+
+
 #: mica's options on :class:`MicaGRPOConfig` and their defaults (also used for a plain
 #: ``GRPOConfig``). ``mica_scale=None`` follows TRL's ``scale_rewards``.
-MICA_DEFAULTS = {
-    "mica_estimator": "mica",
-    "mica_gamma": None,
-    "mica_weight": 0.5,
-    "mica_eps": 1e-6,
-    "mica_ddof": 1,
-    "mica_baseline": "mean",
-    "mica_scale": None,
-    "mica_singleton": "zero",
-    "mica_lone_rollout": None,
-    "mica_state_weights": None,
-    "mica_state_epsilon": 1.0,
-    "mica_state_kind": "hinge",
-}
+MICA_DEFAULTS = {name: default for name, _, default, _ in config_fields()}
 
 _SCALE_FROM_TRL = {"group": "std", "none": "none", True: "std", False: "none"}
 
 
-def mica_options(args) -> dict:
-    """mica's estimator options from a TRL config (``MicaGRPOConfig`` or plain ``GRPOConfig``).
-
-    Returns ``{"estimator", "gamma", "weight", "eps", "ddof", "baseline", "scale",
-    "singleton"}`` for :func:`mica_core.estimate`. ``mica_scale=None`` maps TRL's
-    ``scale_rewards``: ``"group"`` -> ``"std"``, ``"none"`` -> ``"none"``; ``"batch"`` (group
-    mean, batch std) has no mica equivalent and raises ``ValueError``.
+def estimator_options(args) -> tuple[str, EstimatorOptions]:
+    """The estimator and its :class:`mica_core.EstimatorOptions` from a TRL config
+    (``MicaGRPOConfig`` or plain ``GRPOConfig``): ``mica_<option>`` fields, checked (a bad one
+    is a one-line :class:`mica_core.MicaInputError` naming the field). ``mica_scale=None``
+    maps TRL's ``scale_rewards``: ``"group"`` -> ``"std"``, ``"none"`` -> ``"none"``;
+    ``"batch"`` (group mean, batch std) has no mica equivalent and raises ``ValueError``.
     """
-    opt = {k: getattr(args, k, v) for k, v in MICA_DEFAULTS.items()}
-    scale = opt["mica_scale"]
-    if scale is None:
+    given = {SPELLING[f.name]: getattr(args, SPELLING[f.name], MICA_DEFAULTS[SPELLING[f.name]])
+             for f in option_fields("turns")}
+    if given[SPELLING["scale"]] is None:
         trl_scale = getattr(args, "scale_rewards", "group")
         if trl_scale not in _SCALE_FROM_TRL:
             raise ValueError(
                 f"scale_rewards={trl_scale!r} has no mica equivalent (mica scales each "
                 f"normalization bucket by its own std); set mica_scale='std' or 'none', or pick "
                 f"a preset whose components use the batch scope (reinforce_pp_idr, mapo)")
-        scale = _SCALE_FROM_TRL[trl_scale]
-    get_estimator(opt["mica_estimator"])  # an unknown name fails here, not mid-training
-    return {
-        "estimator": opt["mica_estimator"],
-        "gamma": opt["mica_gamma"],
-        "weight": float(opt["mica_weight"]),
-        "eps": float(opt["mica_eps"]),
-        "ddof": int(opt["mica_ddof"]),
-        "baseline": opt["mica_baseline"],
-        "scale": scale,
-        "singleton": opt["mica_singleton"],
-    }
+        given[SPELLING["scale"]] = _SCALE_FROM_TRL[trl_scale]
+    estimator = getattr(args, PREFIX + "estimator", MICA_DEFAULTS[PREFIX + "estimator"])
+    get_estimator(estimator)  # an unknown name fails here, not mid-training
+    return estimator, options_from_mapping(given, "turns", spelling=SPELLING)
+
+
+def mica_options(args) -> dict:
+    """mica's estimator options from a TRL config (:func:`estimator_options`), as
+    ``{"estimator", "gamma", "weight", "eps", "ddof", "baseline", "scale", "singleton"}`` for
+    :func:`mica_core.estimate`."""
+    estimator, options = estimator_options(args)
+    return {"estimator": estimator, **{f.name: getattr(options, f.name)
+                                       for f in option_fields("turns")
+                                       if f in option_fields("estimate")}}
 
 
 class TurnSignals(NamedTuple):

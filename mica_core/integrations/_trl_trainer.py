@@ -19,7 +19,7 @@ TRL's ``GRPOTrainer`` (read in TRL 1.16's ``trl/trainer/grpo_trainer.py``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field, make_dataclass
 
 import numpy as np
 from accelerate.utils import gather_object
@@ -29,58 +29,32 @@ from .. import validate_rows as _rows
 from ..turns import estimate_turns
 from ._trl_signals import (
     FIELDS,
-    MICA_DEFAULTS,
     collect_turn_signals,
-    mica_options,
+    config_fields,
+    estimator_options,
     token_advantages,
 )
 from ._trl_tools import CALL_FIELDS, turn_fields_from_calls
 
 __all__ = ["MicaGRPOConfig", "MicaGRPOTrainer"]
 
-D = MICA_DEFAULTS
 _KNOWN = (*FIELDS, *CALL_FIELDS)  # fields read from columns, environments, turn_signals_func
 
 
-@dataclass
-class MicaGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus mica's estimator options (``mica_*``); see docs/trl.md.
+MicaGRPOConfig = make_dataclass(
+    "MicaGRPOConfig",
+    [(name, tp, field(default=default, metadata={"help": text}))
+     for name, tp, default, text in config_fields()],
+    bases=(GRPOConfig,),
+    namespace={"__doc__": """``GRPOConfig`` plus mica's estimator options (``mica_*``); see docs/trl.md.
 
-    TRL's own options keep their meaning. ``scale_rewards`` sets mica's ``scale`` unless
-    ``mica_scale`` is given; TRL's reward normalization (``multi_objective_aggregation``,
-    ``reward_weights``) applies only to the reward functions TRL logs, not to the advantages.
-    """
-
-    mica_estimator: str = field(default=D["mica_estimator"], metadata={
-        "help": "mica estimator (registry name): mica, mica_turn, mica_group, mica_adr, mapo, "
-                "grpo, reinforce_pp, reinforce_pp_idr, mica_group_adr, gigpo (needs "
-                "turn_keys), or one registered with mica_core.register_estimator."})
-    mica_gamma: float | None = field(default=D["mica_gamma"], metadata={
-        "help": "Discount of the per-turn return; None takes the preset's (0.85; grpo and "
-                "reinforce_pp: 1.0)."})
-    mica_weight: float = field(default=D["mica_weight"], metadata={
-        "help": "w of the two-component presets (mica, mica_adr, mapo)."})
-    mica_eps: float = field(default=D["mica_eps"], metadata={
-        "help": "Added to the std in every z-score (TRL's GRPO adds 1e-4)."})
-    mica_ddof: int = field(default=D["mica_ddof"], metadata={
-        "help": "Delta degrees of freedom of the std (1, as TRL's nanstd)."})
-    mica_baseline: str = field(default=D["mica_baseline"], metadata={
-        "help": "'mean' or 'loo' (leave-one-out mean of the others)."})
-    mica_scale: str | None = field(default=D["mica_scale"], metadata={
-        "help": "'std' or 'none'; None follows scale_rewards ('group' -> 'std', 'none' -> "
-                "'none'; 'batch' is refused)."})
-    mica_singleton: str = field(default=D["mica_singleton"], metadata={
-        "help": "A normalization bucket of one element: 'zero' or 'raw' (the value itself)."})
-    mica_state_weights: list[float] | None = field(default=D["mica_state_weights"], metadata={
-        "help": "Axis weights of distance_from_state for turn_states (default all ones)."})
-    mica_state_epsilon: float = field(default=D["mica_state_epsilon"], metadata={
-        "help": "Zone width of distance_from_state's hinge for turn_states."})
-    mica_state_kind: str = field(default=D["mica_state_kind"], metadata={
-        "help": "'hinge' (EMPA's zone hinge) or 'norm' for turn_states."})
-    mica_lone_rollout: str | None = field(default=D["mica_lone_rollout"], metadata={
-        "help": "A group of one completion: 'zero' (its group-relative terms are 0) or "
-                "'within' (buckets over its own turns); None: 'zero', or 'within' under "
-                "mica_singleton='raw' (mica_core.turns)."})
+    The ``mica_*`` fields are derived from :class:`mica_core.EstimatorOptions` (names, types,
+    defaults, help; :func:`mica_core.integrations.trl.config_fields`) and checked by it when
+    the trainer starts. TRL's own options keep their meaning. ``scale_rewards`` sets mica's
+    ``scale`` unless ``mica_scale`` is given; TRL's reward normalization
+    (``multi_objective_aggregation``, ``reward_weights``) applies only to the reward functions
+    TRL logs, not to the advantages.
+    """, "__module__": __name__})
 
 
 class MicaGRPOTrainer(GRPOTrainer):
@@ -116,7 +90,7 @@ class MicaGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else getattr(
                 getattr(model, "config", None), "_name_or_path", "") or "model"
             args = MicaGRPOConfig(f"{str(name).split('/')[-1]}-GRPO")
-        self.mica_options = mica_options(args)
+        self.mica_estimator, self.mica_options = estimator_options(args)
         self.turn_signals_func = turn_signals_func
         self._mica_batch = None
         if reward_funcs is None:
@@ -176,17 +150,14 @@ class MicaGRPOTrainer(GRPOTrainer):
         local = self._turn_signal_fields(inputs, prompts, completions, completion_ids_list)
         rows = gather_object([{k: v[i] for k, v in local.items()} for i in range(len(prompts))])
         fields = {k: [r.get(k) for r in rows] for k in FIELDS if any(k in r for r in rows)}
-        state = {key[len("mica_state_"):]: getattr(self.args, key, MICA_DEFAULTS[key])
-                 for key in ("mica_state_weights", "mica_state_epsilon", "mica_state_kind")}
-        options = dict(self.mica_options)
-        estimator = options.pop("estimator")
+        opts, estimator = self.mica_options, self.mica_estimator
         group = np.arange(len(rows)) // group_size  # TRL's groups: consecutive completions
-        signals = collect_turn_signals(fields, len(rows), state_weights=state["weights"],
-                                       state_epsilon=state["epsilon"], state_kind=state["kind"],
-                                       group=group, estimator=estimator)
-        lone = getattr(self.args, "mica_lone_rollout", None) or (
-            "within" if options["singleton"] == "raw" else "zero")
-        result = estimate_turns(signals.batch, estimator, lone_rollout=lone, **options)
+        signals = collect_turn_signals(fields, len(rows), state_weights=opts.state_weights,
+                                       state_epsilon=opts.state_epsilon,
+                                       state_kind=opts.state_kind, group=group,
+                                       estimator=estimator)
+        result = estimate_turns(signals.batch, estimator, lone_rollout=opts.lone_rollout,
+                                **opts.for_surface("estimate"))
         outcome = np.zeros(len(rows))
         np.add.at(outcome, np.repeat(np.arange(len(rows)), signals.counts), result.reward)
         start = self.accelerator.process_index * len(prompts)

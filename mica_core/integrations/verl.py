@@ -74,6 +74,10 @@ Options, each from the first place that has it:
 ``config.mica.distance_weights``, ``distance_epsilon`` and ``distance_kind`` set how states
 become distances (:func:`mica_core.distance_from_state`).
 
+The options are :class:`mica_core.EstimatorOptions`' (surface ``turns``; :data:`OPTIONS`,
+:data:`SPELLING`): a value of the wrong type or range, and a key of ``algorithm.mica`` that is
+none of :data:`SECTION_KEYS`, is a one-line :class:`mica_core.MicaInputError` naming it.
+
 mica's own options (``algorithm.mica.<option>`` or keyword arguments):
 ``require_per_turn`` (true: a multi-turn batch without a per-turn signal, or an ADR preset
 without distances, is an error; false: no warning; unset: a warning on every call),
@@ -105,7 +109,10 @@ import numpy as np
 from .. import validate as _v
 from .. import validate_rows as _rows
 from .. import validate_tokens as _tokens
-from ..estimators import get_estimator
+from ..estimators import PRESETS, get_estimator
+from ..options import check_option, option_fields, unknown_option
+
+_ESTIMATE_OPTIONS = tuple(f.name for f in option_fields("estimate"))
 
 __all__ = [
     "COUNTERS",
@@ -116,26 +123,26 @@ __all__ = [
     "agent_loop_output",
     "counters",
     "reset_counters",
-    "compute_gigpo_advantage",
-    "compute_grpo_advantage",
-    "compute_mapo_advantage",
-    "compute_mica_adr_advantage",
-    "compute_mica_group_adr_advantage",
-    "compute_mica_advantage",
-    "compute_mica_group_advantage",
-    "compute_mica_turn_advantage",
-    "compute_reinforce_pp_advantage",
-    "compute_reinforce_pp_idr_advantage",
     "options_from_config",
     "register_with_verl",
     "verl_estimator",
     "verl_name",
-]
+] + [f"compute_{name}_advantage" for name in PRESETS]  # defined below, one per preset
 
-PRESETS = ("mica", "mica_turn", "mica_group", "mica_adr", "mapo", "grpo", "reinforce_pp",
-           "reinforce_pp_idr", "mica_group_adr", "gigpo")
-OPTIONS = ("gamma", "weight", "eps", "ddof", "baseline", "scale", "singleton")
+
+#: mica's option names in ``algorithm.mica`` where verl's differ (the state options)
+SPELLING = {"state_weights": "distance_weights", "state_epsilon": "distance_epsilon",
+            "state_kind": "distance_kind"}
+#: the estimator options of ``algorithm.mica`` and keyword arguments that reach
+#: :func:`mica_core.estimate` (:class:`mica_core.EstimatorOptions`)
+OPTIONS = tuple(f.name for f in option_fields("turns") if f.name in _ESTIMATE_OPTIONS)
+#: verl's own ``algorithm.<key>`` read as mica's option of that name
 TOP_LEVEL = ("gamma", "weight", "eps")
+#: the adapter's own switches in ``algorithm.mica`` (module docstring)
+ADAPTER_OPTIONS = ("require_per_turn", "turn_rewards", "v1_rows")
+#: every key ``algorithm.mica`` may hold; another is an error
+SECTION_KEYS = (*(SPELLING.get(f.name, f.name) for f in option_fields("turns")),
+                *ADAPTER_OPTIONS)
 
 #: Per-row fields read from ``data.non_tensor_batch`` (``turn_index``: from ``data.batch``).
 FIELDS = {
@@ -173,6 +180,24 @@ def _get(config, key):
     return getattr(config, key, None)
 
 
+def _section(config):
+    """``config.mica``, its keys checked against :data:`SECTION_KEYS`."""
+    section = _get(config, "mica")
+    if section is None:
+        return None
+    keys = getattr(section, "keys", None)
+    if callable(keys):
+        names = list(keys())
+    elif hasattr(section, "__dataclass_fields__"):
+        names = list(section.__dataclass_fields__)
+    else:
+        names = [k for k in vars(section) if not k.startswith("_")]
+    for name in names:
+        if name not in SECTION_KEYS:
+            raise unknown_option("algorithm.mica." + str(name), SECTION_KEYS)
+    return section
+
+
 def options_from_config(estimator: str, config=None, kwargs=None) -> dict:
     """Estimator options from a call's keyword arguments and a verl config (module docstring).
 
@@ -183,29 +208,24 @@ def options_from_config(estimator: str, config=None, kwargs=None) -> dict:
     for key in TOP_LEVEL:
         v = _get(config, key)
         if v is not None:
-            opts[key], source[key] = v, "config"
+            opts[key], source[key] = check_option(key, v, "algorithm." + key), "config"
     if estimator == "grpo":
         norm = _get(config, "norm_adv_by_std_in_grpo")
         if norm is not None:
             opts["scale"] = "std" if norm else "none"
-    section = _get(config, "mica")
+    section = _section(config)
     for key in OPTIONS:
         v = _get(section, key)
         if v is not None:
-            opts[key], source[key] = v, "mica"
+            opts[key], source[key] = check_option(key, v, "algorithm.mica." + key), "mica"
     kwargs = kwargs or {}
     if kwargs.get("epsilon") is not None:
-        opts["eps"] = kwargs["epsilon"]
+        opts["eps"] = check_option("eps", kwargs["epsilon"], "epsilon")
     if kwargs.get("norm_adv_by_std_in_grpo") is not None:
         opts["scale"] = "std" if kwargs["norm_adv_by_std_in_grpo"] else "none"
     for key in OPTIONS:
         if kwargs.get(key) is not None:
-            opts[key], source[key] = kwargs[key], "kwargs"
-    for key in ("gamma", "weight", "eps"):
-        if key in opts:
-            opts[key] = float(opts[key])
-    if "ddof" in opts:
-        opts["ddof"] = int(opts["ddof"])
+            opts[key], source[key] = check_option(key, kwargs[key]), "kwargs"
     own = get_estimator(estimator).gamma
     if (source.get("gamma") == "config" and opts["gamma"] == 1.0 and own != 1.0
             and estimator not in _GAMMA_WARNED):
@@ -357,7 +377,20 @@ def _last_of_session(session, index):
 
 def _mica_option(name, config, kwargs):
     v = kwargs.get(name)
-    return _get(_get(config, "mica"), name) if v is None else v
+    return _get(_section(config), name) if v is None else v
+
+
+def _state_options(config) -> dict:
+    """``weights``, ``epsilon``, ``kind`` of :func:`mica_core.distance_from_state` from
+    ``algorithm.mica.distance_*`` (``None``: the default), checked."""
+    section = _section(config)
+    state = {}
+    for name in ("state_weights", "state_epsilon", "state_kind"):
+        v = _get(section, SPELLING[name])
+        if v is not None:
+            v = check_option(name, v, "algorithm.mica." + SPELLING[name])
+        state[name[len("state_"):]] = list(v) if name == "state_weights" and v else v
+    return state
 
 
 def _flag(name, value):
@@ -400,10 +433,11 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
     opts = options_from_config(estimator, config, kwargs)
     require = _flag("require_per_turn", _mica_option("require_per_turn", config, kwargs))
     turn_rewards = _flag("turn_rewards", _mica_option("turn_rewards", config, kwargs))
-    # a lone rollout follows the singleton rule unless set: singleton="raw" (verl's GRPO
-    # convention) keeps the within-trajectory buckets, the default "zero" gives it 0
-    lone_rollout = _mica_option("lone_rollout", config, kwargs) or (
-        "within" if opts.get("singleton") == "raw" else "zero")
+    # a lone rollout follows the singleton rule unless set (mica_core.turns.estimate_turns):
+    # singleton="raw" (verl's GRPO convention) keeps the within-trajectory buckets, the
+    # default "zero" gives it 0
+    lone_rollout = check_option("lone_rollout", _mica_option("lone_rollout", config, kwargs),
+                                "algorithm.mica.lone_rollout")
     COUNTERS["calls"] += 1
     metrics = {"mica/frame_lookup_failed": 0.0}
 
@@ -482,10 +516,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
                                                                    device=dense.device))
         token_reward, spans = turn_rewards_from_tokens(dense, mask, **bounds)
         counts = np.diff(spans.offsets.cpu().numpy())
-        state = {k: _get(_get(config, "mica"), "distance_" + k)
-                 for k in ("weights", "epsilon", "kind")}
-        if state["weights"] is not None:
-            state["weights"] = list(state["weights"])
+        state = _state_options(config)
         tb = collect(counts, labels, fields, estimator=est, trajectory=session, order=order,
                      names={**FIELDS, "group": "index"}, state_options=state)
 
@@ -588,16 +619,10 @@ def verl_estimator(estimator: str):
     return compute_advantage
 
 
-compute_mica_advantage = verl_estimator("mica")
-compute_mica_turn_advantage = verl_estimator("mica_turn")
-compute_mica_group_advantage = verl_estimator("mica_group")
-compute_mica_adr_advantage = verl_estimator("mica_adr")
-compute_mapo_advantage = verl_estimator("mapo")
-compute_grpo_advantage = verl_estimator("grpo")
-compute_reinforce_pp_advantage = verl_estimator("reinforce_pp")
-compute_reinforce_pp_idr_advantage = verl_estimator("reinforce_pp_idr")
-compute_mica_group_adr_advantage = verl_estimator("mica_group_adr")
-compute_gigpo_advantage = verl_estimator("gigpo")
+# compute_mica_advantage, compute_grpo_advantage, ...: one per preset (mica_core.estimators)
+for _name in PRESETS:
+    globals()[f"compute_{_name}_advantage"] = verl_estimator(_name)
+del _name
 
 
 def register_with_verl(estimators=None) -> dict:

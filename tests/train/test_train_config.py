@@ -113,8 +113,11 @@ def test_eval_needs_a_checkpoint_unless_base(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("advantage.options={gammma: 0.9}", "unexpected keyword argument 'gammma'"),
-    ("advantage.options={gamma: 2}", "gamma"),
+    ("advantage.options={gammma: 0.9}", "unknown option 'advantage.options.gammma'; known: gamma, "),
+    ("advantage.options={gamma: 2}", "advantage.options.gamma must be a number in [0, 1] or None; got 2"),
+    ("advantage.options={weight: high}", "advantage.options.weight must be a number in [0, 1]; got 'high'"),
+    ("advantage.options={lone_rollout: zero}", "unknown option 'advantage.options.lone_rollout'"),
+    ("advantage.options={eps: 0}", "eps must be > 0 with scale='std'"),
     ("env.simulator=chat", "env.simulator: simulator must be one of"),
     ("env.extra={retries: -1}", "env.extra.retries: retries must be an integer >= 0"),
     ("env.extra={endpoint: x}", "env.extra.endpoint: unknown key"),
