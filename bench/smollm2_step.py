@@ -68,6 +68,32 @@ def main(argv=None) -> int:
               f"env.min_turns={args.turns}", "rollout.max_new_tokens=48", *args.overrides]
     loads = []
     t_start = time.perf_counter()
+    info = machine_info(ROOT)
+    info.update({"torch": torch.__version__, "torch_default_threads": default_threads})
+
+    def report(variants, done: bool) -> dict:
+        """The results so far (written after every step, so a stopped run keeps its steps)."""
+        ran = {name: v for name, v in variants.items() if v.steps}
+        result = {name: summarize(v) for name, v in ran.items()}
+        ratio = {}
+        if len(result) == 2:
+            for clock in ("wall", "cpu"):
+                b, a = result["before"][clock], result["after"][clock]
+                ratio[clock] = {p: b["median_seconds"][p] / a["median_seconds"][p]
+                                for p in PHASES if a["median_seconds"][p] > 0}
+                ratio[clock]["episodes_per_second"] = a["episodes_per_second"] / b["episodes_per_second"]
+        out = {
+            "command": "python -m bench.smollm2_step " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "complete": done, "model": args.model, "turns": args.turns, "pairs": args.pairs,
+            "overrides": args.overrides, "before_switches": list(BEFORE), "after_switches": list(AFTER),
+            "results": result, "speedup": ratio, "seconds": time.perf_counter() - t_start,
+            "machine": {**info, "loadavg_1min_at_each_step_end": loads},
+            "raw": {name: v.steps for name, v in variants.items()},
+            "configs": {name: config_to_dict(v.trainer.cfg) for name, v in variants.items()},
+        }
+        atomic_write_json(args.out, out)
+        return out
+
     with tempfile.TemporaryDirectory(prefix="mica-bench-smollm2-") as tmp:
         variants = {}
         for name, extra in (("before", BEFORE), ("after", AFTER)):
@@ -88,26 +114,9 @@ def main(argv=None) -> int:
                       f"{rec['threads']} threads, wall {rec['wall']['step']:.1f}s (rollout "
                       f"{rec['wall']['rollout']:.1f}s, update {rec['wall']['update']:.1f}s), load "
                       f"{load_at_start[0]:.1f} -> {rec['loadavg_end'][0]:.1f}", flush=True)
-        result = {name: summarize(v) for name, v in variants.items()}
-        raw = {name: v.steps for name, v in variants.items()}
-        configs = {name: config_to_dict(v.trainer.cfg) for name, v in variants.items()}
-    ratio = {}
-    for clock in ("wall", "cpu"):
-        b, a = result["before"][clock], result["after"][clock]
-        ratio[clock] = {p: b["median_seconds"][p] / a["median_seconds"][p]
-                        for p in PHASES if a["median_seconds"][p] > 0}
-        ratio[clock]["episodes_per_second"] = a["episodes_per_second"] / b["episodes_per_second"]
-    info = machine_info(ROOT)
-    info.update({"torch": torch.__version__, "torch_default_threads": default_threads,
-                 "loadavg_1min_at_each_step_end": loads})
-    report = {
-        "command": "python -m bench.smollm2_step " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": args.model, "turns": args.turns, "pairs": args.pairs, "overrides": args.overrides,
-        "before_switches": list(BEFORE), "after_switches": list(AFTER), "results": result,
-        "speedup": ratio, "seconds": time.perf_counter() - t_start, "machine": info, "raw": raw,
-        "configs": configs,
-    }
-    atomic_write_json(args.out, report)
+                report(variants, done=False)
+        final = report(variants, done=True)
+    result, ratio = final["results"], final["speedup"]
     _print_table(result, ratio)
     print(f"wrote {args.out}")
     return 0

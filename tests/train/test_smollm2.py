@@ -11,6 +11,7 @@ index. Shapes stay tiny (1 scenario, 2 rollouts, 1-2 turns, 8 new tokens).
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -221,3 +222,34 @@ def test_trl_quick_start_with_the_real_model(smollm2_dir, tmp_path, monkeypatch)
     assert trainer.state.global_step == 2
     assert type(trainer.model).__name__ == "LlamaForCausalLM"
     assert trainer.model.config.num_hidden_layers == 30
+
+
+# ---------------------------------------------------------------------- the GPU check script
+def test_gpu_check_script_parses_and_needs_cuda(tmp_path):
+    """scripts/gpu-check.sh is valid bash; without a CUDA device it stops at once with one line."""
+    import subprocess
+
+    import torch
+
+    script = ROOT / "scripts" / "gpu-check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: run scripts/gpu-check.sh itself")
+    out = tmp_path / "gpu.json"
+    res = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True,
+                         env=subprocess_env(PY=sys.executable))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("gpu-check: error: torch sees no CUDA device")
+    assert not out.exists()
+
+
+def test_learning_run_script_parses_and_keeps_a_finished_run(tmp_path):
+    import subprocess
+
+    script = ROOT / "scripts" / "smollm2-learning-run.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    (tmp_path / "train").mkdir()
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                         env=subprocess_env(PY=sys.executable, OUT=str(tmp_path)))
+    assert res.returncode == 2 and "exists" in res.stderr, res.stderr
