@@ -217,7 +217,16 @@ def test_trl_quick_start_with_the_real_model(smollm2_dir, tmp_path, monkeypatch)
     end = next(i for i, ln in enumerate(lines) if ln.startswith("model = "))
     code = "\n".join([*lines[:start], real, *lines[end + 1:]])
     scope = {"__name__": "docs_trl_quick_start_smollm2"}
-    exec(compile(code, "docs/trl.md", "exec"), scope)
+    import torch
+
+    # One thread: on a busy 2-core machine two torch threads wait on each other at every
+    # parallel region (a forward and backward ran 3x slower with two; docs/training.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        exec(compile(code, "docs/trl.md", "exec"), scope)
+    finally:
+        torch.set_num_threads(threads)
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2
     assert type(trainer.model).__name__ == "LlamaForCausalLM"
