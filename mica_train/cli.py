@@ -169,9 +169,13 @@ def _eval(args) -> int:
     with _user_errors():
         cfg = _load(args)
         weights = checkpoint_weights(args.checkpoint, cfg.run_dir, cfg.lora.enabled)
+    import torch
+
     from .policy import load_policy
     from .trainer import evaluate
 
+    if cfg.threads > 0:  # as Trainer does: evaluations run on the config's threads too
+        torch.set_num_threads(cfg.threads)
     policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)
     metrics = evaluate(policy, cfg, transcripts=args.transcripts,
                        progress=cfg.progress and not args.no_progress)

@@ -262,3 +262,20 @@ def test_learning_run_script_parses_and_keeps_a_finished_run(tmp_path):
     res = subprocess.run(["bash", str(script)], capture_output=True, text=True,
                          env=subprocess_env(PY=sys.executable, OUT=str(tmp_path)))
     assert res.returncode == 2 and "exists" in res.stderr, res.stderr
+
+
+def test_eval_runs_on_the_configs_threads(tiny_model_dir, tmp_path, monkeypatch):
+    """`mica eval` sets torch's threads from the config, as `mica train` does (threads=1 is the
+    smollm2 config's speed setting, and its evaluations need it as much)."""
+    import torch
+
+    from mica_train import cli
+
+    before = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    rc = cli.main(["eval", "--config", "tiny", f"model.path={tiny_model_dir}", "threads=1",
+                   "eval.max_turns=1", "rollout.max_new_tokens=2", "--checkpoint", "base",
+                   "--out", str(tmp_path / "m.json"), "--no-progress"])
+    assert rc == 0 and seen == [1]
+    assert torch.get_num_threads() == before
