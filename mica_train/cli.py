@@ -6,7 +6,7 @@
     mica eval --config demo model.path=runs/tiny/warm --checkpoint latest --transcripts eval.jsonl
     mica train --help                      # every config field, its type, default and help
 
-``--config`` is a YAML file or the name of a packaged config (demo, study, tiny). Overrides
+``--config`` is a YAML file or the name of a packaged config (demo, smollm2, study, tiny). Overrides
 are ``key.sub=value`` words (Hydra and verl style) or ``--set key.sub=value``; positional
 overrides apply after the ``--set`` ones. A bad config, a missing model or checkpoint, or
 bad scenario files print one line on stderr and exit with status 2.
