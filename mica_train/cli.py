@@ -6,7 +6,7 @@
     mica eval --config demo model.path=runs/tiny/warm --checkpoint latest --transcripts eval.jsonl
     mica train --help                      # every config field, its type, default and help
 
-``--config`` is a YAML file or the name of a packaged config (demo, study, tiny). Overrides
+``--config`` is a YAML file or the name of a packaged config (demo, smollm2, study, tiny). Overrides
 are ``key.sub=value`` words (Hydra and verl style) or ``--set key.sub=value``; positional
 overrides apply after the ``--set`` ones. A bad config, a missing model or checkpoint, or
 bad scenario files print one line on stderr and exit with status 2.
@@ -202,8 +202,12 @@ def _eval(args) -> int:
                 check_output_file(target, option)
         cfg = _load(args)
         weights = checkpoint_weights(args.checkpoint, cfg.run_dir, cfg.lora.enabled)
+        import torch
+
         from .policy import load_policy
 
+        if cfg.threads > 0:  # as Trainer does: evaluations run on the config's threads too
+            torch.set_num_threads(cfg.threads)
         policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)  # lora.target_modules checked
     from .metrics import json_safe
     from .trainer import evaluate

@@ -41,12 +41,12 @@ def test_train_help_shows_every_field():
         assert " ".join(help_text.split()) in text, name
         assert type_name in text, name
     assert "stop_after" not in text  # the resume test's kill hook is not a setting
-    assert "packaged config (demo, study, tiny; default: the built-in defaults)" in text
+    assert "packaged config (demo, smollm2, study, tiny; default: the built-in defaults)" in text
     assert "model.path" in run_mica("eval", "--help").stdout
 
 
 def test_packaged_configs_and_files(tmp_path, monkeypatch):
-    assert packaged_configs() == ["demo", "study", "tiny"]
+    assert packaged_configs() == ["demo", "smollm2", "study", "tiny"]
     assert load_config("tiny").data.group_size == 3
     assert load_config("tiny.yaml").data.group_size == 3
     assert load_config("demo").steps == 40 and load_config("study").steps == 36
