@@ -134,7 +134,16 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         plugins=tuple(args.plugin),
     )
     check_config(plan.load(plan.estimators[0], plan.seeds[0]))  # a bad --config or override fails here
-    steps = plan.load().steps
+    cfg = plan.load()
+    if plan.policy == "tabular":  # its episodes hand mica distances, not a table
+        from mica_core.options import option_fields
+
+        takes = [f.name for f in option_fields("estimate")]
+        extra = [k for k in cfg.advantage.options if k not in takes]
+        if extra:
+            raise ValueError(f"advantage.options.{extra[0]} does not apply to --policy tabular (its "
+                             f"episodes give mica distances, not a table); it takes {', '.join(takes)}")
+    steps = cfg.steps
     if plan.checkpoints > steps:
         raise ValueError(f"--checkpoints ({plan.checkpoints}) must be <= the training steps ({steps})")
     return plan

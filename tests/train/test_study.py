@@ -699,3 +699,14 @@ def test_a_run_the_trainer_stops_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(study_run, "run_study", lambda plan, publish_root=None: 1 / 0)
     with pytest.raises(ZeroDivisionError):  # anything else is a bug, shown as such
         study.main(["--quick", "--run-dir", str(tmp_path / "s")])
+
+
+@pytest.mark.parametrize("option", ["epsilon=0.5", "source=reward", "state_weights=[1, 1, 1]"])
+def test_tabular_refuses_table_only_advantage_options(tmp_path, capsys, option):
+    """The tabular policy's episodes give mica distances: an option only tables take is one
+    line before any work, not a TypeError in a worker."""
+    assert study.main(["--policy", "tabular", "--quick", "--run-dir", str(tmp_path / "s"),
+                       f"advantage.options.{option}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mica study: error: advantage.options.{option.split('=')[0]} does not apply")
+    assert "\n" not in err and not (tmp_path / "s").exists()
