@@ -135,10 +135,13 @@ def _train(args) -> int:
         trainer = Trainer(_load(args))
     if trainer.resumed_from is not None and trainer.dist.is_main:
         print(f"resuming from {trainer.resumed_from} (step {trainer.step})", file=sys.stderr)
+    from .env.errors import EndpointConfigError
+
     try:
         last = trainer.train()
-    except (JudgeFailureStop, TrainingDiverged) as exc:
-        raise CommandError(str(exc)) from None
+    except (JudgeFailureStop, TrainingDiverged, EndpointConfigError) as exc:
+        # stops the trainer or the endpoint explain in one line (the URL without credentials)
+        raise CommandError(str(exc).splitlines()[0]) from None
     if trainer.dist.is_main and last:
         keys = ("step", "pass_rate", "mean_final_distance", "reward_mean", "kl", "time_step")
         print(json.dumps({k: last[k] for k in keys if k in last}))
@@ -209,11 +212,15 @@ def _eval(args) -> int:
         if cfg.threads > 0:  # as Trainer does: evaluations run on the config's threads too
             torch.set_num_threads(cfg.threads)
         policy = load_policy(cfg.model, cfg.lora, weights_dir=weights)  # lora.target_modules checked
+    from .env.errors import EndpointConfigError
     from .metrics import json_safe
     from .trainer import evaluate
 
-    metrics = evaluate(policy, cfg, transcripts=args.transcripts,
-                       progress=cfg.progress and not args.no_progress)
+    try:
+        metrics = evaluate(policy, cfg, transcripts=args.transcripts,
+                           progress=cfg.progress and not args.no_progress)
+    except EndpointConfigError as exc:  # a wrong URL, model or key: one line
+        raise CommandError(str(exc).splitlines()[0]) from None
     metrics["weights"] = str(weights) if weights is not None else f"base: {cfg.model.path}"
     text = json.dumps(json_safe(metrics), indent=2, sort_keys=True, default=str, allow_nan=False)
     if args.out:

@@ -168,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_study(plan, publish_root="." if args.publish else None)
     except RuntimeError as exc:
+        from ..env.errors import EndpointConfigError
         from ..trainer import JudgeFailureStop, TrainingDiverged
 
-        if not isinstance(exc.__cause__, (JudgeFailureStop, TrainingDiverged)):
+        if not isinstance(exc.__cause__, (JudgeFailureStop, TrainingDiverged, EndpointConfigError)):
             raise
         # a run the trainer stopped on purpose: which job, and the trainer's own line
         print(f"mica study: error: {str(exc).split(':', 1)[0]}: {exc.__cause__}", file=sys.stderr)

@@ -77,3 +77,18 @@ def test_max_judge_failure_share_is_checked_and_may_change_on_resume():
     saved = config_to_dict(load_config(None))
     del saved["env"]["max_judge_failure_share"]
     check_resume(saved, load_config(None, ["env.max_judge_failure_share=0.9"]), "run_dir x")
+
+
+def test_an_endpoint_that_refuses_the_request_is_one_line(tiny_model_dir, tmp_path):
+    """A wrong URL, model or key (HTTP 4xx: EndpointConfigError) is no judge failure to count:
+    mica train and mica eval stop with one line naming the endpoint, never its password."""
+    with LocalChatServer() as server:
+        url = server.url.replace("http://", "http://user:SECRET-9@") + "/no/such/path"
+        train = run_mica("train", "--config", "tiny", *llm_overrides(url, tmp_path / "run", tiny_model_dir))
+        evaluation = run_mica("eval", "--config", "tiny", "--checkpoint", "base",
+                              *llm_overrides(url, tmp_path / "eval", tiny_model_dir, "eval.max_turns=2"))
+    for res, name in ((train, "train"), (evaluation, "eval")):
+        assert res.returncode == 2, res.stderr[-3000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"mica {name}: error: ") and "HTTP 404" in last, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and "SECRET-9" not in res.stderr + res.stdout
