@@ -424,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         sys.stderr.write("mica: interrupted (SIGTERM)\n")
         return 128 + signal.SIGTERM
+    except BrokenPipeError:
+        # The reader of stdout closed it (`mica estimators | head`): stop quietly, as a
+        # program killed by SIGPIPE does; stdout goes to devnull so the interpreter's final
+        # flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -465,6 +471,8 @@ def _builtin(command: str, argv: list[str]) -> int:
         if command == "advantages":
             return _advantages(args)
         return _estimators()
+    except BrokenPipeError:  # the reader went away (`mica estimators | head`): main handles it
+        raise
     except (CliError, MicaInputError, ValueError, OSError) as exc:
         text = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         msg = text.splitlines()[0] if text else type(exc).__name__

@@ -407,3 +407,16 @@ def test_state_option_flags_reach_compute_advantages(tmp_path):
     np.testing.assert_array_equal(got["advantage"].to_numpy(), want["advantage"].to_numpy())
     default = mc.compute_advantages(table)
     assert not np.array_equal(default["advantage"].to_numpy(), want["advantage"].to_numpy())
+
+
+def test_a_reader_that_stops_early_ends_mica_quietly():
+    """`mica estimators | head -0`: the closed pipe ends mica as SIGPIPE ends a program (status
+    141), with nothing on stderr."""
+    mica = shutil.which("mica", path=os.path.dirname(sys.executable))
+    read, write = os.pipe()
+    proc = subprocess.Popen([mica, "estimators"], stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    os.close(read)  # the reader is gone before mica writes a line
+    err = proc.stderr.read()
+    assert proc.wait() == 141, err
+    assert err == b""
