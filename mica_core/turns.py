@@ -21,10 +21,10 @@ onto this module's (:data:`SIGNALS`) and calls:
 
 - ``"zero"`` (default): every group-relative component (scopes ``turn``, ``group``, ``key``)
   is 0 for that trajectory; components of scope ``batch`` keep their value. The rollout group
-  is the comparison set of GRPO-style estimators (docs/architecture.md, "Conventions"): with one rollout there is no
-  other rollout of the same scenario to compare with, the same reason a bucket of one element
-  gives 0 (``singleton="zero"``, README "Estimators"). Without this rule ``mica``'s ``z_group(r)``
-  would compare the trajectory's turns with each other.
+  is the comparison set of GRPO-style estimators (docs/architecture.md, "Conventions"): with
+  one rollout there is no other rollout of the same scenario to compare with, the same reason
+  a bucket of one element gives 0 (``singleton="zero"``, README "Estimators"). Without this
+  rule ``mica``'s ``z_group(r)`` would compare the trajectory's turns with each other.
 - ``"within"``: the bucket definitions applied literally: ``z_group`` and ``z_key`` over the
   lone trajectory's own turns (``z_turn`` buckets hold one value each and give 0 anyway, or
   the value itself under ``singleton="raw"``).
@@ -47,7 +47,6 @@ __all__ = ["LONE_ROLLOUT", "SIGNALS", "TurnBatch", "TurnResult", "collect", "est
 
 #: the per-row fields this layer reads, by mica's names; integrations map theirs onto these
 SIGNALS = ("distance", "initial_distance", "state", "initial_state", "reward", "key")
-#: choices of ``lone_rollout``
 
 
 class TurnBatch(NamedTuple):
