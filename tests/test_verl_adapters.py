@@ -504,3 +504,22 @@ def test_v1_turn_rows_with_turn_rewards_and_gigpo_refusal():
         mv.compute_gigpo_advantage(scores, mask, rows["non_tensor"]["uid"], non_tensor_batch={},
                                    batch_keys=rows["keys"])
     assert "\n" not in str(info.value)
+
+
+def test_the_warning_shows_on_every_call_under_pythons_default_filter():
+    """A trainer runs with Python's default warning filter, which shows a message once per code
+    location: mica's per-call warnings must still appear on every step."""
+    import warnings
+
+    _, mask, scores, nt, _ = _score_only()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for _ in range(3):
+            mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    assert sum("without a per-turn signal" in str(w.message) for w in seen) == 3
+    assert {w.filename for w in seen} == {__file__}  # attributed to the estimator's caller
+    with warnings.catch_warnings(record=True) as seen:  # a user's ignore filter still holds
+        warnings.simplefilter("ignore")
+        mv.compute_mica_advantage(scores, mask, nt["uid"], non_tensor_batch=nt)
+    assert seen == []

@@ -409,6 +409,17 @@ def _needs_per_turn(est):
     return any(c.signal in ("reward", "return") for c in est.components)
 
 
+def _warn_every_call(message: str) -> None:
+    """``warnings.warn(message, UserWarning)`` attributed to the estimator's caller, shown on
+    every call: Python's default filter shows a message once per code location (its registry),
+    which would leave every step after the first silent. A fresh registry per call keeps the
+    user's own filters (``ignore``, ``error``) in force."""
+    frame = sys._getframe(3)  # _warn_every_call <- _advantage <- the estimator <- its caller
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__", "<unknown>"), registry=None,
+                           module_globals=frame.f_globals)
+
+
 def _no_per_turn_message(estimator, why):
     return (f"mica: estimator {estimator!r} got a multi-turn batch ({why}) without a per-turn "
             f"signal, so its advantages come from the outcome score alone: give mica_distance "
@@ -453,11 +464,10 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
             # Outside verl's compute_advantage (or in a verl that calls estimators
             # differently) the rollout's per-turn fields cannot be read: say so every time.
             COUNTERS["frame_lookup_failed"] += 1
-            warnings.warn("mica: no verl DataProto found for this call (and no "
-                          "non_tensor_batch= given): per-turn fields such as mica_distance are "
-                          "not read; the advantages come from the token-level rewards "
-                          "(pass non_tensor_batch=, {} for none, to say there are none)",
-                          UserWarning, stacklevel=3)
+            _warn_every_call("mica: no verl DataProto found for this call (and no "
+                             "non_tensor_batch= given): per-turn fields such as mica_distance "
+                             "are not read; the advantages come from the token-level rewards "
+                             "(pass non_tensor_batch=, {} for none, to say there are none)")
         else:
             nt = data.non_tensor_batch
     nt = nt or {}
@@ -550,7 +560,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
                     f"give {FIELDS['distance']}, {FIELDS['state']} or {FIELDS['reward']}, or v1 "
                     f"outputs from agent_loop_output with algorithm.mica.turn_rewards=true")
             if require is None:
-                warnings.warn(_no_per_turn_message(estimator, why), UserWarning, stacklevel=3)
+                _warn_every_call(_no_per_turn_message(estimator, why))
         missing = (est.reward == "adr" and _needs_per_turn(est) and not turn_rewards and
                    fields["distance"] is None and fields["state"] is None)
         metrics["mica/missing_field"] = float(missing)
@@ -562,7 +572,7 @@ def _advantage(estimator, token_level_rewards, response_mask, index, config, kwa
             if require:
                 raise _rows.required(FIELDS["distance"], msg)
             if require is None:
-                warnings.warn("mica: " + msg, UserWarning, stacklevel=3)
+                _warn_every_call("mica: " + msg)
 
         row_major = token_reward.detach().to(torch.float64).cpu().numpy()
         extra = row_major if has_signal and np.any(row_major != 0) else None
