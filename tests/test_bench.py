@@ -69,3 +69,46 @@ def test_quick_run_writes_json(tmp_path):
     checked = [c for c in result["cases"] if c["section"] == "baselines" and "x_mica" in c]
     assert checked and all(c["max_abs_diff_vs_mica"] <= 1e-9 for c in checked)
     assert "memory floor" in proc.stdout and "wrote" in proc.stdout
+
+
+def _learning_run_folder(root):
+    """A run folder as scripts/smollm2-learning-run.sh leaves it (made-up numbers)."""
+    (root / "train").mkdir(parents=True)
+    (root / "summary.json").write_text(json.dumps({"seconds": 5, "before": {"pass_rate": 0.0},
+                                                   "after": {"pass_rate": 0.1}}))
+    for when, rate in (("before", 0.0), ("after", 0.1)):
+        (root / f"eval_{when}.json").write_text(json.dumps({"n": 30, "pass_rate": rate}))
+        (root / f"eval_{when}.jsonl").write_text(json.dumps({"turns": [{"reply": when}]}) + "\n")
+    (root / "report.html").write_text("<html>report</html>")
+    (root / "train" / "config.json").write_text(json.dumps({"steps": 2, "optim": {"lr": 2e-4}}))
+    lines = [{"step": s, "pass_rate": 0.0, "time_step": 10.0 + s, "loss": 0.5, "extra": 1} for s in (1, 2)]
+    lines.append({"eval": True, "pass_rate": 0.1})   # a line that is not a training step
+    (root / "train" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_learning_run_record_holds_the_run_and_its_transcripts(tmp_path):
+    from bench.smollm2_learning import main
+
+    run, out = tmp_path / "run", tmp_path / "res" / "smollm2_learning.json"
+    _learning_run_folder(run)
+    assert main([str(run), "--out", str(out), "--note", "quiet machine"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["summary"]["after"]["pass_rate"] == 0.1 and rec["evaluations"]["before"]["n"] == 30
+    assert [s["step"] for s in rec["steps"]] == [1, 2] and rec["steps"][1]["time_step"] == 12.0
+    assert "extra" not in rec["steps"][0] and rec["config"]["optim"]["lr"] == 2e-4
+    assert rec["note"] == "quiet machine" and rec["machine"]["cpu_count"] >= 1
+    for name in ("eval_before.jsonl", "eval_after.jsonl", "report.html"):
+        assert (out.parent / "smollm2_learning" / name).read_bytes() == (run / name).read_bytes()
+
+
+@pytest.mark.parametrize("missing", ["summary.json", "eval_after.json", "train/metrics.jsonl", "report.html"])
+def test_learning_run_record_names_a_missing_part_and_writes_nothing(tmp_path, missing):
+    from bench.smollm2_learning import main
+
+    run, out = tmp_path / "run", tmp_path / "res" / "smollm2_learning.json"
+    _learning_run_folder(run)
+    (run / missing).unlink()
+    with pytest.raises(SystemExit) as err:
+        main([str(run), "--out", str(out)])
+    assert str(err.value).startswith("smollm2_learning: error: ") and missing in str(err.value)
+    assert not out.parent.exists()
