@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     p.add_argument("--checkpoints", type=int, default=None,
                    help=f"evaluations per run, evenly spaced, the last at the final step "
-                   f"(default {FULL.checkpoints}; --quick: {QUICK.checkpoints})")
+                   f"(default {FULL.checkpoints}; --policy tabular: {TABULAR.checkpoints}; --quick: "
+                   f"{QUICK.checkpoints})")
     p.add_argument("--run-dir", default=None,
                    help=f"warm start, runs and outputs (default {FULL.run_dir}; --quick: {QUICK.run_dir})")
     p.add_argument("--publish", action="store_true",

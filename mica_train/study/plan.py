@@ -360,8 +360,10 @@ class StudyPlan:
         }
 
 
-# The full study (docs/study.md): 6 estimators x 8 seeds on the packaged `study` config.
-FULL = StudyPlan()
+# The language-model study (docs/study.md): 7 estimators x 8 seeds on the packaged `study`
+# config (18 steps), evaluated at steps 9 and 18 (the pilot's budget: an evaluation of 30
+# episodes costs about 3 training steps).
+FULL = StudyPlan(checkpoints=2)
 
 # --quick: seconds-long runs that exercise every stage (sizes only; not a result).
 QUICK = StudyPlan(

@@ -49,7 +49,7 @@ def test_packaged_configs_and_files(tmp_path, monkeypatch):
     assert packaged_configs() == ["demo", "smollm2", "study", "tiny"]
     assert load_config("tiny").data.group_size == 3
     assert load_config("tiny.yaml").data.group_size == 3
-    assert load_config("demo").steps == 40 and load_config("study").steps == 36
+    assert load_config("demo").steps == 40 and load_config("study").steps == 18
     assert load_config(None).loss.eps_high == 0.28  # the dataclass defaults
     # A file that exists wins over a packaged config of the same name.
     (tmp_path / "tiny.yaml").write_text("steps: 99\n")
