@@ -43,20 +43,20 @@ def collect(run: str, note: str = "") -> dict:
             raise SystemExit(f"smollm2_learning: error: {path} is missing (run scripts/smollm2-learning-run.sh first)")
         return path
 
-    with open(need("summary.json")) as f:
-        summary = json.load(f)
-    evals = {}
-    for when in ("before", "after"):
-        with open(need(f"eval_{when}.json")) as f:
-            evals[when] = json.load(f)
-    with open(need("train", "config.json")) as f:
-        config = json.load(f)
-    steps = []
-    with open(need("train", "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if "step" in rec and "time_step" in rec:
-                steps.append({k: rec.get(k) for k in STEP_FIELDS})
+    def read_json(*parts, lines=False):
+        path = need(*parts)
+        with open(path) as f:
+            texts = [t for t in f if t.strip()] if lines else [f.read()]
+        try:
+            return [json.loads(t) for t in texts] if lines else json.loads(texts[0])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"smollm2_learning: error: {path} is not valid JSON ({e})") from None
+
+    summary = read_json("summary.json")
+    evals = {when: read_json(f"eval_{when}.json") for when in ("before", "after")}
+    config = read_json("train", "config.json")
+    steps = [{k: rec.get(k) for k in STEP_FIELDS} for rec in read_json("train", "metrics.jsonl", lines=True)
+             if isinstance(rec, dict) and "step" in rec and "time_step" in rec]
     for name in COPIED:
         need(name)
     return {"summary": summary, "evaluations": evals, "steps": steps, "config": config,

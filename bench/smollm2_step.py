@@ -7,7 +7,7 @@ measured interleaved in one run.
 
 The step is the one of docs/training.md ("A real chat model: SmolLM2"): 2 scenarios x 4
 rollouts, 48-token replies, ``--turns`` turns per episode (6 by default), the context and LoRA
-of the built-in defaults, so both variants train exactly the same thing. They differ only in
+of the built-in defaults, so all variants train exactly the same thing. They differ only in
 
     before     threads=0 (torch's default: one thread per core)   optim.micro_batch_rows=0
     after      threads=1                                          optim.micro_batch_rows=4
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--turns", type=int, default=6, help="turns per episode (the issue's step: 6)")
     p.add_argument("--pairs", type=int, default=2, help="rounds: one step of every variant each")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, for both variants (repeatable)")
+                   help="override a config field, for every variant (repeatable)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "smollm2_step.json"))
     return p.parse_args(argv)
 
@@ -131,12 +131,11 @@ def main(argv=None) -> int:
 
 def _print_table(result, ratio) -> None:
     """Median seconds per phase for every variant, each with its ratio to ``before``."""
-    from bench.train import PHASES
-
     names = list(result)
+    phases = list(result[names[0]]["wall"]["median_seconds"])
     print(f"\n{'':20s}" + "".join(f"{n:>22s}" for n in names))
     for clock in ("wall", "cpu"):
-        for p in PHASES:
+        for p in phases:
             cells = []
             for n in names:
                 sec = result[n][clock]["median_seconds"][p]

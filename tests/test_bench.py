@@ -112,3 +112,17 @@ def test_learning_run_record_names_a_missing_part_and_writes_nothing(tmp_path, m
         main([str(run), "--out", str(out)])
     assert str(err.value).startswith("smollm2_learning: error: ") and missing in str(err.value)
     assert not out.parent.exists()
+
+
+def test_learning_run_record_names_a_corrupt_file_and_writes_nothing(tmp_path):
+    from bench.smollm2_learning import main
+
+    run, out = tmp_path / "run", tmp_path / "res" / "smollm2_learning.json"
+    _learning_run_folder(run)
+    with open(run / "train" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "time_step": \n')   # a line cut short
+    with pytest.raises(SystemExit) as err:
+        main([str(run), "--out", str(out)])
+    msg = str(err.value)
+    assert msg.startswith("smollm2_learning: error: ") and "metrics.jsonl is not valid JSON" in msg
+    assert "\n" not in msg and not out.parent.exists()
